@@ -1,0 +1,392 @@
+"""
+The two networks of the Cog attention paper (arXiv 2411.07176), in one readable file.
+
+1) Cogformer: a Llama-style decoder LM (pre-norm, fp32 RMSNorm, RoPE, SwiGLU, no biases, untied embeddings).
+   With attn="cog" the first and the last layer keep softmax attention and every other layer uses Cog attention,
+   w = sign(s) * softmax(|s|); attn="softmax" is the Transformer baseline.
+2) UViC: U-ViT (Bao et al., "All are Worth Words") for diffusion, with Cog attention in all blocks but the
+   first in-block and the last out-block.
+
+Cog attention itself lives in cog_kernel.py (reference and fused Triton kernel); softmax layers use PyTorch's
+scaled_dot_product_attention.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cog_kernel import cog_attention
+
+ATTN_KINDS = ("cog", "softmax")
+
+
+def check_attn(attn):
+    if attn not in ATTN_KINDS:
+        raise ValueError(f"attn must be one of {ATTN_KINDS}, got {attn!r}")
+
+
+def softmax_attention(q, k, v, causal):
+    """Softmax attention with the same end-aligned causal convention as cog_attention."""
+    Tq, Tk = q.size(-2), k.size(-2)
+    if not causal or Tq == 1:  # one new query at the end of the cache sees every key
+        return F.scaled_dot_product_attention(q, k, v)
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # SDPA's is_causal aligns the mask to the top-left corner; we want it aligned to the end
+    i = torch.arange(Tq, device=q.device)[:, None]
+    j = torch.arange(Tk, device=q.device)[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=j <= i + (Tk - Tq))
+
+
+def attend(kind, q, k, v, causal):
+    """Route to the attention of this layer's kind; q: (B, nh, Tq, hs), k, v: (B, nh, Tk, hs)."""
+    if kind == "cog":
+        return cog_attention(q, k, v, causal=causal)
+    return softmax_attention(q, k, v, causal)
+
+
+def configure_adamw(model, weight_decay, learning_rate, betas, device_type):
+    """AdamW with weight decay on matrices (every parameter of dim >= 2) and none on gains, biases and 1-D params."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device_type == "cuda"  # the fused CUDA implementation is several times faster per step
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+
+# -----------------------------------------------------------------------------
+# Cogformer: the language model
+
+@dataclass
+class CogformerConfig:
+    block_size: int = 2048  # context length
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64; the paper used Llama-2's 32000
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    ffn_hidden: int = 2304  # SwiGLU width: 141.18M parameters with the paper's 32k vocabulary
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    attn: str = "cog"  # "cog": softmax in the first and last layer, Cog elsewhere; "softmax": the baseline
+
+    def __post_init__(self):
+        check_attn(self.attn)
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"head dim ({self.n_embd // self.n_head}) must be even for RoPE")
+
+    def layer_kinds(self):
+        """The attention kind of each layer: Cog in all but the boundary layers (they keep convergence fast)."""
+        if self.attn == "softmax":
+            return ["softmax"] * self.n_layer
+        return ["softmax" if i in (0, self.n_layer - 1) else "cog" for i in range(self.n_layer)]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32 whatever the input dtype (bf16 squares lose too much)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+def rope_tables(head_dim, max_len, theta):
+    """cos and sin tables, (max_len, head_dim), for rotating pairs (x_i, x_{i + head_dim/2}) by angle pos * freq_i."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)  # (hs/2,)
+    angles = torch.outer(torch.arange(max_len).float(), freqs)  # (T, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, nh, T, hs); cos, sin: (T, hs). Rotates in float32, returns x's dtype."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, kind):
+        super().__init__()
+        check_attn(kind)
+        self.kind = kind
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def qkv_heads(self, x, cos, sin):
+        """Rotated q, k and v as (B, nh, T, hs); cos and sin are the rows for these T positions."""
+        B, T, C = x.size()
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.qkv_heads(x, cos, sin)  # (B, nh, T, hs)
+        if cache is not None:  # generation: keep this layer's keys and values, attend to all of them
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        y = attend(self.kind, q, k, v, causal=True)  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    """W_o( W_g x * silu(W_p x) )."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate = nn.Linear(config.n_embd, config.ffn_hidden, bias=False)  # W_p, through silu
+        self.up = nn.Linear(config.n_embd, config.ffn_hidden, bias=False)  # W_g
+        self.proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=False)  # W_o
+
+    def forward(self, x):
+        return self.proj(self.up(x) * F.silu(self.gate(x)))
+
+
+class DecoderBlock(nn.Module):
+
+    def __init__(self, config, kind):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = CausalSelfAttention(config, kind)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+        x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+
+class Cogformer(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList([DecoderBlock(config, kind) for kind in config.layer_kinds()])
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from tok_emb
+        cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        # nanoGPT's init: N(0, 0.02), residual projections scaled down by sqrt(2 * n_layer) (two per block)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        """Parameter counts: total, and without the input embedding and output head (Kaplan's "non-embedding")."""
+        total = sum(p.numel() for p in self.parameters())
+        embedding = self.tok_emb.weight.numel() + self.lm_head.weight.numel()
+        return {"total": total, "non_embedding": total - embedding}
+
+    def new_cache(self):
+        """An empty KV cache for generate(): one dict per layer, filled by the layers as tokens come in."""
+        return [{} for _ in self.blocks]
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx: (B, T) token ids -> logits (B, T, vocab) and the mean cross-entropy against targets (or None).
+        With a cache, idx holds only the new tokens and positions continue after the cached ones."""
+        B, T = idx.size()
+        start = cache[0]["k"].size(2) if cache and "k" in cache[0] else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.tok_emb(idx)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache[i] if cache is not None else None)
+        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward), as in the PaLM appendix: 6N + 12 * L * H * hs * T."""
+        cfg = self.config
+        n = self.num_params()["total"] - self.tok_emb.weight.numel()  # the embedding lookup is not a matmul
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Extend idx (B, T) by max_new_tokens sampled tokens, using a KV cache. temperature=0 means greedy.
+        When the context is full the cache is rebuilt from the last block_size tokens (RoPE positions restart)."""
+        cache, new = None, idx
+        for _ in range(max_new_tokens):
+            if cache is None or cache[0]["k"].size(2) + new.size(1) > self.config.block_size:
+                cache, new = self.new_cache(), idx[:, -self.config.block_size:]
+            logits, _ = self(new, cache=cache)
+            logits = logits[:, -1, :].float()  # (B, vocab)
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat([idx, idx_next], dim=1)
+            new = idx_next
+        return idx
+
+
+# -----------------------------------------------------------------------------
+# UViC: U-ViT with Cog attention, for diffusion
+
+@dataclass
+class UViCConfig:
+    img_size: int = 32  # U-ViT-S/2 for CIFAR-10
+    patch_size: int = 2
+    in_chans: int = 3
+    embed_dim: int = 512
+    depth: int = 13  # depth // 2 in-blocks, one mid-block, depth // 2 out-blocks
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    attn: str = "cog"  # "cog": softmax in the first in-block and the last out-block, Cog elsewhere; "softmax": U-ViT
+
+    def __post_init__(self):
+        check_attn(self.attn)
+        if self.depth % 2 == 0:
+            raise ValueError(f"depth must be odd (in-blocks, one mid-block, out-blocks), got {self.depth}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size ({self.img_size}) must be divisible by patch_size ({self.patch_size})")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
+
+    def block_kinds(self):
+        """The attention kind of each block in order: in-blocks, mid-block, out-blocks."""
+        if self.attn == "softmax":
+            return ["softmax"] * self.depth
+        return ["softmax" if i in (0, self.depth - 1) else "cog" for i in range(self.depth)]
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of (possibly fractional) timesteps t: (B,) -> (B, dim), as in U-ViT and DDPM."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class SelfAttention(nn.Module):
+    """Bidirectional attention over the time token and the patch tokens; no qkv bias, as in U-ViT."""
+
+    def __init__(self, dim, num_heads, kind):
+        super().__init__()
+        check_attn(kind)
+        self.kind = kind
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, L, C = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, nh, L, hs)
+        y = attend(self.kind, q, k, v, causal=False)
+        return self.proj(y.transpose(1, 2).reshape(B, L, C))
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block; an out-block first merges its long skip with a Linear (2C -> C)."""
+
+    def __init__(self, config, kind, skip=False):
+        super().__init__()
+        dim = config.embed_dim
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, config.num_heads, kind)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * config.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x, skip=None):
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class UViC(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        c = config
+        num_patches = (c.img_size // c.patch_size) ** 2
+        kinds = c.block_kinds()
+        n_in = c.depth // 2
+        self.patch_embed = nn.Conv2d(c.in_chans, c.embed_dim, kernel_size=c.patch_size, stride=c.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, c.embed_dim))  # the time token, then patches
+        self.in_blocks = nn.ModuleList([ViTBlock(c, kinds[i]) for i in range(n_in)])
+        self.mid_block = ViTBlock(c, kinds[n_in])
+        self.out_blocks = nn.ModuleList([ViTBlock(c, kinds[n_in + 1 + i], skip=True) for i in range(n_in)])
+        self.norm = nn.LayerNorm(c.embed_dim)
+        self.decoder_pred = nn.Linear(c.embed_dim, c.patch_size ** 2 * c.in_chans)
+        self.final_conv = nn.Conv2d(c.in_chans, c.in_chans, 3, padding=1)
+        # U-ViT's init: truncated N(0, 0.02) for the position embedding and the Linear weights, zero biases
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        """Parameter counts: total, and without the position embedding."""
+        total = sum(p.numel() for p in self.parameters())
+        return {"total": total, "non_embedding": total - self.pos_embed.numel()}
+
+    def unpatchify(self, x):
+        """(B, L, p*p*C) patch pixels -> (B, C, H, W) image."""
+        B, L, _ = x.shape
+        p, c, h = self.config.patch_size, self.config.in_chans, int(math.isqrt(L))
+        x = x.view(B, h, h, p, p, c)
+        return torch.einsum("bhwpqc->bchpwq", x).reshape(B, c, h * p, h * p)
+
+    def forward(self, x, t):
+        """x: (B, C, H, W) noisy images; t: (B,) timesteps as U-ViT feeds them (continuous t * 999) -> noise."""
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, L, D)
+        time_token = timestep_embedding(t, self.config.embed_dim).to(x.dtype).unsqueeze(1)  # (B, 1, D)
+        x = torch.cat([time_token, x], dim=1) + self.pos_embed
+        skips = []
+        for block in self.in_blocks:
+            x = block(x)
+            skips.append(x)
+        x = self.mid_block(x)
+        for block in self.out_blocks:
+            x = block(x, skips.pop())
+        x = self.decoder_pred(self.norm(x))[:, 1:]  # drop the time token: (B, L, p*p*C)
+        return self.final_conv(self.unpatchify(x))

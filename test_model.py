@@ -1,0 +1,332 @@
+"""
+nanoCog's test suite. `python test_model.py` runs every test_*.py beside this file through pytest.
+This file: the reference Cog attention against an independent computation, and the two models.
+"""
+
+import glob
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import model as model_module
+from cog_kernel import causal_mask, cog_attention, cog_attention_reference, cog_attention_weights
+from model import Cogformer, CogformerConfig, UViC, UViCConfig, softmax_attention
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def independent_cog(q, k, v, causal=False, scale=None):
+    """Cog attention row by row in float64 numpy, written from the formula without sharing code with cog_kernel."""
+    q, k, v = (t.detach().double().numpy() for t in (q, k, v))
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    out = np.zeros((B, H, Tq, D))
+    for b in range(B):
+        for h in range(H):
+            for i in range(Tq):
+                visible = Tk if not causal else i + (Tk - Tq) + 1
+                s = np.array([q[b, h, i] @ k[b, h, j] * scale for j in range(visible)])
+                p = np.exp(np.abs(s) - np.abs(s).max())
+                w = np.sign(s) * p / p.sum()
+                out[b, h, i] = w @ v[b, h, :visible]
+    return torch.from_numpy(out)
+
+
+def randn(*shape, dtype=torch.float64, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# -----------------------------------------------------------------------------
+# the reference Cog attention
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Tq,Tk", [(1, 1), (5, 5), (3, 7), (1, 6)])
+def test_reference_matches_independent_computation(causal, Tq, Tk):
+    q, k, v = randn(2, 3, Tq, 8, seed=1), randn(2, 3, Tk, 8, seed=2), randn(2, 3, Tk, 8, seed=3)
+    out = cog_attention_reference(q, k, v, causal=causal)
+    torch.testing.assert_close(out, independent_cog(q, k, v, causal), rtol=1e-10, atol=1e-12)
+    out = cog_attention_reference(q, k, v, causal=causal, scale=0.7)
+    torch.testing.assert_close(out, independent_cog(q, k, v, causal, scale=0.7), rtol=1e-10, atol=1e-12)
+
+
+def test_weights_by_hand_signs_and_zero():
+    # one query, three keys with logits +2, -1 and exactly 0 (head dim 1, scale 1)
+    q = torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    k = torch.tensor([2.0, -1.0, 0.0], dtype=torch.float64).view(1, 1, 3, 1)
+    w = cog_attention_weights(q, k, scale=1.0)[0, 0, 0]
+    z = math.e ** 2 + math.e + 1  # the zero logit still counts in the denominator (exp(0) = 1) ...
+    torch.testing.assert_close(w, torch.tensor([math.e ** 2 / z, -math.e / z, 0.0], dtype=torch.float64))  # ... but gets weight 0
+    v = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64).view(1, 1, 3, 1)
+    out = cog_attention_reference(q, k, v, scale=1.0)
+    assert out.item() == pytest.approx((math.e ** 2 - 10 * math.e) / z)  # the negative weight subtracts v_1
+
+
+def test_rows_are_l1_normalised_and_signed():
+    q, k = randn(2, 2, 9, 16, seed=4), randn(2, 2, 9, 16, seed=5)
+    for causal in (False, True):
+        w = cog_attention_weights(q, k, causal=causal)
+        torch.testing.assert_close(w.abs().sum(-1), torch.ones(2, 2, 9, dtype=torch.float64))
+        assert (w < 0).any() and (w > 0).any()
+        s = q @ k.transpose(-2, -1)
+        visible = causal_mask(9, 9) if causal else torch.ones(9, 9, dtype=torch.bool)
+        assert torch.equal(torch.sign(w)[..., visible], torch.sign(s)[..., visible])  # a weight has its logit's sign
+        assert (w[..., ~visible] == 0).all()
+
+
+def test_mask_is_applied_after_abs():
+    # the first query may see only key 0; the masked keys have huge NEGATIVE logits. Masking before abs would turn
+    # them into -inf -> +inf and give them all the weight; masking after abs gives them weight exactly 0.
+    q = torch.ones(1, 1, 3, 1, dtype=torch.float64)
+    k = torch.tensor([0.5, -50.0, -80.0], dtype=torch.float64).view(1, 1, 3, 1)
+    w = cog_attention_weights(q, k, causal=True, scale=1.0)[0, 0]
+    torch.testing.assert_close(w[0], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    assert w[1, 1] < -0.999 and w[1, 2] == 0  # row 1: key 1 dominates, negatively
+
+
+def test_causal_is_aligned_to_the_end():
+    q, k, v = randn(1, 2, 7, 8, seed=6), randn(1, 2, 7, 8, seed=7), randn(1, 2, 7, 8, seed=8)
+    full = cog_attention_reference(q, k, v, causal=True)
+    for Tq in (1, 3, 7):  # the last Tq queries against all keys = the last Tq rows of the square case
+        torch.testing.assert_close(cog_attention_reference(q[:, :, -Tq:], k, v, causal=True), full[:, :, -Tq:])
+    assert causal_mask(2, 4).tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+def test_large_logits_stay_finite():
+    q, k, v = randn(1, 2, 6, 8, seed=9) * 1e4, randn(1, 2, 6, 8, seed=10) * 1e4, randn(1, 2, 6, 8, seed=11)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        out = cog_attention_reference(q.to(dtype), k.to(dtype), v.to(dtype), causal=True)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+    # with huge logits each row puts all its weight on the key of largest |s|, with that logit's sign
+    s = q @ k.transpose(-2, -1)
+    top = s.abs().argmax(-1, keepdim=True)
+    expected = torch.sign(s.gather(-1, top)) * v.unsqueeze(2).expand(-1, -1, 6, -1, -1).gather(
+        3, top.unsqueeze(-1).expand(-1, -1, -1, -1, 8)).squeeze(3)
+    torch.testing.assert_close(cog_attention_reference(q, k, v), expected)
+
+
+@pytest.mark.parametrize("causal,Tq", [(False, 5), (True, 5), (True, 2)])
+def test_reference_gradcheck(causal, Tq):
+    q = randn(1, 2, Tq, 4, seed=12).requires_grad_()
+    k, v = randn(1, 2, 5, 4, seed=13).requires_grad_(), randn(1, 2, 5, 4, seed=14).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, k, v: cog_attention_reference(q, k, v, causal=causal), (q, k, v))
+
+
+@pytest.mark.parametrize("make_inputs,message", [
+    (lambda: (torch.randn(2, 4, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 8)), "must be 4-D"),
+    (lambda: (torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16)), "head dims differ"),
+    (lambda: (torch.randn(1, 2, 4, 8), torch.randn(1, 3, 4, 8), torch.randn(1, 3, 4, 8)), "batch and head sizes"),
+    (lambda: (torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 5, 8)), "k and v must have the same shape"),
+    (lambda: (torch.randn(1, 2, 6, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)), "Tq <= Tk"),
+    (lambda: (torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8).half(), torch.randn(1, 2, 4, 8)), "share a dtype"),
+    (lambda: (torch.ones(1, 2, 4, 8, dtype=torch.long),) * 3, "floating-point"),
+    (lambda: (torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8, device="meta"), torch.randn(1, 2, 4, 8)), "one device"),
+    (lambda: (torch.randn(1, 2, 0, 8), torch.randn(1, 2, 0, 8), torch.randn(1, 2, 0, 8)), "no keys"),
+])
+def test_bad_attention_inputs_name_the_problem(make_inputs, message):
+    for attention in (cog_attention_reference, cog_attention):
+        with pytest.raises(ValueError, match=message):
+            attention(*make_inputs())
+
+
+def test_softmax_attention_end_aligned():
+    q, k, v = randn(1, 2, 3, 8, seed=15), randn(1, 2, 7, 8, seed=16), randn(1, 2, 7, 8, seed=17)
+    for causal in (False, True):
+        s = q @ k.transpose(-2, -1) / math.sqrt(8)
+        if causal:
+            s = s.masked_fill(~causal_mask(3, 7), float("-inf"))
+        torch.testing.assert_close(softmax_attention(q, k, v, causal), torch.softmax(s, -1) @ v)
+
+
+# -----------------------------------------------------------------------------
+# the models
+
+def tiny_lm_config(**overrides):
+    return CogformerConfig(**{**dict(block_size=32, vocab_size=64, n_layer=3, n_head=2, n_embd=32, ffn_hidden=48),
+                              **overrides})
+
+
+def tiny_uvic_config(**overrides):
+    return UViCConfig(**{**dict(img_size=8, patch_size=2, embed_dim=32, depth=3, num_heads=2), **overrides})
+
+
+def test_parameter_counts_match_the_paper():
+    assert Cogformer(CogformerConfig(vocab_size=32000)).num_params() == {"total": 141_183_744,
+                                                                         "non_embedding": 92_031_744}
+    assert Cogformer(CogformerConfig()).num_params()["total"] == 169_298_688
+    uvic = UViC(UViCConfig())
+    assert uvic.num_params()["total"] == 44_255_328
+    assert sum(p.numel() for p in UViC(UViCConfig(attn="softmax")).parameters()) == 44_255_328
+
+
+def test_which_layers_are_cog():
+    cog = Cogformer(CogformerConfig(n_layer=12, n_embd=48, n_head=12, ffn_hidden=32, vocab_size=16, block_size=8))
+    assert [b.attn.kind for b in cog.blocks] == ["softmax"] + ["cog"] * 10 + ["softmax"]
+    soft = Cogformer(tiny_lm_config(attn="softmax"))
+    assert [b.attn.kind for b in soft.blocks] == ["softmax"] * 3
+    uvic = UViC(UViCConfig())
+    kinds = [b.attn.kind for b in [*uvic.in_blocks, uvic.mid_block, *uvic.out_blocks]]
+    assert kinds == ["softmax"] + ["cog"] * 11 + ["softmax"]
+    assert all(m.kind == "softmax" for m in UViC(tiny_uvic_config(attn="softmax")).modules()
+               if isinstance(m, model_module.SelfAttention))
+    # the cog layers really call cog_attention: count the calls
+    calls = []
+    original = model_module.cog_attention
+    model_module.cog_attention = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    try:
+        Cogformer(tiny_lm_config(n_layer=4))(torch.zeros(1, 5, dtype=torch.long))
+        UViC(tiny_uvic_config(depth=5))(torch.zeros(1, 3, 8, 8), torch.zeros(1))
+    finally:
+        model_module.cog_attention = original
+    assert len(calls) == 2 + 3
+
+
+@pytest.mark.parametrize("attn", ["cog", "softmax"])
+def test_lm_is_causal(attn):
+    torch.manual_seed(0)
+    model = Cogformer(tiny_lm_config(attn=attn)).eval()
+    idx = torch.randint(0, 64, (2, 12))
+    changed = idx.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % 64
+    logits, _ = model(idx)
+    logits_changed, _ = model(changed)
+    torch.testing.assert_close(logits[:, :7], logits_changed[:, :7], rtol=0, atol=0)  # the past does not move
+    assert (logits[:, 7:] - logits_changed[:, 7:]).abs().amax(-1).min() > 1e-6  # every later position does
+
+
+@pytest.mark.parametrize("attn", ["cog", "softmax"])
+def test_kv_cache_matches_full_recompute(attn):
+    torch.manual_seed(0)
+    model = Cogformer(tiny_lm_config(attn=attn)).eval()
+    idx = torch.randint(0, 64, (2, 10))
+    full, _ = model(idx)
+    cache = model.new_cache()
+    pieces = [model(idx[:, :4], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(4, 10)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+    # greedy generation with the cache = greedy generation recomputing the whole (cropped) sequence every step,
+    # also past block_size (32), where the cache is rebuilt from the last block_size tokens
+    def greedy_without_cache(idx, steps):
+        for _ in range(steps):
+            logits, _ = model(idx[:, -model.config.block_size:])
+            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return idx
+
+    prompt = torch.randint(0, 64, (2, 5))
+    assert torch.equal(model.generate(prompt, 12, temperature=0), greedy_without_cache(prompt, 12))
+    assert torch.equal(model.generate(prompt, 40, temperature=0), greedy_without_cache(prompt, 40))
+
+
+def test_generate_samples_with_top_k():
+    torch.manual_seed(0)
+    model = Cogformer(tiny_lm_config()).eval()
+    prompt = torch.zeros(3, 1, dtype=torch.long)
+    torch.manual_seed(1)
+    out = model.generate(prompt, 20, temperature=1.0, top_k=1)
+    assert torch.equal(out, model.generate(prompt, 20, temperature=0))  # top_k=1 is greedy
+    torch.manual_seed(1)
+    a = model.generate(prompt, 20, temperature=2.0, top_k=5)
+    torch.manual_seed(1)
+    assert torch.equal(a, model.generate(prompt, 20, temperature=2.0, top_k=5)) and a.shape == (3, 21)
+
+
+def test_lm_rejects_too_long_input():
+    with pytest.raises(ValueError, match="longer than block_size"):
+        Cogformer(tiny_lm_config())(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_uvic_shapes_and_time_conditioning():
+    torch.manual_seed(0)
+    model = UViC(UViCConfig(depth=3, embed_dim=64, num_heads=2)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x, torch.tensor([10.0, 10.0]))
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+    assert not torch.allclose(out, model(x, torch.tensor([900.0, 900.0])), atol=1e-4)  # t enters the network
+
+
+def test_uvic_unpatchify_inverts_patching():
+    model = UViC(tiny_uvic_config())
+    img = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    p = 2  # (B, C, H, W) -> (B, L, p*p*C) with the channel last, the layout decoder_pred produces
+    patches = img.view(2, 3, 4, p, 4, p).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, p * p * 3)
+    assert torch.equal(model.unpatchify(patches), img)
+
+
+@pytest.mark.parametrize("attn", ["cog", "softmax"])
+def test_tiny_lm_loss_falls(attn):
+    torch.manual_seed(0)
+    model = Cogformer(tiny_lm_config(attn=attn))
+    idx = torch.randint(0, 64, (4, 17))
+    opt = model_module.configure_adamw(model, 0.1, 3e-3, (0.9, 0.95), "cpu")
+    losses = []
+    for _ in range(40):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(64), abs=0.3)  # starts near uniform
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("attn", ["cog", "softmax"])
+def test_tiny_uvic_loss_falls(attn):
+    torch.manual_seed(0)
+    model = UViC(tiny_uvic_config(attn=attn))
+    x, noise, t = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8), torch.rand(8) * 999
+    opt = model_module.configure_adamw(model, 0.03, 2e-3, (0.9, 0.999), "cpu")
+    losses = []
+    for _ in range(40):
+        loss = ((model(x + noise, t) - noise) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_weight_decay_only_on_matrices():
+    model = Cogformer(tiny_lm_config())
+    decay, no_decay = model_module.configure_adamw(model, 0.1, 1e-3, (0.9, 0.95), "cpu").param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_initialisation_follows_the_anchors():
+    torch.manual_seed(0)
+    model = Cogformer(CogformerConfig(n_layer=8, vocab_size=1000, block_size=16))
+    assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.blocks[3].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.blocks[3].mlp.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    uvic = UViC(UViCConfig(depth=3))
+    assert uvic.pos_embed.std().item() == pytest.approx(0.02, rel=0.05)
+    assert uvic.mid_block.mlp[0].bias.abs().max() == 0
+
+
+def test_rmsnorm_computes_in_float32():
+    norm = model_module.RMSNorm(64, 1e-6)
+    x = torch.randn(4, 64) * 100
+    out = norm(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), norm(x.bfloat16().float()), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(norm(x).pow(2).mean(-1), torch.ones(4), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CogformerConfig(attn="sigmoid"), lambda: UViCConfig(attn="cogg"),
+    lambda: CogformerConfig(n_embd=100, n_head=3), lambda: UViCConfig(depth=12),
+])
+def test_bad_configs_are_errors(make):
+    with pytest.raises(ValueError):
+        make()
+
+
+if __name__ == "__main__":
+    here = os.path.dirname(os.path.abspath(__file__))
+    test_files = sorted(glob.glob(os.path.join(here, "test_*.py")))
+    sys.exit(pytest.main(["-q", *test_files, *sys.argv[1:]]))

@@ -1,0 +1,295 @@
+"""
+What train_lm.py and train_diffusion.py share: the command line (a preset plus --key=value overrides),
+atomic checkpoints with RNG state, saving on Ctrl-C / SIGTERM, DDP set-up, mixed precision, the learning-rate
+schedule, the NaN guard, MFU against the real GPU's peak, and the JSONL log with its loss-curve PNG.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import typing
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# command line: --preset=NAME, then --key=value overrides; a bare --flag means True
+
+
+def parse_bool(text):
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def convert(key, text, field_type):
+    """Turn the text of --key=text into the field's type; a clear error names the key otherwise."""
+    if typing.get_origin(field_type) is typing.Union:  # Optional[X]: "none" means None
+        if text.lower() == "none":
+            return None
+        field_type = next(t for t in typing.get_args(field_type) if t is not type(None))
+    try:
+        if field_type is bool:
+            return parse_bool(text)
+        if field_type is int:
+            return int(float(text)) if "e" in text.lower() and float(text).is_integer() else int(text)
+        if field_type is float:
+            return float(text)
+        if field_type is str:
+            return text
+    except ValueError:
+        raise SystemExit(f"error: --{key}={text}: expected a value of type {field_type.__name__}") from None
+    raise SystemExit(f"error: --{key}: unsupported field type {field_type}")
+
+
+def parse_config(config_cls, presets, argv=None, default_preset="paper"):
+    """Build config_cls from --preset=NAME (a dict of field overrides) and --key=value overrides.
+    Unknown keys, unknown presets and values of the wrong type exit with a message that names them."""
+    argv = sys.argv[1:] if argv is None else argv
+    types = typing.get_type_hints(config_cls)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    overrides, preset = {}, default_preset
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            names = ", ".join(sorted(fields))
+            raise SystemExit(f"usage: --preset={{{','.join(presets)}}} and any --key=value of: {names}")
+        if not arg.startswith("--"):
+            raise SystemExit(f"error: unexpected argument {arg!r}; use --key=value")
+        key, has_value, text = arg[2:].partition("=")
+        if key == "preset":
+            preset = text
+            continue
+        if key not in fields:
+            raise SystemExit(f"error: unknown config key --{key} (known keys: {', '.join(sorted(fields))})")
+        if not has_value and types[key] is not bool:
+            raise SystemExit(f"error: --{key} needs a value: --{key}=VALUE")
+        overrides[key] = convert(key, text, types[key]) if has_value else True
+    if preset not in presets:
+        raise SystemExit(f"error: unknown preset {preset!r} (choose from {', '.join(presets)})")
+    values = {**presets[preset], **overrides}
+    try:
+        return config_cls(preset=preset, **values)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"error: invalid config: {err}") from None
+
+
+def print_config(config):
+    width = max(len(f.name) for f in dataclasses.fields(config))
+    for f in dataclasses.fields(config):
+        print(f"  {f.name:<{width}} = {getattr(config, f.name)!r}")
+
+
+def pick_fields(config, target_cls):
+    """The fields of target_cls (e.g. a model config) taken from a larger run config with the same names."""
+    return target_cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(target_cls)})
+
+
+# -----------------------------------------------------------------------------
+# devices, DDP and precision
+
+
+def setup_distributed(device):
+    """Under torchrun, join the process group and take this rank's GPU. Returns (ddp, rank, world_size, device)."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 1, device
+    from torch.distributed import init_process_group
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    init_process_group(backend=backend)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return True, rank, world_size, device
+
+
+def resolve_device(device):
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def resolve_dtype(dtype, device):
+    """'auto': bf16 where the GPU has it, fp16 on older GPUs, fp32 on the CPU (CPU autocast is slower than fp32)."""
+    if dtype != "auto":
+        return dtype
+    if not device.startswith("cuda"):
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+def autocast_context(device, dtype):
+    if dtype == "float32":
+        return nullcontext()
+    ptdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return torch.autocast(device_type=device.split(":")[0], dtype=ptdtype)
+
+
+def make_grad_scaler(device, dtype):
+    """fp16 needs loss scaling; bf16 and fp32 do not (a disabled scaler is a no-op)."""
+    return torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == "float16"))
+
+
+# peak dense tensor-core throughput in TFLOP/s for bf16/fp16 (no sparsity), by GPU name
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
+                   "A800": 312.0, "A10G": 125.0, "A10": 125.0, "L40S": 362.0, "L4": 121.0, "RTX 4090": 165.0,
+                   "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0}
+
+
+def peak_flops(device):
+    """Peak FLOP/s of the GPU this runs on, or None (CPU, or a GPU we have no figure for: MFU is then not shown)."""
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in GPU_PEAK_TFLOPS.items():
+        if key in name:
+            if key == "H100" and "PCIe" in name:
+                return 756e12
+            return tflops * 1e12
+    return None
+
+
+# -----------------------------------------------------------------------------
+# learning rate, NaN guard
+
+
+def learning_rate(it, lr, warmup_iters, max_iters=None, min_lr=None):
+    """Linear warmup to lr; then cosine decay to min_lr at max_iters, or constant when max_iters is None."""
+    if it < warmup_iters:
+        return lr * (it + 1) / (warmup_iters + 1)
+    if max_iters is None or min_lr is None:
+        return lr
+    if it >= max_iters:
+        return min_lr
+    progress = (it - warmup_iters) / max(1, max_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def check_finite(loss, it, ckpt_path):
+    """Stop the run on a NaN or inf loss; the last checkpoint on disk is the last good state."""
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"loss is {loss} at iteration {it}; stopping. The last good checkpoint is {ckpt_path} "
+                            "(lower the learning rate or use --dtype=bfloat16, then --resume)")
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file beside path, then os.replace: a crash mid-write never leaves a broken file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no checkpoint at {path} (train first, or point --out_dir at a run's folder)")
+    # the checkpoint holds configs, RNG states and numpy arrays besides tensors: our own file, so weights_only=False
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile wrappers, whose state_dict has clean names."""
+    model = model.module if hasattr(model, "module") else model
+    return getattr(model, "_orig_mod", model)
+
+
+class StopRequest:
+    """Turns the first Ctrl-C or SIGTERM into a flag the training loop checks, so it can save and exit cleanly.
+    A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this iteration "
+              "(Ctrl-C again to quit at once)", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# metrics log and loss curve
+
+
+class MetricsLog:
+    """Appends one JSON object per line to out_dir/log.jsonl. On resume, lines past the resumed iteration are
+    dropped so the file tells one consistent history."""
+
+    def __init__(self, out_dir, resume_iter=None):
+        self.path = os.path.join(out_dir, "log.jsonl")
+        if resume_iter is None:
+            open(self.path, "w").close()
+        elif os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= resume_iter]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+
+    def write(self, **metrics):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curve(log_path, png_path, title=""):
+    """Train loss (per logged iteration) and validation loss (per eval) against iteration, as a PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the loss-curve PNG (pip install matplotlib)")
+        return
+    rows = read_log(log_path)
+    train = [(r["iter"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["iter"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", alpha=0.7)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
