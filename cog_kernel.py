@@ -16,9 +16,8 @@ Three entry points with one signature, q: (B, H, Tq, D), k and v: (B, H, Tk, D),
 With causal=True, query i sits at position i + (Tk - Tq) and sees keys j <= i + (Tk - Tq) (aligned to the end,
 so a KV-cache step with one new query sees the whole cache).
 
-The kernel runs on CUDA tensors, and on CPU tensors in Triton's interpreter (slow; for tests): without a GPU the
-kernels are always built for the interpreter, and cog_attention sends CPU tensors to them when TRITON_INTERPRET=1
-at call time (set it before calling; setting it before import is not needed).
+The kernel runs on CUDA tensors, and on CPU tensors in Triton's interpreter (slow; for tests), which needs
+TRITON_INTERPRET=1 in the environment before triton is first imported (Triton reads it then).
 """
 
 import contextlib
@@ -118,28 +117,19 @@ def cog_attention_reference(q, k, v, causal=False, scale=None):
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
-# Without a GPU only Triton's interpreter can run the kernels (on CPU tensors), so build them for it whatever
-# TRITON_INTERPRET said when this module was imported: tests then work whichever module imported us first.
-_INTERPRET = triton is not None and (os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available())
-
-
-def _jit(fn):
-    if triton is None:
-        return fn
-    if _INTERPRET:
-        from triton.runtime.interpreter import InterpretedFunction
-        return InterpretedFunction(fn)
-    return triton.jit(fn)
+# Triton builds kernels for its interpreter (CPU tensors, one program at a time) when TRITON_INTERPRET=1 at import.
+_INTERPRET = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+_jit = triton.jit if triton is not None else (lambda fn: fn)
 
 
 def _autotune(kind):
     """Autotune over block sizes, warps and stages on a GPU (keyed on head dim, causal and lengths rounded up to powers
-    of two, so a KV-cache decode does not re-tune every step); one small fixed config in the interpreter."""
+    of two, so a KV-cache decode does not re-tune every step); one fixed config in the interpreter."""
     def wrap(fn):
         if triton is None:
             return fn
-        if _INTERPRET:  # BLOCK_M != BLOCK_N on purpose: tests then cover blocks that straddle the diagonal unevenly
-            return triton.autotune([triton.Config({"BLOCK_M": 16, "BLOCK_N": 32})], key=[])(fn)
+        if _INTERPRET:  # it runs programs one by one: few, big blocks are fastest (test_kernel.py swaps in small ones)
+            return triton.autotune([triton.Config({"BLOCK_M": 64, "BLOCK_N": 64})], key=[])(fn)
         shapes = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M counts query rows, BLOCK_N key rows
             "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4), (64, 32, 4, 3)],
             "dkdv": [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 4)],
@@ -197,6 +187,16 @@ def _visible(i, j, Tk, off, CAUSAL: tl.constexpr):
 
 
 @_jit
+def _key_blocks(start_m, Tk, off, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For query rows [start_m, start_m + BLOCK_M): keys [0, full) are seen by every row, [full, hi) by some (masked
+    blocks), [hi, Tk) by none (skipped). full is a multiple of BLOCK_N, so the ragged key tail is always masked."""
+    full, hi = Tk // BLOCK_N * BLOCK_N, Tk
+    if CAUSAL:
+        full, hi = tl.minimum(Tk, start_m + off + 1) // BLOCK_N * BLOCK_N, tl.minimum(Tk, start_m + BLOCK_M + off)
+    return full, hi
+
+
+@_jit
 def _signed(s, p):
     return tl.where(s > 0, p, tl.where(s < 0, -p, 0.0))  # sign(s) * p, with sign(0) = 0
 
@@ -234,13 +234,7 @@ def _cog_fwd(Q, K, V, O, LSE, qk_scale,
     rows = start_m + tl.arange(0, BLOCK_M)
     q = _load(Q, rows, Tq, stride_qt, HEAD_DIM)
     off = Tk - Tq
-    # keys [0, full) are seen by every row of this block, [full, hi) by some, [hi, Tk) by none (skipped)
-    if CAUSAL:
-        hi = tl.minimum(Tk, start_m + BLOCK_M + off)
-        full = tl.minimum(Tk, start_m + off + 1) // BLOCK_N * BLOCK_N
-    else:
-        hi = Tk
-        full = Tk // BLOCK_N * BLOCK_N
+    full, hi = _key_blocks(start_m, Tk, off, CAUSAL, BLOCK_M, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -300,12 +294,10 @@ def _cog_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale, qk_scale,
     v = _load(_head(V, bh, H, stride_vb, stride_vh), cols, Tk, stride_vt, HEAD_DIM)
     off = Tk - Tq
     # queries [0, lo) see none of these keys (skipped), [lo, mid) some, [mid, Tq) all (blocks start at lo, unaligned)
+    lo, mid = 0, 0
     if CAUSAL:
         lo = tl.maximum(start_n - off, 0)
         mid = lo + (tl.maximum(start_n + BLOCK_N - 1 - off - lo, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    else:
-        lo = 0
-        mid = 0
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dt, cols, lo, mid, Tq, Tk, off, qk_scale,
@@ -349,12 +341,7 @@ def _cog_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, sm_scale, qk_scale,
     lse = tl.load(LSE + bh * Tq + rows, mask=rows < Tq, other=0.0)
     delta = tl.load(DELTA + bh * Tq + rows, mask=rows < Tq, other=0.0)
     off = Tk - Tq
-    if CAUSAL:  # the same key ranges as the forward
-        hi = tl.minimum(Tk, start_m + BLOCK_M + off)
-        full = tl.minimum(Tk, start_m + off + 1) // BLOCK_N * BLOCK_N
-    else:
-        hi = Tk
-        full = Tk // BLOCK_N * BLOCK_N
+    full, hi = _key_blocks(start_m, Tk, off, CAUSAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, rows, 0, full, Tk, off, qk_scale,
                    HEAD_DIM, BLOCK_N, CAUSAL, False)
@@ -451,8 +438,8 @@ def cog_attention_triton(q, k, v, causal=False, scale=None):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"cog_attention_triton: dtype {q.dtype} is not supported, only float16, bfloat16, float32")
     if not q.is_cuda and not (_INTERPRET and q.device.type == "cpu"):
-        raise ValueError(f"cog_attention_triton: tensors on {q.device} need a CUDA GPU (or, on CPU, a machine without "
-                         "one, or TRITON_INTERPRET=1 set before import, for Triton's interpreter)")
+        raise ValueError(f"cog_attention_triton: tensors on {q.device} need CUDA (CPU tensors run in Triton's "
+                         "interpreter, which needs TRITON_INTERPRET=1 set before triton is imported)")
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         raise ValueError("cog_attention_triton: bfloat16 is not supported in Triton's interpreter (its bf16 dots are wrong)")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -460,13 +447,13 @@ def cog_attention_triton(q, k, v, causal=False, scale=None):
 
 
 def _use_triton(q):
-    """The kernel takes CUDA tensors, and CPU tensors when TRITON_INTERPRET=1 (read now, not at import)."""
+    """CUDA tensors; CPU tensors in Triton's interpreter while TRITON_INTERPRET=1 (read at each call, too)."""
     if triton is None or q.size(-1) not in HEAD_DIMS:
         return False
     if q.is_cuda:
         return q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-    interpret = _INTERPRET and os.environ.get("TRITON_INTERPRET") == "1" and q.device.type == "cpu"
-    return interpret and q.dtype in (torch.float16, torch.float32)
+    interpret = _INTERPRET and q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return interpret and q.dtype in (torch.float16, torch.float32)  # the interpreter's bf16 dots are wrong
 
 
 def cog_attention(q, k, v, causal=False, scale=None):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import conftest  # noqa: F401  (run as a script, this file imports cog_kernel before pytest reads conftest.py)
 import model as model_module
 from cog_kernel import causal_mask, cog_attention, cog_attention_reference, cog_attention_weights
 from model import Cogformer, CogformerConfig, UViC, UViCConfig, softmax_attention

@@ -1,0 +1,349 @@
+"""
+Tests of the fused Cog attention kernel against the reference: `python -m pytest test_kernel.py`.
+
+Without a GPU the kernel runs on CPU tensors in Triton's interpreter (small shapes, fp32 and fp16; its bf16 dots are
+wrong). The GPU tests (bf16/fp16 at realistic shapes, torch.compile) run only where CUDA is available.
+Every comparison is against the float64 reference computed FROM THE SAME ROUNDED inputs: in fp16/bf16 a logit near 0
+can change sign under rounding, which moves the output by about p * |v| (see PAPER.md).
+"""
+
+import contextlib
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton reads this when it is first imported (by cog_kernel here), so it must come before that import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import cog_kernel  # noqa: E402
+from cog_kernel import cog_attention, cog_attention_reference, cog_attention_triton  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+cpu = pytest.mark.skipif(CUDA, reason="interpreter tests: run where there is no GPU")
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_runs_here():
+    """Fail loudly (instead of with an obscure Triton error in every test) if the kernel cannot run on this machine."""
+    if cog_kernel.triton is None:
+        pytest.skip("Triton is not installed")
+    if not CUDA and not cog_kernel._INTERPRET:
+        pytest.fail("Triton's interpreter is off: TRITON_INTERPRET=1 must be in the environment before anything imports "
+                    "triton (cog_kernel, model). Put `if not torch.cuda.is_available(): "
+                    "os.environ.setdefault('TRITON_INTERPRET', '1')` at the top of the test file imported first "
+                    "(or in conftest.py), or run with TRITON_INTERPRET=1.")
+
+
+@contextlib.contextmanager
+def blocks(block_m, block_n):
+    """Run the kernels with one fixed block shape (the interpreter's default 64 x 64 would cover small T in one block)."""
+    kernels = (cog_kernel._cog_fwd, cog_kernel._cog_bwd_dkdv, cog_kernel._cog_bwd_dq)
+    saved = [kern.configs for kern in kernels]
+    try:
+        for kern in kernels:
+            kern.configs = [cog_kernel.triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n})]
+        yield
+    finally:
+        for kern, configs in zip(kernels, saved):
+            kern.configs = configs
+
+
+@pytest.fixture(autouse=True)
+def small_blocks():
+    """In the interpreter, test with small blocks of unequal shape: several blocks per row, diagonals straddled unevenly."""
+    if CUDA:
+        yield
+    else:
+        with blocks(16, 32):
+            yield
+
+
+def make_inputs(B, H, Tq, Tk, D, dtype, device=DEVICE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(B, H, T, D, generator=g) for T in (Tq, Tk, Tk, Tq))
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v, do)]
+
+
+def run(fn, q, k, v, do, **kw):
+    """Output and (dq, dk, dv) of fn for upstream gradient do."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with torch.enable_grad():  # whatever an earlier test left switched off
+        o = fn(q, k, v, **kw)
+        o.backward(do)
+    return o, q.grad, k.grad, v.grad
+
+
+def reference64(q, k, v, do, **kw):
+    """The float64 reference from the same rounded inputs."""
+    return run(cog_attention_reference, *(t.double() for t in (q, k, v, do)), **kw)
+
+
+def max_err(x, ref):
+    """Largest error relative to the largest reference entry (floored at 1, about the inputs' scale)."""
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
+
+
+def rel_l2(x, ref):
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+def check(q, k, v, do, tol, **kw):
+    got, want = run(cog_attention_triton, q, k, v, do, **kw), reference64(q, k, v, do, **kw)
+    assert got[0].dtype == q.dtype and got[0].shape == q.shape
+    for name, x, ref in zip(("o", "dq", "dk", "dv"), got, want):
+        assert x.shape == ref.shape, name
+        err = max_err(x, ref)
+        assert err < tol, f"{name}: error {err:.2e} >= {tol:.0e}"
+
+
+# --- CPU, Triton interpreter ------------------------------------------------------------------------------------------
+
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3}
+CASES = [  # B, H, Tq, Tk, D, dtype, scale
+    (1, 2, 1, 1, 16, torch.float32, None),  # T = 1
+    (2, 2, 37, 37, 32, torch.float32, None),  # odd T, not a multiple of any block
+    (1, 2, 24, 61, 16, torch.float32, None),  # Tq < Tk (causal aligned to the end)
+    (2, 1, 1, 45, 32, torch.float16, None),  # a KV-cache step
+    (1, 2, 20, 45, 64, torch.float16, None),
+    (1, 1, 33, 33, 128, torch.float32, None),
+    (1, 2, 64, 64, 16, torch.float16, None),  # a multiple of the blocks
+    (1, 2, 29, 29, 32, torch.float32, 0.3),  # explicit scale
+    (1, 1, 40, 50, 32, torch.float32, 8.0),  # logits up to ~100: needs the running max of |s|
+]
+
+
+@cpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("B,H,Tq,Tk,D,dtype,scale", CASES)
+def test_matches_reference(B, H, Tq, Tk, D, dtype, scale, causal):
+    q, k, v, do = make_inputs(B, H, Tq, Tk, D, dtype)
+    check(q, k, v, do, TOL[dtype], causal=causal, scale=scale)
+
+
+@cpu
+@pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 16), (64, 64)])
+def test_other_block_shapes(block_m, block_n):
+    """The other tests use BLOCK_M < BLOCK_N; the loop bounds must hold for the other shapes too."""
+    with blocks(block_m, block_n):
+        for Tq, Tk in ((37, 37), (21, 70), (1, 33)):
+            for causal in (False, True):
+                check(*make_inputs(1, 2, Tq, Tk, 16, torch.float32), TOL[torch.float32], causal=causal)
+
+
+@cpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_noncontiguous_inputs(causal):
+    B, H, T, D = 2, 3, 19, 32
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, T, H, D, generator=g).transpose(1, 2)  # (B, H, T, D) view of a (B, T, H, D) tensor
+    kv = torch.randn(B, H, T, 2 * D, generator=g)
+    k, v = kv[..., :D], kv[..., D:]  # slices: row stride 2D
+    q2 = torch.randn(B, H, D, T, generator=g).transpose(-2, -1)  # head dim not unit-stride: copied
+    do = torch.randn(B, T, H, D, generator=g).transpose(1, 2)
+    assert not any(t.is_contiguous() for t in (q, k, v, q2, do))
+    check(q, k, v, do, TOL[torch.float32], causal=causal)
+    check(q2, k, v, do, TOL[torch.float32], causal=causal)
+
+
+@cpu
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["positive", "negative"])
+def test_large_logits_of_one_sign(sign):
+    """Rows whose logits are all large and of one sign: the running max must be taken over |s|, not s."""
+    q, k, v, do = make_inputs(1, 2, 19, 40, 32, torch.float32)
+    u = torch.ones(32) / math.sqrt(32)
+    q, k = sign * 4 * u + 0.3 * q, 4 * u + 0.3 * k  # q . k ~ sign * 16; with scale 10, |s| ~ 160
+    check(q, k, v, do, TOL[torch.float32], causal=True, scale=10.0)
+
+
+@cpu
+def test_exact_zero_logits():
+    """sign(0) = 0: a key with logit exactly 0 counts in the denominator, has weight 0 and gets gradient 0 through s."""
+    q, k, v, do = make_inputs(1, 1, 8, 8, 16, torch.float32)
+    q, k = q.round(), k.round()  # small integers: exact logits
+    k[..., 3, :] = 0.0  # key 3 has logit 0 for every query
+    q[..., 5, :] = 0.0  # query 5 has logit 0 for every key
+    check(q, k, v, do, TOL[torch.float32])
+    check(q, k, v, do, TOL[torch.float32], causal=True)
+
+
+@cpu
+def test_torch_compile_cpu():
+    """The custom ops trace with fake tensors and autograd: fullgraph compile (aot_eager on CPU) matches eager."""
+    q, k, v, do = make_inputs(1, 2, 20, 20, 16, torch.float32)
+    f = lambda q, k, v: cog_attention_triton(q * 0.5, k, v, causal=True) * 2.0  # noqa: E731
+    eager = run(f, q, k, v, do)
+    compiled = run(torch.compile(f, backend="aot_eager", fullgraph=True), q, k, v, do)
+    for x, y in zip(eager, compiled):
+        torch.testing.assert_close(x, y)
+
+
+# --- errors and dispatch (any machine) --------------------------------------------------------------------------------
+
+
+def test_models_with_kernel_match_models_with_reference(monkeypatch):
+    """Cogformer and UViC give the same outputs, parameter gradients and KV-cache generations with the kernel
+    (cog_attention routes to it here) as with the reference."""
+    import model as model_module
+
+    def run(make_model, inputs, loss_of):
+        torch.manual_seed(0)
+        net = make_model().to(DEVICE)
+        out = loss_of(net, *inputs)
+        net.zero_grad()
+        out.sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    lm_config = model_module.CogformerConfig(block_size=40, vocab_size=50, n_layer=3, n_head=2, n_embd=32, ffn_hidden=40)
+    uvic_config = model_module.UViCConfig(img_size=8, patch_size=2, embed_dim=32, depth=3, num_heads=2)
+    idx = torch.randint(0, 50, (2, 37), device=DEVICE)  # 37: not a multiple of any block size
+    x, t = torch.randn(2, 3, 8, 8, device=DEVICE), torch.tensor([3.0, 700.0], device=DEVICE)
+    cases = [(lambda: model_module.Cogformer(lm_config), (idx,), lambda m, idx: m(idx)[0]),
+             (lambda: model_module.UViC(uvic_config), (x, t), lambda m, x, t: m(x, t))]
+    calls = []
+    kernel = cog_kernel.cog_attention_triton
+    monkeypatch.setattr(cog_kernel, "cog_attention_triton", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    with_kernel = [run(*case) for case in cases]
+    torch.manual_seed(1)
+    generated_with_kernel = model_module.Cogformer(lm_config).to(DEVICE).generate(idx[:, :5], 8, temperature=0)
+    assert len(calls) > 0
+    monkeypatch.setattr(model_module, "cog_attention", cog_attention_reference)
+    with_reference = [run(*case) for case in cases]
+    torch.manual_seed(1)
+    generated_with_reference = model_module.Cogformer(lm_config).to(DEVICE).generate(idx[:, :5], 8, temperature=0)
+    tol = dict(rtol=2e-2, atol=2e-3) if CUDA else dict(rtol=1e-4, atol=1e-5)  # tf32 dots on the GPU
+    for (out_k, grads_k), (out_r, grads_r) in zip(with_kernel, with_reference):
+        torch.testing.assert_close(out_k, out_r, **tol)
+        for name in grads_r:
+            torch.testing.assert_close(grads_k[name], grads_r[name], **tol, msg=name)
+    assert torch.equal(generated_with_kernel, generated_with_reference)
+
+
+def test_errors_name_the_problem():
+    q, k, v, _ = make_inputs(1, 2, 4, 4, 16, torch.float32)
+    with pytest.raises(ValueError, match="head dim 24"):
+        cog_attention_triton(*make_inputs(1, 2, 4, 4, 24, torch.float32)[:3])
+    with pytest.raises(ValueError, match="float64"):
+        cog_attention_triton(q.double(), k.double(), v.double())
+    with pytest.raises(ValueError, match="dtype"):
+        cog_attention_triton(q, k.half(), v)
+    with pytest.raises(ValueError, match="one device"):
+        cog_attention_triton(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match="same shape"):
+        cog_attention_triton(q, k, v[:, :, :3])
+    with pytest.raises(ValueError, match="head dims differ"):
+        cog_attention_triton(q[..., :8], k, v)
+    with pytest.raises(ValueError, match="Tq <= Tk"):
+        cog_attention_triton(torch.cat([q, q], 2), k, v)
+    with pytest.raises(ValueError, match="4-D"):
+        cog_attention_triton(q[0], k, v)
+
+
+def test_prune_configs_by_shared_memory(monkeypatch):
+    Config = cog_kernel.triton.Config
+    big, small = Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_stages=3), Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_stages=2)
+    q = torch.empty(1, 1, 1, 128, dtype=torch.float16)
+    monkeypatch.setattr(cog_kernel, "_shared_memory", lambda device: 100 * 1024)
+    assert cog_kernel._prune_configs([big, small], {"Q": q}, streamed="BLOCK_N", HEAD_DIM=128) == [small]
+    monkeypatch.setattr(cog_kernel, "_shared_memory", lambda device: 1)  # nothing fits: keep the smallest
+    assert cog_kernel._prune_configs([big, small], {"Q": q}, streamed="BLOCK_M", HEAD_DIM=128) == [small]
+
+
+@cpu
+def test_bf16_refused_in_interpreter():
+    with pytest.raises(ValueError, match="bfloat16"):
+        cog_attention_triton(*make_inputs(1, 1, 4, 4, 16, torch.bfloat16)[:3])
+
+
+def test_dispatcher(monkeypatch):
+    calls = []
+
+    def spy(*args, **kw):
+        calls.append(args[0].dtype)
+        return cog_attention_reference(*args, **kw)
+
+    monkeypatch.setattr(cog_kernel, "cog_attention_triton", spy)
+    q, k, v, _ = make_inputs(1, 2, 5, 5, 16, torch.float32)
+    cog_attention(q, k, v, causal=True)  # CUDA, or CPU with the interpreter on
+    assert calls == [torch.float32]
+    cog_attention(q.double(), k.double(), v.double())  # float64: reference
+    cog_attention(*make_inputs(1, 2, 5, 5, 24, torch.float32)[:3])  # head dim 24: reference
+    assert calls == [torch.float32]
+    if not CUDA:
+        cog_attention(*make_inputs(1, 1, 4, 4, 16, torch.bfloat16)[:3])  # bf16 in the interpreter: reference
+        monkeypatch.delenv("TRITON_INTERPRET")  # read at call time: plain CPU goes to the reference
+        cog_attention(q, k, v)
+        cog_attention(q.cpu(), k.cpu(), v.cpu())
+        assert calls == [torch.float32]
+
+
+# --- GPU ------------------------------------------------------------------------------------------------------------
+
+GPU_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-2}  # relative L2 error; fp32 uses tf32 dots
+
+
+@gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("B,H,Tq,Tk", [(2, 3, 1000, 1000), (1, 2, 4096, 4096), (1, 2, 777, 2048), (4, 4, 1, 3001)])
+def test_gpu_matches_reference(B, H, Tq, Tk, D, dtype, causal):
+    q, k, v, do = make_inputs(B, H, Tq, Tk, D, dtype)
+    got, want = run(cog_attention_triton, q, k, v, do, causal=causal), reference64(q, k, v, do, causal=causal)
+    assert got[0].dtype == dtype
+    for name, x, ref in zip(("o", "dq", "dk", "dv"), got, want):
+        assert torch.isfinite(x).all(), name
+        err = rel_l2(x, ref)
+        assert err < GPU_TOL[dtype], f"{name}: relative L2 error {err:.2e} >= {GPU_TOL[dtype]:.0e}"
+
+
+@gpu
+@pytest.mark.parametrize("D", [16, 32])
+def test_gpu_fp32_and_small_head_dims(D):
+    for dtype in (torch.float32, torch.float16):
+        q, k, v, do = make_inputs(2, 2, 300, 513, D, dtype)
+        got, want = run(cog_attention_triton, q, k, v, do, causal=True), reference64(q, k, v, do, causal=True)
+        for name, x, ref in zip(("o", "dq", "dk", "dv"), got, want):
+            assert rel_l2(x, ref) < GPU_TOL[dtype], name
+
+
+@gpu
+def test_gpu_noncontiguous():
+    B, T, H, D = 2, 1000, 4, 64
+    x = torch.randn(B, T, 3 * H * D, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in x.split(H * D, dim=-1))  # as the model makes them
+    do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    got, want = run(cog_attention_triton, q, k, v, do, causal=True), reference64(q, k, v, do, causal=True)
+    for name, x_, ref in zip(("o", "dq", "dk", "dv"), got, want):
+        assert rel_l2(x_, ref) < GPU_TOL[torch.bfloat16], name
+
+
+@gpu
+def test_gpu_torch_compile():
+    class Block(torch.nn.Module):
+        def __init__(self, D=64, H=4):
+            super().__init__()
+            self.H, self.qkv = H, torch.nn.Linear(D * H, 3 * D * H)
+
+        def forward(self, x):  # (B, T, C)
+            B, T, C = x.shape
+            q, k, v = (t.view(B, T, self.H, C // self.H).transpose(1, 2) for t in self.qkv(x).split(C, dim=-1))
+            return cog_attention(q, k, v, causal=True).transpose(1, 2).reshape(B, T, C)
+
+    torch.manual_seed(0)
+    model = Block().cuda().to(torch.bfloat16)
+    x = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for m in (model, torch.compile(model, fullgraph=False)):
+        model.zero_grad()
+        xi = x.clone().requires_grad_()
+        with torch.enable_grad():
+            y = m(xi)
+            y.float().square().mean().backward()
+        results.append((y, xi.grad, model.qkv.weight.grad))
+    for name, a, b in zip(("y", "dx", "dW"), *results):
+        assert rel_l2(a, b.double()) < 1e-2, name
