@@ -1,0 +1,122 @@
+"""
+Sample from a trained checkpoint: text from an LM (train_lm.py), images from a diffusion model (train_diffusion.py).
+
+    python sample.py --out_dir=out/demo_lm --start="def " --num_samples=3 --max_new_tokens=300
+    python sample.py --out_dir=out/lm --start=FILE:prompt.txt --temperature=0.8 --top_k=200
+
+The checkpoint's "kind" picks the branch; an LM checkpoint carries its tokenizer in its dataset metadata.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from train_utils import autocast_context, load_checkpoint, parse_config, resolve_device, resolve_dtype
+
+
+@dataclass
+class SampleConfig:
+    preset: str = "default"
+    # shared by both kinds
+    out_dir: str = "out/demo_lm"  # the folder holding ckpt.pt
+    num_samples: Optional[int] = None  # none: 3 texts, or a grid of 64 images
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    # language models
+    start: str = "\n"  # the prompt, or FILE:path to read it from a file
+    max_new_tokens: int = 300
+    temperature: float = 0.8  # < 1 sharper, > 1 more random, 0 greedy
+    top_k: Optional[int] = 200  # keep only the k most likely tokens; none: all
+    # diffusion models
+    sampler: str = "dpm"  # "dpm": DPM-Solver-2, fast; "em": Euler-Maruyama on the reverse SDE (the FID protocol)
+    steps: int = 0  # 0: the sampler's default, 50 for dpm and 1000 for em
+    output: str = ""  # the grid PNG; "": out_dir/samples_<sampler><steps>.png
+    use_ema: bool = True  # the EMA weights (as the paper samples) or the raw ones
+    batch_size: int = 500  # images sampled at once
+    fid: bool = False  # also measure FID against CIFAR-10's training set (pytorch-fid's Inception features)
+    data_dir: str = "data/cifar10"  # CIFAR-10 and its cached FID statistics, for --fid
+
+
+PRESETS = {"default": {}}
+
+
+def sample_text(checkpoint, config):
+    """Print num_samples continuations of the prompt, generated with the model's KV cache."""
+    from data.prepare_lm import Tokenizer
+    from model import Cogformer, CogformerConfig
+    model = Cogformer(CogformerConfig(**checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    model.eval().to(config.device)
+    tokenizer = Tokenizer(checkpoint["meta"]["tokenizer"])
+    start = config.start
+    if start.startswith("FILE:"):
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    ids = tokenizer.encode(start) or [tokenizer.eot]  # an empty prompt starts a new document
+    x = torch.tensor(ids, dtype=torch.long, device=config.device)[None, :]
+    with torch.no_grad(), autocast_context(config.device, config.dtype):
+        for _ in range(config.num_samples or 3):
+            y = model.generate(x, config.max_new_tokens, temperature=config.temperature, top_k=config.top_k)
+            print(tokenizer.decode(y[0].tolist()))
+            print("---------------")
+
+
+def main(argv=None):
+    config = parse_config(SampleConfig, PRESETS, argv, default_preset="default")
+    config.device = resolve_device(config.device)
+    config.dtype = resolve_dtype(config.dtype, config.device)
+    torch.manual_seed(config.seed)
+    checkpoint = load_checkpoint(os.path.join(config.out_dir, "ckpt.pt"), map_location=config.device)
+    if checkpoint["kind"] == "lm":
+        sample_text(checkpoint, config)
+    elif checkpoint["kind"] == "diffusion":
+        sample_images(checkpoint, config)
+    else:
+        raise SystemExit(f"error: unknown checkpoint kind {checkpoint['kind']!r}")
+
+
+# -----------------------------------------------------------------------------
+# diffusion
+
+
+def sample_images(checkpoint, config):
+    """Write a grid of num_samples images (at most 256 shown) drawn by the checkpoint's EMA model; with --fid,
+    also the FID of all of them against CIFAR-10's training set (the paper: --num_samples=50000 --sampler=em)."""
+    import diffusion
+    from model import UViC, UViCConfig
+    model_config = UViCConfig(**checkpoint["model_config"])
+    model = UViC(model_config)
+    model.load_state_dict(checkpoint["ema" if config.use_ema else "model"])
+    model.eval().to(config.device)
+    num_samples = config.num_samples or 64
+    if config.sampler not in ("em", "dpm"):
+        raise SystemExit(f"error: --sampler must be em or dpm, got {config.sampler!r}")
+    steps = config.steps or {"em": 1000, "dpm": 50}[config.sampler]
+    if config.fid:  # fail before sampling, not after: the Inception weights and the reference statistics
+        if checkpoint["config"]["dataset"] != "cifar10":
+            raise SystemExit(f"error: --fid compares with CIFAR-10; this model was trained on "
+                             f"{checkpoint['config']['dataset']}")
+        inception = diffusion.load_inception(config.device)
+        ref_mu, ref_sigma = diffusion.cifar10_train_stats(config.data_dir, inception, config.device)
+    weights = "EMA" if config.use_ema else "raw"
+    print(f"sampling {num_samples} images from the {weights} weights at iteration {checkpoint['iter']}: "
+          f"{config.sampler}, {steps} steps, seed {config.seed}")
+    eps_fn = diffusion.noise_predictor(model, autocast_context(config.device, config.dtype))
+    shape = (model_config.in_chans, model_config.img_size, model_config.img_size)
+    images = diffusion.generate(eps_fn, num_samples, shape, config.sampler, steps, config.seed, config.device,
+                                config.batch_size, progress=True)
+    output = config.output or os.path.join(config.out_dir, f"samples_{config.sampler}{steps}.png")
+    diffusion.save_grid(images[:256], output)
+    print(f"wrote {output}")
+    if config.fid:
+        features = diffusion.inception_features(inception, diffusion.to_uint8(images), config.device)
+        fid = diffusion.frechet_distance(*diffusion.feature_stats(features), ref_mu, ref_sigma)
+        print(f"FID {fid:.2f}: {num_samples} samples ({config.sampler}, {steps} steps) against CIFAR-10 train")
+        return fid
+
+
+if __name__ == "__main__":
+    main()

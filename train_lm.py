@@ -1,0 +1,299 @@
+"""
+Train a Cogformer language model (arXiv 2411.07176) the way nanoGPT trains GPT-2.
+
+    python train_lm.py --compile                               # the paper's model on RedPajama, one GPU
+    torchrun --standalone --nproc_per_node=8 train_lm.py --compile   # the same on 8 GPUs, no code change
+    python train_lm.py --preset=demo                           # a small Cogformer on Python's own sources, CPU
+    python train_lm.py --preset=demo --attn=softmax            # the Transformer baseline
+    python train_lm.py --preset=demo --resume                  # continue from out_dir/ckpt.pt, bit for bit
+
+Any field of TrainConfig is a --key=value override. Data folders come from data/prepare_lm.py.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+# on a busy CPU, spinning OpenMP threads make each step several times slower: let idle ones sleep (before torch loads)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402 (and the imports below)
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data.prepare_lm import prepare_pystdlib
+from model import Cogformer, CogformerConfig, configure_adamw
+from train_utils import (MetricsLog, NonFiniteLoss, StopRequest, autocast_context, check_finite, learning_rate,
+                         load_checkpoint, make_grad_scaler, parse_config, peak_flops, pick_fields, plot_loss_curve,
+                         print_config, resolve_device, resolve_dtype, rng_state, save_checkpoint, set_rng_state,
+                         setup_distributed, unwrap)
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "paper"
+    data_dir: str = "data/redpajama"  # a folder made by data/prepare_lm.py: train.bin, val.bin, meta.json
+    # model: the names of CogformerConfig; the defaults are the paper's 12 x 768 Cogformer
+    block_size: int = 2048
+    vocab_size: int = 0  # 0: the dataset's vocabulary size, padded up to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    ffn_hidden: int = 2304
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    attn: str = "cog"  # or "softmax": the Transformer baseline
+    # optimisation (our choices, the paper does not say): 16 x 2048 x 16 = 524,288 tokens per step
+    batch_size: int = 16  # micro-batch per GPU
+    grad_accum: int = 16  # micro-batches per step over all GPUs together (divided by the number of GPUs)
+    max_iters: int = 190_735  # 100B tokens, the paper's budget (RedPajama-1T-Sample holds ~1B: see data/prepare_lm.py)
+    learning_rate: float = 6e-4
+    min_lr: float = 6e-5  # cosine decay from learning_rate to min_lr at max_iters
+    warmup_iters: int = 2000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0: no clipping
+    # evaluation, logging, checkpoints
+    out_dir: str = "out/lm"
+    eval_interval: int = 1000
+    eval_iters: int = 100  # batches per split in one evaluation
+    log_interval: int = 10
+    resume: bool = False
+    # system
+    device: str = "auto"  # auto: cuda if there is a GPU, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on GPUs that have it, float16 (with loss scaling) on others, float32 on CPU
+    compile: bool = False
+    seed: int = 1337
+
+
+PRESETS = {
+    "paper": {},  # the defaults above
+    # 0.9M parameters, byte-level, on 2 CPU cores: val loss < 2 nats per byte in a few minutes
+    "demo": dict(data_dir="data/pystdlib", block_size=128, n_layer=4, n_head=4, n_embd=128, ffn_hidden=384,
+                 batch_size=32, grad_accum=1, max_iters=400, learning_rate=3e-3, min_lr=3e-4, warmup_iters=20,
+                 out_dir="out/demo_lm", eval_interval=100, eval_iters=10, log_interval=10),
+}
+
+
+def missing_dataset(data_dir):
+    return SystemExit(f"error: no prepared dataset in {data_dir} (meta.json is missing). Prepare it with\n"
+                      f"  python data/prepare_lm.py --dataset=redpajama --out_dir={data_dir}\n"
+                      f"or, from your own .jsonl/.txt files,\n"
+                      f"  python data/prepare_lm.py --files='corpus/*.jsonl' --out_dir={data_dir}")
+
+
+def load_meta(data_dir, master, ddp):
+    """The dataset's meta.json; the offline demo corpus (a folder named pystdlib) is prepared on first use."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(meta_path) and os.path.basename(os.path.normpath(data_dir)) == "pystdlib":
+        if master:
+            prepare_pystdlib(data_dir)
+        if ddp:
+            dist.barrier()
+    if not os.path.exists(meta_path):
+        raise missing_dataset(data_dir)
+    with open(meta_path) as f:
+        return json.load(f)
+
+
+def get_batch(data_dir, split, batch_size, block_size, generator, device):
+    """batch_size random windows of the split (nanoGPT's sampler): inputs x and next-token targets y, (B, T)."""
+    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")  # fresh: a kept memmap leaks
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
+    if device.startswith("cuda"):  # pinned memory: the copy overlaps with the GPU's work
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def main(argv=None):
+    config = parse_config(TrainConfig, PRESETS, argv)
+    ddp, rank, world_size, device = setup_distributed(resolve_device(config.device))
+    master = rank == 0
+    config.device, config.dtype = device, resolve_dtype(config.dtype, device)
+    if config.grad_accum % world_size:
+        raise SystemExit(f"error: grad_accum ({config.grad_accum}) must be divisible by the number of GPUs "
+                         f"({world_size})")
+    grad_accum = config.grad_accum // world_size  # per process, so tokens per step do not depend on the GPU count
+    tokens_per_iter = config.batch_size * config.block_size * grad_accum * world_size
+    ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
+
+    # data
+    meta = load_meta(config.data_dir, master, ddp)
+    padded_vocab = -(-meta["vocab_size"] // 64) * 64
+    config.vocab_size = config.vocab_size or padded_vocab
+    if config.vocab_size < meta["vocab_size"]:
+        raise SystemExit(f"error: vocab_size {config.vocab_size} < the dataset's {meta['vocab_size']}")
+    for split in ("train", "val"):
+        if meta[f"{split}_tokens"] <= config.block_size:
+            raise SystemExit(f"error: {config.data_dir}/{split}.bin holds {meta[f'{split}_tokens']} tokens, "
+                             f"not more than block_size {config.block_size}")
+
+    # model, optimizer, loss scaler, and the state they continue from on --resume
+    checkpoint = load_checkpoint(ckpt_path) if config.resume else None
+    model_config = pick_fields(config, CogformerConfig)
+    if checkpoint is not None:
+        if checkpoint.get("kind") != "lm":
+            raise SystemExit(f"error: {ckpt_path} is a {checkpoint.get('kind')!r} checkpoint, not an LM's")
+        if checkpoint["meta"]["tokenizer"] != meta["tokenizer"]:
+            raise SystemExit(f"error: {ckpt_path} was trained with the {checkpoint['meta']['tokenizer']} tokenizer, "
+                             f"{config.data_dir} holds {meta['tokenizer']} tokens")
+        if dataclasses.asdict(model_config) != checkpoint["model_config"] and master:
+            print("note: resuming with the checkpoint's model config, not the command line's")
+        model_config = CogformerConfig(**checkpoint["model_config"])
+        config.vocab_size = model_config.vocab_size
+    if master:
+        print(f"training a Cogformer on {config.data_dir} ({meta['tokenizer']} tokens); config:")
+        print_config(config)
+        print(f"{world_size} process(es), {grad_accum} micro-batches each, {tokens_per_iter:,} tokens per iteration")
+        os.makedirs(config.out_dir, exist_ok=True)
+
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    model = Cogformer(model_config).to(device)
+    optimizer = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
+                                device.split(":")[0])
+    scaler = make_grad_scaler(device, config.dtype)
+    ctx = autocast_context(device, config.dtype)
+    data_gen = torch.Generator().manual_seed(config.seed + 1 + rank)  # training batches; its state is checkpointed
+    start_iter, best_val_loss = 0, float("inf")
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_iter, best_val_loss = checkpoint["iter"], checkpoint["best_val_loss"]
+        set_rng_state(checkpoint["rng"])
+        if len(checkpoint["data_rng"]) == world_size:
+            data_gen.set_state(checkpoint["data_rng"][rank])
+        elif master:
+            print("note: a different number of processes than the checkpoint's: batches are drawn afresh")
+        checkpoint = None  # free the memory
+    if master:
+        counts = model.num_params()
+        print(f"parameters: {counts['total']:,} total, {counts['non_embedding']:,} non-embedding; "
+              f"layers: {' '.join(model_config.layer_kinds())}")
+    flops_per_token = model.flops_per_token()
+    if config.compile:
+        model = torch.compile(model)
+    eval_model = model  # evaluated on the master only, so without the DDP wrapper
+    if ddp:
+        model = DDP(model, device_ids=[device] if device.startswith("cuda") else None)
+
+    @torch.no_grad()
+    def estimate_loss():
+        """Mean loss over eval_iters batches of each split; the same batches at every evaluation."""
+        eval_model.eval()
+        out = {}
+        for k, split in enumerate(("train", "val")):
+            gen = torch.Generator().manual_seed(config.seed + 100_000 + k)
+            losses = torch.zeros(config.eval_iters)
+            for i in range(config.eval_iters):
+                x, y = get_batch(config.data_dir, split, config.batch_size, config.block_size, gen, device)
+                with ctx:
+                    _, loss = eval_model(x, y)
+                losses[i] = loss.item()
+            out[split] = losses.mean().item()
+        eval_model.train()
+        return out
+
+    def save(it):
+        """Every rank's sampler state is gathered; the master writes out_dir/ckpt.pt atomically."""
+        data_rng = [data_gen.get_state()]
+        if ddp:
+            data_rng = [None] * world_size
+            dist.all_gather_object(data_rng, data_gen.get_state())
+        if master:
+            save_checkpoint({"kind": "lm", "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(model_config),
+                             "config": dataclasses.asdict(config), "iter": it, "best_val_loss": best_val_loss,
+                             "rng": rng_state(), "data_rng": data_rng, "meta": meta}, ckpt_path)
+
+    def plot():
+        plot_loss_curve(log.path, os.path.join(config.out_dir, "loss.png"),
+                        f"Cogformer (attn={model_config.attn}) on {os.path.basename(config.data_dir)}")
+
+    log = MetricsLog(config.out_dir, resume_iter=start_iter if config.resume else None) if master else None
+    stop = StopRequest()
+    peak = peak_flops(device)
+    it = start_iter
+    t_last, iters_timed = time.time(), 0
+    while True:
+        lr = learning_rate(it, config.learning_rate, config.warmup_iters, config.max_iters, config.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # evaluate and checkpoint (a resumed run's first iteration was evaluated before its checkpoint)
+        if (it % config.eval_interval == 0 and not (config.resume and it == start_iter)) or it >= config.max_iters:
+            if master:
+                losses = estimate_loss()
+                best_val_loss = min(best_val_loss, losses["val"])
+                print(f"eval at iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                log.write(iter=it, tokens=it * tokens_per_iter, train_loss=losses["train"], val_loss=losses["val"])
+            save(it)
+            if master:
+                plot()
+            t_last, iters_timed = time.time(), 0
+        if it >= config.max_iters:
+            break
+
+        # one optimizer step: grad_accum micro-batches, gradients all-reduced only after the last one
+        loss_sum = torch.zeros((), device=device)
+        x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, data_gen, device)
+        for micro in range(grad_accum):
+            sync = model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext()
+            with sync:
+                with ctx:
+                    _, loss = model(x, y)
+                if micro < grad_accum - 1:  # fetch the next batch while the GPU works on this one
+                    x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, data_gen, device)
+                scaler.scale(loss / grad_accum).backward()
+            loss_sum += loss.detach()
+        # the step's mean loss and the stop flag, agreed by all ranks so they stop together
+        shared = torch.stack([loss_sum / grad_accum, torch.tensor(float(stop.requested), device=device)])
+        if ddp:
+            dist.all_reduce(shared)
+            shared[0] /= world_size
+        loss_value, stop_now = shared[0].item(), shared[1].item() > 0
+        check_finite(loss_value, it, ckpt_path)  # before the update: the checkpoint on disk stays the last good one
+        if config.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        iters_timed += 1
+        if it % config.log_interval == 0 and master:
+            dt = (time.time() - t_last) / iters_timed
+            tok_s = tokens_per_iter / dt
+            mfu = flops_per_token * tok_s / (peak * world_size) if peak else None
+            print(f"iter {it}: loss {loss_value:.4f}, lr {lr:.1e}, {dt * 1000:.1f}ms/iter, {tok_s:,.0f} tok/s"
+                  + (f", mfu {mfu * 100:.1f}%" if mfu else ""), flush=True)
+            log.write(iter=it, loss=loss_value, lr=lr, ms_per_iter=dt * 1000, tok_per_s=tok_s, mfu=mfu)
+            t_last, iters_timed = time.time(), 0
+        it += 1
+        if stop_now:
+            save(it)
+            if master:
+                plot()
+                print(f"stopped: saved {ckpt_path} at iteration {it}; continue with --resume")
+            break
+    if master and it >= config.max_iters:
+        print(f"done: best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}, log and loss.png in {config.out_dir}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except NonFiniteLoss as err:
+        raise SystemExit(f"error: {err}") from None
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
