@@ -27,10 +27,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.prepare_lm import prepare_pystdlib
 from model import Cogformer, CogformerConfig, configure_adamw
-from train_utils import (MetricsLog, NonFiniteLoss, StopRequest, autocast_context, check_finite, learning_rate,
-                         load_checkpoint, make_grad_scaler, parse_config, peak_flops, pick_fields, plot_loss_curve,
-                         print_config, resolve_device, resolve_dtype, rng_state, save_checkpoint, set_rng_state,
-                         setup_distributed, unwrap)
+from train_utils import (MetricsLog, StopRequest, agree_on_step, autocast_context, check_finite,
+                         gather_generator_states, learning_rate, load_checkpoint, make_grad_scaler,
+                         micro_steps_per_process, optimizer_step, parse_config, peak_flops, pick_fields,
+                         plot_loss_curve, print_config, resolve_device, resolve_dtype, restore_generator_state,
+                         rng_state, run_trainer, save_checkpoint, set_rng_state, setup_distributed, unwrap)
 
 
 @dataclass
@@ -117,10 +118,7 @@ def main(argv=None):
     ddp, rank, world_size, device = setup_distributed(resolve_device(config.device))
     master = rank == 0
     config.device, config.dtype = device, resolve_dtype(config.dtype, device)
-    if config.grad_accum % world_size:
-        raise SystemExit(f"error: grad_accum ({config.grad_accum}) must be divisible by the number of GPUs "
-                         f"({world_size})")
-    grad_accum = config.grad_accum // world_size  # per process, so tokens per step do not depend on the GPU count
+    grad_accum = micro_steps_per_process(config.grad_accum, world_size)
     tokens_per_iter = config.batch_size * config.block_size * grad_accum * world_size
     ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
 
@@ -170,10 +168,7 @@ def main(argv=None):
         scaler.load_state_dict(checkpoint["scaler"])
         start_iter, best_val_loss = checkpoint["iter"], checkpoint["best_val_loss"]
         set_rng_state(checkpoint["rng"])
-        if len(checkpoint["data_rng"]) == world_size:
-            data_gen.set_state(checkpoint["data_rng"][rank])
-        elif master:
-            print("note: a different number of processes than the checkpoint's: batches are drawn afresh")
+        restore_generator_state(data_gen, checkpoint["data_rng"], rank, world_size, master)
         checkpoint = None  # free the memory
     if master:
         counts = model.num_params()
@@ -205,10 +200,7 @@ def main(argv=None):
 
     def save(it):
         """Every rank's sampler state is gathered; the master writes out_dir/ckpt.pt atomically."""
-        data_rng = [data_gen.get_state()]
-        if ddp:
-            data_rng = [None] * world_size
-            dist.all_gather_object(data_rng, data_gen.get_state())
+        data_rng = gather_generator_states(data_gen, ddp, world_size)
         if master:
             save_checkpoint({"kind": "lm", "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                              "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(model_config),
@@ -255,19 +247,9 @@ def main(argv=None):
                     x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, data_gen, device)
                 scaler.scale(loss / grad_accum).backward()
             loss_sum += loss.detach()
-        # the step's mean loss and the stop flag, agreed by all ranks so they stop together
-        shared = torch.stack([loss_sum / grad_accum, torch.tensor(float(stop.requested), device=device)])
-        if ddp:
-            dist.all_reduce(shared)
-            shared[0] /= world_size
-        loss_value, stop_now = shared[0].item(), shared[1].item() > 0
+        loss_value, stop_now = agree_on_step(loss_sum, grad_accum, stop, ddp, world_size)
         check_finite(loss_value, it, ckpt_path)  # before the update: the checkpoint on disk stays the last good one
-        if config.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, scaler, config.grad_clip)
 
         iters_timed += 1
         if it % config.log_interval == 0 and master:
@@ -290,10 +272,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except NonFiniteLoss as err:
-        raise SystemExit(f"error: {err}") from None
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    run_trainer(main)

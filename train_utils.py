@@ -110,6 +110,38 @@ def setup_distributed(device):
     return True, rank, world_size, device
 
 
+def micro_steps_per_process(grad_accum, world_size):
+    """grad_accum counts micro-batches over all processes, so a step's tokens (or images) do not depend on the GPUs."""
+    if grad_accum % world_size:
+        raise SystemExit(f"error: grad_accum ({grad_accum}) must be divisible by the number of GPUs ({world_size})")
+    return grad_accum // world_size
+
+
+def gather_generator_states(generator, ddp, world_size):
+    """Every rank's data generator state, in rank order, for the checkpoint."""
+    if not ddp:
+        return [generator.get_state()]
+    states = [None] * world_size
+    torch.distributed.all_gather_object(states, generator.get_state())
+    return states
+
+
+def restore_generator_state(generator, states, rank, world_size, master):
+    if len(states) == world_size:
+        generator.set_state(states[rank])
+    elif master:
+        print("note: a different number of processes than the checkpoint's: batches are drawn afresh")
+
+
+def agree_on_step(loss_sum, micro_steps, stop, ddp, world_size):
+    """The step's mean loss over all ranks, and whether any rank was asked to stop (so that all stop together)."""
+    shared = torch.stack([loss_sum / micro_steps, torch.tensor(float(stop.requested), device=loss_sum.device)])
+    if ddp:
+        torch.distributed.all_reduce(shared)
+        shared[0] /= world_size
+    return shared[0].item(), shared[1].item() > 0
+
+
 def resolve_device(device):
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
@@ -155,7 +187,7 @@ def peak_flops(device):
 
 
 # -----------------------------------------------------------------------------
-# learning rate, NaN guard
+# learning rate, the optimizer step, NaN guard, the trainers' entry point
 
 
 def learning_rate(it, lr, warmup_iters, max_iters=None, min_lr=None):
@@ -179,6 +211,27 @@ def check_finite(loss, it, ckpt_path):
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"loss is {loss} at iteration {it}; stopping. The last good checkpoint is {ckpt_path} "
                             "(lower the learning rate or use --dtype=bfloat16, then --resume)")
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """Unscale and clip the gradients (when grad_clip > 0), step, update the loss scale, clear the gradients."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def run_trainer(main):
+    """Run a trainer's main(): a NaN or inf loss exits with its message; the process group is always torn down."""
+    try:
+        main()
+    except NonFiniteLoss as err:
+        raise SystemExit(f"error: {err}") from None
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
