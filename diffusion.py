@@ -4,7 +4,7 @@ Diffusion for U-ViC, as U-ViT does it: the continuous-time VP-SDE with noise pre
 VP-SDE (Song et al. 2021), beta(t) linear from 0.1 to 20 over t in [0, 1]:
     dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw,     x_t | x_0 ~ N(alpha_t x_0, sigma_t^2 I),
     log alpha_t = -1/4 t^2 (beta_1 - beta_0) - 1/2 t beta_0,     sigma_t^2 = 1 - alpha_t^2.
-The network eps(x_t, t * 999) predicts the noise; the score is -eps / sigma_t.
+The network eps(x_t, t * 999) predicts the noise; the score is -eps / sigma_t. (Or it predicts v, see PREDICTIONS.)
 Samplers: Euler-Maruyama on the reverse SDE (the paper's FID protocol, 1000 steps) and multistep DPM-Solver-2
 (Lu et al. 2022, ~50 steps, deterministic). FID: pytorch-fid's Inception pool3 features against CIFAR-10 train stats.
 """
@@ -20,6 +20,11 @@ from tqdm import tqdm
 
 BETA_0, BETA_1 = 0.1, 20.0
 T_MIN = 1e-5  # training t ~ U(T_MIN, 1): at t = 0 there is no noise to predict (sigma_0 = 0)
+# What the network predicts. "eps", the noise, is U-ViT's and the paper's. "v" (Salimans & Ho 2022) is for small
+# networks trained briefly (the CPU demo): at high noise (alpha_1 = 0.007) an eps-prediction says anything about x0
+# only if it is accurate to about alpha_t, which a 1M-parameter model trained for minutes is not (it draws off-colour
+# blobs); v = alpha eps - sigma x0 is -x0 there and eps at low noise, so its errors stay small in x0 at every t.
+PREDICTIONS = ("eps", "v")
 T_END = 1e-3  # samplers integrate from t = 1 down to T_END (sigma ~ 0.01 there), as U-ViT and DPM-Solver do
 
 # -----------------------------------------------------------------------------
@@ -53,14 +58,22 @@ def t_of_log_snr(lam):
     return 2 * c / (0.5 * BETA_0 + torch.sqrt(0.25 * BETA_0 ** 2 + (BETA_1 - BETA_0) * c))
 
 
-def diffusion_loss(model, x0, generator):
-    """U-ViT's training loss: t ~ U(T_MIN, 1), x_t = alpha_t x0 + sigma_t eps, MSE of the network's noise prediction."""
+def check_prediction(prediction):
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
+def diffusion_loss(model, x0, generator, prediction="eps"):
+    """U-ViT's training loss: t ~ U(T_MIN, 1), x_t = alpha_t x0 + sigma_t eps, MSE of the network's noise prediction.
+    prediction="v": the MSE of v = alpha_t eps - sigma_t x0 instead (Salimans & Ho 2022)."""
+    check_prediction(prediction)
     B = x0.size(0)
     t = T_MIN + (1 - T_MIN) * torch.rand(B, generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
     alpha, sigma = (a.view(B, 1, 1, 1) for a in alpha_sigma(t))
-    eps_pred = model(alpha * x0 + sigma * noise, t * 999)
-    return F.mse_loss(eps_pred.float(), noise)
+    out = model(alpha * x0 + sigma * noise, t * 999)
+    target = noise if prediction == "eps" else alpha * noise - sigma * x0
+    return F.mse_loss(out.float(), target)
 
 
 @torch.no_grad()
@@ -76,11 +89,18 @@ def ema_update(ema, model, decay):
 # samplers: eps_fn(x, t) is the noise prediction at time t in [0, 1] (a Python float)
 
 
-def noise_predictor(model, ctx=nullcontext()):
-    """Wrap a U-ViC as eps_fn: a batch-wide time t becomes U-ViT's timestep t * 999; the output is float32."""
+def noise_predictor(model, ctx=nullcontext(), prediction="eps"):
+    """Wrap a U-ViC as eps_fn: a batch-wide time t becomes U-ViT's timestep t * 999; the output is float32.
+    A v-predicting model's output is turned into the noise: eps = sigma_t x_t + alpha_t v (as alpha^2 + sigma^2 = 1)."""
+    check_prediction(prediction)
+
     def eps_fn(x, t):
         with ctx:
-            return model(x, torch.full((x.size(0),), 999.0 * t, device=x.device)).float()
+            out = model(x, torch.full((x.size(0),), 999.0 * t, device=x.device)).float()
+        if prediction == "eps":
+            return out
+        alpha, sigma = (a.item() for a in alpha_sigma(torch.as_tensor(t, dtype=torch.float64)))
+        return sigma * x + alpha * out
     return eps_fn
 
 

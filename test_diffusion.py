@@ -76,6 +76,29 @@ def test_diffusion_loss_is_noise_mse():
     assert diffusion.diffusion_loss(lambda xt, t: torch.zeros_like(xt), x0, torch.Generator()).item() > 0.5
 
 
+def test_v_prediction_loss_and_its_conversion_to_noise():
+    """prediction="v": a network returning the true v = alpha eps - sigma x0 has loss 0 (and an eps-oracle does not),
+    and noise_predictor turns its output back into the exact noise, eps = sigma x_t + alpha v."""
+    x0 = torch.randn(16, 3, 4, 4)
+
+    def v_oracle(xt, timesteps):
+        alpha, sigma = (a.view(-1, 1, 1, 1) for a in alpha_sigma(timesteps / 999))
+        return (alpha * xt - x0) / sigma
+
+    def eps_oracle(xt, timesteps):
+        alpha, sigma = (a.view(-1, 1, 1, 1) for a in alpha_sigma(timesteps / 999))
+        return (xt - alpha * x0) / sigma
+    assert diffusion.diffusion_loss(v_oracle, x0, torch.Generator().manual_seed(0), prediction="v").item() < 1e-6
+    assert diffusion.diffusion_loss(eps_oracle, x0, torch.Generator().manual_seed(0), prediction="v").item() > 0.1
+    for t in (0.05, 0.5, 0.95):
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+        alpha, sigma = (a.item() for a in alpha_sigma(torch.tensor(t)))
+        eps = noise_predictor(v_oracle, prediction="v")(alpha * x0 + sigma * noise, t)
+        torch.testing.assert_close(eps, noise, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        diffusion.diffusion_loss(v_oracle, x0, torch.Generator(), prediction="x0")
+
+
 def test_ema_update():
     model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     before = [p.detach().clone() for p in ema.parameters()]
@@ -142,7 +165,9 @@ def test_shapes_are_one_coloured_shape_on_the_background():
     for img in x:
         colors = torch.unique(img.flatten(1).T, dim=0)
         assert len(colors) == 2 and (colors == background).all(1).any()
-        assert 4 <= (img != background.view(3, 1, 1)).any(0).sum() <= 16 * 16 // 2
+        mask = (img != background.view(3, 1, 1)).any(0)
+        assert 40 <= mask.sum() <= 160  # 10 to 14 pixels wide
+        assert torch.equal(mask, mask.flip(-1))  # centred: circles, squares and triangles are symmetric left-right
 
 
 def test_demo_loss_falls_and_writes_everything(tmp_path):
@@ -171,6 +196,15 @@ def test_demo_loss_falls_and_writes_everything(tmp_path):
             assert f0.read() == f1.read()
     sample.main([f"--out_dir={out}", "--steps=2", "--num_samples=4"])
     assert os.path.exists(os.path.join(out, "samples_dpm2.png"))
+    # the demo's network predicts v, and sample.py reads that from the checkpoint: its grid is the v-model's
+    assert ckpt["config"]["prediction"] == "v"
+    ema = UViC(UViCConfig(**ckpt["model_config"]))
+    ema.load_state_dict(ckpt["ema"])
+    expected = str(tmp_path / "expected.png")
+    diffusion.save_grid(generate(noise_predictor(ema.eval(), prediction="v"), 5, (3, 8, 8), "dpm", 3, 1337, "cpu"),
+                        expected)
+    with open(expected, "rb") as f0, open(str(tmp_path / "dpm0.png"), "rb") as f1:
+        assert f0.read() == f1.read()
 
 
 def test_resume_is_exact(tmp_path):
@@ -187,6 +221,15 @@ def test_resume_is_exact(tmp_path):
         assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key])
     with open(os.path.join(full, "samples_000006.png"), "rb") as fa, open(os.path.join(split, "samples_000006.png"), "rb") as fb:
         assert fa.read() == fb.read()
+
+
+def test_prediction_errors(tmp_path):
+    with pytest.raises(SystemExit, match="--prediction must be one of eps, v, got 'x0'"):
+        train_diffusion.main(["--preset=demo", *TINY, "--prediction=x0", f"--out_dir={tmp_path}"])
+    train_diffusion.main(["--preset=demo", *TINY, "--max_iters=1", f"--out_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="trained with --prediction=v; resume with the same"):
+        train_diffusion.main(["--preset=demo", *TINY, "--max_iters=2", "--prediction=eps", f"--out_dir={tmp_path}",
+                              "--resume"])
 
 
 def write_fake_cifar10(root, n_per_batch=4):

@@ -3,7 +3,7 @@ Train a U-ViC (U-ViT with Cog attention, arXiv 2411.07176) as U-ViT trains its C
 
     python train_diffusion.py --compile                        # the paper's 44M U-ViC on CIFAR-10, one GPU
     torchrun --standalone --nproc_per_node=4 train_diffusion.py --compile --batch_size=32 --grad_accum=4
-    python train_diffusion.py --preset=demo                    # a small U-ViC on coloured shapes, CPU, ~5-7 min
+    python train_diffusion.py --preset=demo                    # a small U-ViC on coloured shapes, CPU, ~7 min
     python train_diffusion.py --preset=demo --attn=softmax     # the U-ViT baseline
     python train_diffusion.py --preset=demo --resume           # continue from out_dir/ckpt.pt, bit for bit
 
@@ -18,12 +18,14 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from diffusion import diffusion_loss, ema_update, generate, load_cifar10, noise_predictor, save_grid
+from diffusion import (PREDICTIONS, diffusion_loss, ema_update, generate, load_cifar10, noise_predictor,
+                       save_grid)
 from model import UViC, UViCConfig, configure_adamw
 from train_utils import (MetricsLog, StopRequest, agree_on_step, autocast_context, check_finite,
                          gather_generator_states, learning_rate, load_checkpoint, make_grad_scaler,
@@ -46,12 +48,14 @@ class TrainConfig:
     num_heads: int = 8
     mlp_ratio: float = 4.0
     attn: str = "cog"  # or "softmax": the U-ViT baseline
+    prediction: str = "eps"  # what the network predicts: "eps", the noise (U-ViT), or "v" (see diffusion.PREDICTIONS)
     # optimisation: U-ViT's CIFAR-10 recipe (batch 128, AdamW, 2500 warmup steps then constant, EMA 0.9999)
     batch_size: int = 128  # micro-batch per GPU
     grad_accum: int = 1  # micro-batches per step over all GPUs together (divided by the number of GPUs)
     max_iters: int = 500_000
     learning_rate: float = 2e-4
     warmup_iters: int = 2500
+    min_lr: Optional[float] = None  # none: constant after warmup (U-ViT); a value: cosine decay to it at max_iters
     weight_decay: float = 0.03
     beta1: float = 0.99
     beta2: float = 0.999
@@ -74,12 +78,13 @@ class TrainConfig:
 
 PRESETS = {
     "paper": {},  # the defaults above
-    # 1.5M parameters, 16x16 shapes, 65 tokens, on 2 CPU cores: ~300 ms/iter, ~5-7 minutes. Measured 2026-11-20:
-    # the grids get the colours and rough blobs, not yet crisp shapes (tuning this preset is open work)
-    "demo": dict(dataset="shapes", img_size=16, embed_dim=128, depth=7, num_heads=4, batch_size=64,
-                 max_iters=1000, learning_rate=1e-3, warmup_iters=100, beta1=0.9, beta2=0.99, weight_decay=0.0,
-                 ema_decay=0.995, out_dir="out/demo_diffusion", eval_interval=250, eval_iters=4, grid_size=64,
-                 sample_steps=25, log_interval=25),
+    # 0.6M parameters; 16x16 shapes in 4x4 patches (17 tokens); v-prediction (see diffusion.PREDICTIONS); batch 64.
+    # Each mattered: in single-seed runs of the same CPU time, eps-prediction, 2x2 patches or batch 32 drew ragged or
+    # off-colour blobs instead of shapes. 2 CPU cores: ~44 ms/iter, 9000 iterations in ~6.5 min (README.md's demo).
+    "demo": dict(dataset="shapes", img_size=16, patch_size=4, embed_dim=96, depth=5, num_heads=4, prediction="v",
+                 batch_size=64, max_iters=9000, learning_rate=2e-3, min_lr=1e-4, warmup_iters=100, beta1=0.9,
+                 beta2=0.99, weight_decay=0.0, ema_decay=0.99, out_dir="out/demo_diffusion", eval_interval=1000,
+                 eval_iters=4, grid_size=64, sample_steps=25, log_interval=100),
 }
 
 # -----------------------------------------------------------------------------
@@ -91,15 +96,13 @@ BACKGROUND = 0.1  # dark grey
 
 def shapes_batch(n, size, generator, device):
     """n images (n, 3, size, size) in [-1, 1]: one circle, square or triangle in red, green, blue or yellow,
-    at a random place and size on a plain background."""
-    def rand(*shape):
-        return torch.rand(shape, generator=generator, device=device)
+    centred, of a random size, on a plain background. (Centred because the demo's small U-ViC, given shapes at random
+    places as well, still drew ragged blobs after the same training; centred, it draws the shapes.)"""
     kind = torch.randint(3, (n, 1, 1), generator=generator, device=device)
     color = COLORS.to(device)[torch.randint(len(COLORS), (n,), generator=generator, device=device)]  # (n, 3)
-    r = size * (0.2 + 0.15 * rand(n, 1, 1))  # half the shape's width
-    cx, cy = r + (size - 2 * r) * rand(n, 1, 1), r + (size - 2 * r) * rand(n, 1, 1)
-    grid = torch.arange(size, device=device) + 0.5  # pixel centres
-    dx, dy = grid.view(1, 1, size) - cx, grid.view(1, size, 1) - cy  # (n, size, size) by broadcasting
+    r = size * (0.3 + 0.12 * torch.rand((n, 1, 1), generator=generator, device=device))  # half the width
+    offset = torch.arange(size, device=device) + 0.5 - size / 2  # pixel centres from the image centre
+    dx, dy = offset.view(1, 1, size), offset.view(1, size, 1)  # broadcast with r: masks are (n, size, size)
     circle = dx ** 2 + dy ** 2 <= r ** 2
     square = (dx.abs() <= 0.85 * r) & (dy.abs() <= 0.85 * r)
     triangle = (dy.abs() <= r) & (dx.abs() <= (dy + r) / 2)  # apex up, base 2r wide
@@ -136,6 +139,8 @@ def load_data(config, device, master, ddp):
 
 def main(argv=None):
     config = parse_config(TrainConfig, PRESETS, argv)
+    if config.prediction not in PREDICTIONS:
+        raise SystemExit(f"error: --prediction must be one of {', '.join(PREDICTIONS)}, got {config.prediction!r}")
     ddp, rank, world_size, device = setup_distributed(resolve_device(config.device))
     master = rank == 0
     config.device, config.dtype = device, resolve_dtype(config.dtype, device)
@@ -152,6 +157,10 @@ def main(argv=None):
     if checkpoint is not None:
         if checkpoint.get("kind") != "diffusion":
             raise SystemExit(f"error: {ckpt_path} is a {checkpoint.get('kind')!r} checkpoint, not a diffusion one")
+        trained_on = checkpoint["config"].get("prediction", "eps")
+        if trained_on != config.prediction:
+            raise SystemExit(f"error: {ckpt_path} was trained with --prediction={trained_on}; "
+                             f"resume with the same (got --prediction={config.prediction})")
         if dataclasses.asdict(model_config) != checkpoint["model_config"] and master:
             print("note: resuming with the checkpoint's model config, not the command line's")
         model_config = UViCConfig(**checkpoint["model_config"])
@@ -199,7 +208,7 @@ def main(argv=None):
         for _ in range(config.eval_iters):
             x0 = get_batch(val_data, config, config.batch_size, val_gen, device)
             with ctx:
-                losses.append(diffusion_loss(ema, x0, val_gen).item())
+                losses.append(diffusion_loss(ema, x0, val_gen, config.prediction).item())
         return sum(losses) / len(losses)
 
     def save(it):
@@ -215,8 +224,9 @@ def main(argv=None):
         """Val loss and a sample grid from the EMA model (the same starting noise every time), then a checkpoint."""
         if master:
             val_loss = estimate_val_loss()
-            images = generate(noise_predictor(ema, ctx), config.grid_size, shape, "dpm", config.sample_steps,
-                              config.seed, device, batch_size=config.grid_size)
+            eps_fn = noise_predictor(ema, ctx, config.prediction)
+            images = generate(eps_fn, config.grid_size, shape, "dpm", config.sample_steps, config.seed, device,
+                              batch_size=config.grid_size)
             grid_path = os.path.join(config.out_dir, f"samples_{it:06d}.png")
             save_grid(images, grid_path)
             print(f"eval at iter {it}: val loss (EMA) {val_loss:.4f}; samples in {grid_path}")
@@ -224,14 +234,14 @@ def main(argv=None):
         save(it)
         if master:
             plot_loss_curve(log.path, os.path.join(config.out_dir, "loss.png"),
-                            f"U-ViC (attn={model_config.attn}) on {config.dataset}")
+                            f"U-ViC (attn={model_config.attn}) on {config.dataset}", log_y=True)
 
     log = MetricsLog(config.out_dir, resume_iter=start_iter if config.resume else None) if master else None
     stop = StopRequest()
     it = start_iter
     t_last, iters_timed = time.time(), 0
     while True:
-        lr = learning_rate(it, config.learning_rate, config.warmup_iters)  # warmup, then constant
+        lr = learning_rate(it, config.learning_rate, config.warmup_iters, config.max_iters, config.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
@@ -249,7 +259,7 @@ def main(argv=None):
             sync = model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext()
             with sync:
                 with ctx:
-                    loss = diffusion_loss(model, x0, gen)
+                    loss = diffusion_loss(model, x0, gen, config.prediction)
                 scaler.scale(loss / grad_accum).backward()
             loss_sum += loss.detach()
         loss_value, stop_now = agree_on_step(loss_sum, grad_accum, stop, ddp, world_size)

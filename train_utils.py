@@ -321,8 +321,9 @@ def read_log(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_loss_curve(log_path, png_path, title=""):
-    """Train loss (per logged iteration) and validation loss (per eval) against iteration, as a PNG."""
+def plot_loss_curve(log_path, png_path, title="", log_y=False):
+    """Train loss (per logged iteration) and validation loss (per eval) against iteration, as a PNG. log_y for
+    losses that fall by orders of magnitude (diffusion), where a linear axis flattens everything after the start."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -340,6 +341,8 @@ def plot_loss_curve(log_path, png_path, title=""):
         ax.plot(*zip(*val), "o-", label="val")
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
+    if log_y:
+        ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
