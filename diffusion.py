@@ -22,8 +22,8 @@ BETA_0, BETA_1 = 0.1, 20.0
 T_MIN = 1e-5  # training t ~ U(T_MIN, 1): at t = 0 there is no noise to predict (sigma_0 = 0)
 # What the network predicts. "eps", the noise, is U-ViT's and the paper's. "v" (Salimans & Ho 2022) is for small
 # networks trained briefly (the CPU demo): at high noise (alpha_1 = 0.007) an eps-prediction says anything about x0
-# only if it is accurate to about alpha_t, which a 1M-parameter model trained for minutes is not (it draws off-colour
-# blobs); v = alpha eps - sigma x0 is -x0 there and eps at low noise, so its errors stay small in x0 at every t.
+# only if it is accurate to about alpha_t, which the demo's 0.6M-parameter model trained for minutes is not (it
+# draws off-colour blobs); v = alpha eps - sigma x0 is -x0 there and eps at low noise: its errors stay small in x0.
 PREDICTIONS = ("eps", "v")
 T_END = 1e-3  # samplers integrate from t = 1 down to T_END (sigma ~ 0.01 there), as U-ViT and DPM-Solver do
 
