@@ -60,7 +60,12 @@ def t_of_log_snr(lam):
 
 def check_prediction(prediction):
     if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+
+
+def checkpoint_prediction(checkpoint):
+    """What a diffusion checkpoint's network predicts (checkpoints from before the option predicted the noise)."""
+    return checkpoint["config"].get("prediction", "eps")
 
 
 def diffusion_loss(model, x0, generator, prediction="eps"):

@@ -104,8 +104,8 @@ def sample_images(checkpoint, config):
     weights = "EMA" if config.use_ema else "raw"
     print(f"sampling {num_samples} images from the {weights} weights at iteration {checkpoint['iter']}: "
           f"{config.sampler}, {steps} steps, seed {config.seed}")
-    prediction = checkpoint["config"].get("prediction", "eps")  # what the network outputs: the noise, or v
-    eps_fn = diffusion.noise_predictor(model, autocast_context(config.device, config.dtype), prediction)
+    eps_fn = diffusion.noise_predictor(model, autocast_context(config.device, config.dtype),
+                                       diffusion.checkpoint_prediction(checkpoint))
     shape = (model_config.in_chans, model_config.img_size, model_config.img_size)
     images = diffusion.generate(eps_fn, num_samples, shape, config.sampler, steps, config.seed, config.device,
                                 config.batch_size, progress=True)

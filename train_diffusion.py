@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from diffusion import (PREDICTIONS, diffusion_loss, ema_update, generate, load_cifar10, noise_predictor,
-                       save_grid)
+from diffusion import (check_prediction, checkpoint_prediction, diffusion_loss, ema_update, generate, load_cifar10,
+                       noise_predictor, save_grid)
 from model import UViC, UViCConfig, configure_adamw
 from train_utils import (MetricsLog, StopRequest, agree_on_step, autocast_context, check_finite,
                          gather_generator_states, learning_rate, load_checkpoint, make_grad_scaler,
@@ -139,8 +139,10 @@ def load_data(config, device, master, ddp):
 
 def main(argv=None):
     config = parse_config(TrainConfig, PRESETS, argv)
-    if config.prediction not in PREDICTIONS:
-        raise SystemExit(f"error: --prediction must be one of {', '.join(PREDICTIONS)}, got {config.prediction!r}")
+    try:
+        check_prediction(config.prediction)
+    except ValueError as err:
+        raise SystemExit(f"error: --{err}") from None
     ddp, rank, world_size, device = setup_distributed(resolve_device(config.device))
     master = rank == 0
     config.device, config.dtype = device, resolve_dtype(config.dtype, device)
@@ -157,7 +159,7 @@ def main(argv=None):
     if checkpoint is not None:
         if checkpoint.get("kind") != "diffusion":
             raise SystemExit(f"error: {ckpt_path} is a {checkpoint.get('kind')!r} checkpoint, not a diffusion one")
-        trained_on = checkpoint["config"].get("prediction", "eps")
+        trained_on = checkpoint_prediction(checkpoint)
         if trained_on != config.prediction:
             raise SystemExit(f"error: {ckpt_path} was trained with --prediction={trained_on}; "
                              f"resume with the same (got --prediction={config.prediction})")
