@@ -1,9 +1,24 @@
 """
-Attention benchmark on a GPU: the fused Cog kernel against PyTorch's softmax attention (flash backend) and the naive
-Cog reference, forward and forward+backward, at a fixed number of tokens per batch (B * T).
+Attention benchmarks: the fused Cog kernel against PyTorch's softmax attention (flash backend), a softmax twin of our
+own kernels, and the naive Cog reference.
 
-    python bench.py                                  # the full table (T = 512 ... 16384, head dims 64 and 128)
+On a GPU, forward and forward+backward at a fixed number of tokens per batch (B * T):
+
+    python bench.py                                  # the full table (T = 1024 ... 16384, head dims 64 and 128)
     python bench.py --seqlens=1024,4096 --head_dims=64 --modes=fwd_bwd --masks=causal    # a quick run
+    python bench.py --deterministic                  # Cog with the two-pass (bit-reproducible) backward
+
+Without a GPU, what the H100/H200 would run: every kernel and tile that autotuning can pick, compiled for sm_90 by
+Triton's own compiler and ptxas (registers, spills, shared memory, wgmma widths, mma.sync fallbacks, and the SASS
+instruction count of each loop body), for the Cog kernels and their softmax twins side by side:
+
+    python bench.py --sm90                           # bf16, head dims 64 and 128
+    python bench.py --sm90 --dtype=fp16 --head_dims=32,256
+
+The softmax twin is cog_kernel.py's kernels with its two Cog-specific helpers swapped for softmax's (the logits
+themselves instead of |s|; the weights p instead of sign(s) * p): same code, same tiles, same autotuning. The twin is
+plain softmax attention (test_kernel.py checks it against PyTorch's), so Cog / twin is what the signs cost, and
+twin / SDPA is what our Triton kernels cost against FlashAttention.
 
 TFLOP/s count FLOPs as for softmax attention: 4 * B * H * Tq * Tk * D for the forward (its two matmuls), halved when
 causal, and 3.5 times that for forward + backward. "MiB" is the peak memory allocated during one call beyond the inputs
@@ -13,12 +28,18 @@ table says OOM.
 
 import argparse
 import contextlib
+import os
+import re
+import subprocess
 import sys
+import tempfile
+import types
 
 import torch
 import torch.nn.functional as F
 
-from cog_kernel import cog_attention_reference, cog_attention_triton
+import cog_kernel
+from cog_kernel import TILES, cog_attention_reference, cog_attention_triton, padded_head_dim, shared_memory_bytes, tl
 
 try:  # torch >= 2.3
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -26,14 +47,70 @@ try:  # torch >= 2.3
 except ImportError:
     flash_only = contextlib.nullcontext
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+KERNELS = {"fwd": "_cog_fwd", "bwd": "_cog_bwd", "dq": "_cog_bwd_dq"}  # the autotuned kernels, by TILES kind
+
+# -----------------------------------------------------------------------------
+# the softmax twin
+
+
+def _logits(qk):
+    return qk  # softmax runs over s itself
+
+
+def _weights(qk, p, qk_scale, FP16: tl.constexpr, OUT: tl.constexpr):
+    return p.to(OUT)  # no signs
+
+
+def softmax_twin():
+    """cog_kernel's kernels rebuilt over a copy of its globals in which _magnitude and _signed_weights are softmax's:
+    a namespace with the twin's autotuned kernels (fwd, bwd, dq) and its forward and backward functions."""
+    if cog_kernel.triton is None:
+        raise RuntimeError("the softmax twin needs Triton")
+    scope = dict(vars(cog_kernel))
+    scope["_magnitude"], scope["_signed_weights"] = cog_kernel._jit(_logits), cog_kernel._jit(_weights)
+    for name, obj in vars(cog_kernel).items():
+        jit = getattr(obj, "fn", None) if type(obj).__name__ == "Autotuner" else obj
+        fn = getattr(jit, "fn", None)
+        if name in ("_magnitude", "_signed_weights") or not isinstance(fn, types.FunctionType) or \
+                fn.__module__ != cog_kernel.__name__:
+            continue
+        copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+        copy.__annotations__, copy.__doc__ = fn.__annotations__, fn.__doc__  # the tl.constexpr marks live there
+        scope[name] = cog_kernel._jit(copy)
+    twin = types.SimpleNamespace(**{kind: cog_kernel._autotune(kind)(scope[name]) for kind, name in KERNELS.items()})
+    twin.forward = lambda q, k, v, causal, scale: cog_kernel.attention_forward(q, k, v, causal, scale, kernel=twin.fwd)
+    twin.backward = lambda *args: cog_kernel.attention_backward(*args, kernels=(twin.bwd, twin.dq))
+    twin.scope = scope  # the plain jit functions, for the compile report
+    return twin
+
+
+def softmax_attention_twin(q, k, v, causal=False, scale=None, twin=None, deterministic=False):
+    """Softmax attention (B, H, Tq, D) through the twin kernels, with autograd: what bench.py times as 'twin'."""
+    twin = twin or softmax_twin()
+    scale = q.size(-1) ** -0.5 if scale is None else scale
+
+    class Twin(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            o, lse = twin.forward(q, k, v, causal, scale)
+            ctx.save_for_backward(q, k, v, o, lse)
+            return o
+
+        @staticmethod
+        def backward(ctx, do):
+            q, k, v, o, lse = ctx.saved_tensors
+            return twin.backward(do, q, k, v, o, lse, causal, scale, deterministic)
+
+    return Twin.apply(q, k, v)
+
+
+# -----------------------------------------------------------------------------
+# GPU timings
 
 
 def sdpa_softmax(q, k, v, causal=False):
     with flash_only():
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
-
-IMPLS = {"cog": cog_attention_triton, "sdpa": sdpa_softmax, "reference": cog_attention_reference}
 
 
 def int_list(s):
@@ -50,33 +127,47 @@ def str_list(choices):
     return parse
 
 
+IMPLS = ["cog", "twin", "sdpa", "reference"]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seqlens", type=int_list, default=[512, 1024, 2048, 4096, 8192, 16384], help="comma-separated T")
+    p.add_argument("--sm90", action="store_true", help="compile reports for sm_90 (no GPU needed) instead of timings")
+    p.add_argument("--seqlens", type=int_list, default=[1024, 2048, 4096, 8192, 16384], help="comma-separated T")
     p.add_argument("--head_dims", type=int_list, default=[64, 128], help="comma-separated D")
     p.add_argument("--modes", type=str_list(["fwd", "fwd_bwd"]), default=["fwd", "fwd_bwd"], help="fwd,fwd_bwd")
     p.add_argument("--masks", type=str_list(["full", "causal"]), default=["full", "causal"], help="full,causal")
-    p.add_argument("--impls", type=str_list(list(IMPLS)), default=list(IMPLS), help="cog,sdpa,reference")
+    p.add_argument("--impls", type=str_list(IMPLS), default=IMPLS, help=",".join(IMPLS))
     p.add_argument("--tokens", type=int, default=16384, help="B * T (B = tokens // T, at least 1)")
     p.add_argument("--width", type=int, default=2048, help="H * D (H = width // D)")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--deterministic", action="store_true", help="time the two-pass backward of cog (and twin)")
     p.add_argument("--warmup", type=int, default=25, help="warmup time in ms for triton.testing.do_bench")
     p.add_argument("--rep", type=int, default=100, help="measurement time in ms for triton.testing.do_bench")
     return p.parse_args(argv)
 
 
-def measure(impl, mode, causal, B, H, T, D, dtype, args):
+def attention_functions(args):
+    twin = softmax_twin()
+    return {
+        "cog": lambda q, k, v, causal: cog_attention_triton(q, k, v, causal=causal, deterministic=args.deterministic),
+        "twin": lambda q, k, v, causal: softmax_attention_twin(q, k, v, causal, twin=twin,
+                                                               deterministic=args.deterministic),
+        "sdpa": sdpa_softmax,
+        "reference": lambda q, k, v, causal: cog_attention_reference(q, k, v, causal=causal),
+    }
+
+
+def measure(fn, mode, causal, B, H, T, D, dtype, args):
     """(milliseconds, MiB) of one call, or None where it ran out of memory."""
     import triton.testing
 
-    fn = IMPLS[impl]
     q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype) for _ in range(4))
-    q.requires_grad_(mode == "fwd_bwd")
-    k.requires_grad_(mode == "fwd_bwd")
-    v.requires_grad_(mode == "fwd_bwd")
+    for t in (q, k, v):
+        t.requires_grad_(mode == "fwd_bwd")
 
     def call():
-        o = fn(q, k, v, causal=causal)
+        o = fn(q, k, v, causal)
         if mode == "fwd_bwd":
             torch.autograd.grad(o, (q, k, v), do)
 
@@ -95,35 +186,150 @@ def measure(impl, mode, causal, B, H, T, D, dtype, args):
         torch.cuda.empty_cache()
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def timings(args):
     if not torch.cuda.is_available():
-        sys.exit("bench.py needs a CUDA GPU (none found); nothing was measured")
+        sys.exit("bench.py needs a CUDA GPU for timings (none found); nothing was measured. "
+                 "`python bench.py --sm90` reports what sm_90 would run without one.")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}, B*T = {args.tokens}, "
-          f"H*D = {args.width}\n")
+    fns = attention_functions(args)
+    import triton
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, "
+          f"B*T = {args.tokens}, H*D = {args.width}, deterministic backward: {args.deterministic}\n")
+    ratios = [("cog/sdpa", "cog", "sdpa"), ("cog/twin", "cog", "twin")]
+    ratios = [r for r in ratios if r[1] in args.impls and r[2] in args.impls]
     print("| mode | mask | D | T | B x H | " + " | ".join(f"{i} TFLOP/s" for i in args.impls) + " | "
-          + " | ".join(f"{i} MiB" for i in args.impls) + " |")
-    print("|---" * (5 + 2 * len(args.impls)) + "|")
+          + " | ".join(name for name, _, _ in ratios) + " | " + " | ".join(f"{i} MiB" for i in args.impls) + " |")
+    print("|---" * (5 + 2 * len(args.impls) + len(ratios)) + "|")
     out_of_memory = set()  # (impl, mode, mask, D): once it ran out of memory, longer T will too
     for mode in args.modes:
         for mask in args.masks:
             for D in args.head_dims:
                 for T in args.seqlens:
                     B, H = max(1, args.tokens // T), max(1, args.width // D)
-                    flops = 4 * B * H * T * T * D * (0.5 if mask == "causal" else 1.0) * (3.5 if mode == "fwd_bwd" else 1.0)
-                    speed, mem = [], []
+                    flops = 4 * B * H * T * T * D * (0.5 if mask == "causal" else 1.0)
+                    flops *= 3.5 if mode == "fwd_bwd" else 1.0
+                    results = {}
                     for impl in args.impls:
                         r = None if (impl, mode, mask, D) in out_of_memory else \
-                            measure(impl, mode, mask == "causal", B, H, T, D, dtype, args)
+                            measure(fns[impl], mode, mask == "causal", B, H, T, D, dtype, args)
                         if r is None:
                             out_of_memory.add((impl, mode, mask, D))
-                            speed.append("OOM")
-                            mem.append("OOM")
-                        else:
-                            speed.append(f"{flops / (r[0] * 1e-3) / 1e12:.1f}")
-                            mem.append(f"{r[1]:.0f}")
-                    print(f"| {mode} | {mask} | {D} | {T} | {B} x {H} | " + " | ".join(speed + mem) + " |", flush=True)
+                        results[impl] = r
+                    speed = [f"{flops / (r[0] * 1e-3) / 1e12:.1f}" if r else "OOM" for r in results.values()]
+                    mem = [f"{r[1]:.0f}" if r else "OOM" for r in results.values()]
+                    ratio = [f"{results[b][0] / results[a][0]:.2f}" if results[a] and results[b] else "-"
+                             for _, a, b in ratios]  # a speed ratio: time of b / time of a
+                    print(f"| {mode} | {mask} | {D} | {T} | {B} x {H} | " + " | ".join(speed + ratio + mem) + " |",
+                          flush=True)
+
+
+# -----------------------------------------------------------------------------
+# sm_90 compile reports (no GPU)
+
+
+def compile_sm90(jit, constants, num_warps, num_stages, dtype):
+    """Compile a jit function for sm_90a: (registers, spill bytes, shared KB, wgmma N widths, mma.sync count,
+    serialized wgmma?, SASS instruction count of each loop body)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, attrs = {}, {}
+    for i, p in enumerate(jit.params):
+        name = p.name
+        if p.is_constexpr or constants.get(name, 0) is None:
+            signature[name] = "constexpr"
+            continue
+        if name in ("LSE", "DELTA", "ACC_DQ"):
+            signature[name] = "*fp32"
+        elif name in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ"):
+            signature[name] = "*" + dtype
+        elif "scale" in name:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+        if signature[name] != "fp32":
+            attrs[(i,)] = [["tt.divisibility", 16]]  # contiguous tensors and lengths that are multiples of 16
+    kernel = triton.compile(ASTSource(jit, signature, constexprs=constants, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    ptxas = next(path for path in (os.path.join(bin_dir, name) for name in ("ptxas-blackwell", "ptxas"))
+                 if os.path.exists(path))  # Triton 3.9 writes PTX that only its Blackwell-era ptxas reads
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "k.ptx"), "w") as f:
+            f.write(kernel.asm["ptx"])
+        with open(os.path.join(d, "k.cubin"), "wb") as f:
+            f.write(kernel.asm["cubin"])
+        info = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", os.path.join(d, "k.ptx"), "-o", os.devnull],
+                              capture_output=True, text=True).stderr
+        sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", os.path.join(d, "k.cubin")],
+                              capture_output=True, text=True).stdout
+    regs = re.search(r"Used (\d+) registers", info)
+    spills = sum(int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info))
+    widths = sorted({int(n) for n in re.findall(r"instrShape = \[\d+, (\d+), \d+\]", kernel.asm["ttgir"])})
+    return dict(regs=int(regs.group(1)) if regs else None, spills=spills, shared_kb=kernel.metadata.shared / 1024,
+                wgmma_n=widths, mma_sync=sass.count("HMMA"), serialized="C7515" in info, loops=loop_sizes(sass))
+
+
+def loop_sizes(sass):
+    """SASS instruction count of each loop: the span of each predicated backward branch. The unpredicated ones are
+    returns from out-of-line slow paths, and 2-instruction loops are the TMA barrier's retry spins: both left out."""
+    lines = [(int(m.group(1), 16), m.group(2)) for m in
+             (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if m]
+    sizes = []
+    for addr, text in lines:
+        m = re.match(r"@!?P\d+\s+BRA .*?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            size = sum(1 for a, _ in lines if int(m.group(1), 16) <= a <= addr)
+            if size > 4:
+                sizes.append(size)
+    return sizes
+
+
+def steady_loop(kind, loops):
+    """The loop over blocks every row sees (no mask): the forward's and dQ pass's first, the backward's last."""
+    return loops[-1] if kind == "bwd" else loops[0]
+
+
+def sm90_report(args):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("--sm90 compiles real kernels: run it without TRITON_INTERPRET=1")
+    dtype = args.dtype
+    itemsize = 2 if dtype in ("bf16", "fp16") else 4
+    twin = softmax_twin()
+    limit = 227 * 1024  # H100/H200 shared memory per block
+    print(f"# sm_90a compile report, {dtype}: every (kernel, head dim, causal, tile) that autotuning can pick")
+    print("# tile = BLOCK_M,BLOCK_N,warps,stages; loops = SASS instructions per loop body (Cog | softmax twin); "
+          "ratio = Cog / twin on the unmasked loop\n")
+    print("| kernel | D | causal | tile | regs | spill B | smem KB (est.) | wgmma N | mma.sync | serialized | "
+          "Cog loops | twin loops | ratio |")
+    print("|---" * 13 + "|")
+    variants = [("fwd", None), ("bwd", "atomic"), ("bwd", "two-pass"), ("dq", None)]
+    for kind, flavour in variants:
+        for D in args.head_dims:
+            block_d = padded_head_dim(D)
+            for causal in (False, True):
+                for m, n, w, s in TILES[kind][block_d]:
+                    est = shared_memory_bytes("dkdv" if flavour == "two-pass" else kind, m, n, s, block_d, itemsize)
+                    if est > limit:
+                        continue
+                    constants = dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_M=m, BLOCK_N=n)
+                    if flavour == "two-pass":
+                        constants["ACC_DQ"] = None
+                    name = KERNELS[kind]
+                    cog = compile_sm90(getattr(cog_kernel, name).fn, constants, w, s, dtype)
+                    plain = compile_sm90(twin.scope[name], constants, w, s, dtype)
+                    ratio = steady_loop(kind, cog["loops"]) / steady_loop(kind, plain["loops"])
+                    label = name + (f" ({flavour})" if flavour else "")
+                    print(f"| {label} | {D} | {int(causal)} | {m},{n},{w},{s} | {cog['regs']} | {cog['spills']} | "
+                          f"{cog['shared_kb']:.0f} ({est / 1024:.0f}) | {','.join(map(str, cog['wgmma_n']))} | "
+                          f"{cog['mma_sync']} | {'yes' if cog['serialized'] else 'no'} | "
+                          f"{cog['loops']} | {plain['loops']} | {ratio:.3f} |", flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sm90_report(args) if args.sm90 else timings(args)
 
 
 if __name__ == "__main__":

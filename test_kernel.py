@@ -42,7 +42,7 @@ def kernel_runs_here():
 @contextlib.contextmanager
 def blocks(block_m, block_n):
     """Run the kernels with one fixed block shape (the interpreter's default 64 x 64 would cover small T in one block)."""
-    kernels = (cog_kernel._cog_fwd, cog_kernel._cog_bwd_dkdv, cog_kernel._cog_bwd_dq)
+    kernels = (cog_kernel._cog_fwd, cog_kernel._cog_bwd, cog_kernel._cog_bwd_dq)
     saved = [kern.configs for kern in kernels]
     try:
         for kern in kernels:
@@ -92,8 +92,9 @@ def rel_l2(x, ref):
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
 
 
-def check(q, k, v, do, tol, **kw):
-    got, want = run(cog_attention_triton, q, k, v, do, **kw), reference64(q, k, v, do, **kw)
+def check(q, k, v, do, tol, deterministic=None, **kw):
+    got = run(cog_attention_triton, q, k, v, do, deterministic=deterministic, **kw)
+    want = reference64(q, k, v, do, **kw)
     assert got[0].dtype == q.dtype and got[0].shape == q.shape
     for name, x, ref in zip(("o", "dq", "dk", "dv"), got, want):
         assert x.shape == ref.shape, name
@@ -114,6 +115,14 @@ CASES = [  # B, H, Tq, Tk, D, dtype, scale
     (1, 2, 64, 64, 16, torch.float16, None),  # a multiple of the blocks
     (1, 2, 29, 29, 32, torch.float32, 0.3),  # explicit scale
     (1, 1, 40, 50, 32, torch.float32, 8.0),  # logits up to ~100: needs the running max of |s|
+    (1, 2, 21, 21, 24, torch.float32, None),  # head dims that are not powers of two: padded inside the kernel
+    (1, 1, 19, 26, 80, torch.float16, None),
+    (2, 1, 17, 17, 96, torch.float32, None),
+    (1, 1, 1, 9, 160, torch.float16, None),
+    (1, 1, 13, 13, 256, torch.float32, None),
+    (1, 1, 11, 11, 20, torch.float16, None),  # 40-byte rows: padded to 16-byte multiples for the tensor descriptors
+    (1, 2, 18, 18, 8, torch.float32, None),  # below the smallest dot
+    (1, 2, 23, 23, 32, torch.float32, -0.4),  # a negative scale flips every sign
 ]
 
 
@@ -172,6 +181,82 @@ def test_exact_zero_logits():
 
 
 @cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tiny_logits_keep_their_sign(dtype):
+    """Logits far below 1 but far above the 2^-32 window of the branch-free sign get the full weight sign(s) * p, as in
+    the reference (they would get a fraction of it if the clamp did not work on rescaled weights)."""
+    q, k, v, do = make_inputs(1, 1, 12, 12, 16, dtype)
+    q = (q * 1e-3).to(dtype)  # |s| ~ 1e-3, so every |s| < p: only the rescaling makes clamp(s, -p, p) = sign(s) * p
+    k = (k * 1e-3).to(dtype)
+    check(q, k, v, do, TOL[dtype])
+    check(q, k, v, do, TOL[dtype], causal=True)
+
+
+@cpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_deterministic_backward(causal, monkeypatch):
+    """deterministic=True runs the two-pass backward (the dQ pass, no atomic adds): the same gradients as the one-pass
+    backward and the reference; torch.use_deterministic_algorithms switches it on by default."""
+    passes = []
+    monkeypatch.setattr(cog_kernel, "_cog_bwd_dq", spy_on(cog_kernel._cog_bwd_dq, passes))
+    q, k, v, do = make_inputs(2, 1, 27, 35, 32, torch.float32)
+    one_pass = run(cog_attention_triton, q, k, v, do, causal=causal)
+    assert passes == []
+    check(q, k, v, do, TOL[torch.float32], causal=causal, deterministic=True)
+    assert len(passes) == 1
+    two_pass = run(cog_attention_triton, q, k, v, do, causal=causal, deterministic=True)
+    for x, y in zip(one_pass[1:], two_pass[1:]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        run(cog_attention, q, k, v, do, causal=causal)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert len(passes) == 3
+
+
+def spy_on(kernel, calls):
+    """A stand-in for an autotuned kernel that records each launch and runs the real one."""
+    class Spy:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return kernel[grid]
+    return Spy()
+
+
+@cpu
+def test_misaligned_inputs_are_copied_for_the_descriptors():
+    """Tensor descriptors need 16-byte aligned starts and strides; a view that starts 4 bytes in is copied first."""
+    base = torch.randn(1, 2, 19, 33)
+    q, k, v = base[..., 1:], base.flip(2)[..., 1:].contiguous(), base[..., :32]  # q starts 4 bytes in
+    assert q.data_ptr() % 16 != 0
+    do = torch.randn(1, 2, 19, 32)
+    check(q, k, v, do, TOL[torch.float32], causal=True)
+
+
+@cpu
+def test_many_heads_and_the_last_blocks_first():
+    """B * H is a 1-D grid's leading factor (no 65,535 limit on an axis); causal launches the last query blocks
+    first. Many small heads check that every (block, head) is covered once."""
+    check(*make_inputs(5, 7, 40, 40, 16, torch.float32), TOL[torch.float32], causal=True)
+
+
+@cpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_softmax_twin_is_softmax(causal):
+    """bench.py's twin (the kernels with Cog's two helpers swapped) is plain softmax attention: the Cog/twin ratios it
+    reports compare Cog with softmax through the same code."""
+    import bench
+    q, k, v, do = make_inputs(1, 2, 29, 29, 32, torch.float32)
+    got = run(lambda q, k, v, causal: bench.softmax_attention_twin(q, k, v, causal), q, k, v, do, causal=causal)
+    sdpa = lambda q, k, v, causal: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa
+    want = run(sdpa, *(t.double() for t in (q, k, v, do)), causal=causal)
+    for name, x, ref in zip(("o", "dq", "dk", "dv"), got, want):
+        assert max_err(x, ref) < 1e-4, name
+
+
+@cpu
 def test_torch_compile_cpu():
     """The custom ops trace with fake tensors and autograd: fullgraph compile (aot_eager on CPU) matches eager."""
     q, k, v, do = make_inputs(1, 2, 20, 20, 16, torch.float32)
@@ -225,8 +310,8 @@ def test_models_with_kernel_match_models_with_reference(monkeypatch):
 
 def test_errors_name_the_problem():
     q, k, v, _ = make_inputs(1, 2, 4, 4, 16, torch.float32)
-    with pytest.raises(ValueError, match="head dim 24"):
-        cog_attention_triton(*make_inputs(1, 2, 4, 4, 24, torch.float32)[:3])
+    with pytest.raises(ValueError, match="head dim 300"):
+        cog_attention_triton(*make_inputs(1, 1, 2, 2, 300, torch.float32)[:3])
     with pytest.raises(ValueError, match="float64"):
         cog_attention_triton(q.double(), k.double(), v.double())
     with pytest.raises(ValueError, match="dtype"):
@@ -243,14 +328,34 @@ def test_errors_name_the_problem():
         cog_attention_triton(q[0], k, v)
 
 
-def test_prune_configs_by_shared_memory(monkeypatch):
+def test_prune_keeps_the_listed_tiles_that_fit(monkeypatch):
+    """Autotuning only tries the tiles TILES lists for the head dim, and only those whose shared memory fits: the
+    224 KB (128, 128) forward at head dim 128 fits an H100/H200 (227 KB) and is kept."""
     Config = cog_kernel.triton.Config
-    big, small = Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_stages=3), Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_stages=2)
-    q = torch.empty(1, 1, 1, 128, dtype=torch.float16)
-    monkeypatch.setattr(cog_kernel, "_shared_memory", lambda device: 100 * 1024)
-    assert cog_kernel._prune_configs([big, small], {"Q": q}, streamed="BLOCK_N", HEAD_DIM=128) == [small]
+    configs = [Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+               for m, n, w, st in sorted({t for by_dim in cog_kernel.TILES["fwd"].values() for t in by_dim})]
+    shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
+    q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
+    monkeypatch.setattr(cog_kernel, "_shared_memory", lambda device: 227 * 1024)
+    kept = [shape(c) for c in cog_kernel._prune_configs(configs, {"Q": q}, kind="fwd", HEAD_DIM=128)]
+    assert sorted(kept) == sorted(cog_kernel.TILES["fwd"][128]) and (128, 128, 8, 3) in kept
+    kept = [shape(c) for c in cog_kernel._prune_configs(configs, {"Q": q[..., :80]}, kind="fwd", HEAD_DIM=80)]
+    assert sorted(kept) == sorted(cog_kernel.TILES["fwd"][128])  # 80 runs in 128-wide tiles
+    monkeypatch.setattr(cog_kernel, "_shared_memory", lambda device: 161 * 1024)  # e.g. a smaller GPU
+    kept = [shape(c) for c in cog_kernel._prune_configs(configs, {"Q": q}, kind="fwd", HEAD_DIM=128)]
+    fit = [t for t in cog_kernel.TILES["fwd"][128] if cog_kernel.shared_memory_bytes("fwd", *t[:2], t[3], 128, 2)
+           <= 161 * 1024]
+    assert sorted(kept) == sorted(fit) and 0 < len(fit) < len(cog_kernel.TILES["fwd"][128])
     monkeypatch.setattr(cog_kernel, "_shared_memory", lambda device: 1)  # nothing fits: keep the smallest
-    assert cog_kernel._prune_configs([big, small], {"Q": q}, streamed="BLOCK_M", HEAD_DIM=128) == [small]
+    assert len(cog_kernel._prune_configs(configs, {"Q": q}, kind="fwd", HEAD_DIM=128)) == 1
+
+
+def test_autotuning_restarts_the_dq_sum():
+    """Autotuning launches the one-pass backward once per config: each launch must add into an empty dQ sum."""
+    acc = torch.ones(3)
+    cog_kernel._zero_dq_sum({"ACC_DQ": acc})
+    assert acc.abs().sum() == 0
+    cog_kernel._zero_dq_sum({"ACC_DQ": None}, reset_only=True)  # the deterministic backward passes no buffer
 
 
 @cpu
@@ -262,23 +367,25 @@ def test_bf16_refused_in_interpreter():
 def test_dispatcher(monkeypatch):
     calls = []
 
-    def spy(*args, **kw):
-        calls.append(args[0].dtype)
-        return cog_attention_reference(*args, **kw)
+    def spy(q, k, v, causal=False, scale=None, deterministic=None):
+        calls.append(q.dtype)
+        return cog_attention_reference(q, k, v, causal, scale)
 
     monkeypatch.setattr(cog_kernel, "cog_attention_triton", spy)
     q, k, v, _ = make_inputs(1, 2, 5, 5, 16, torch.float32)
     cog_attention(q, k, v, causal=True)  # CUDA, or CPU with the interpreter on
     assert calls == [torch.float32]
     cog_attention(q.double(), k.double(), v.double())  # float64: reference
-    cog_attention(*make_inputs(1, 2, 5, 5, 24, torch.float32)[:3])  # head dim 24: reference
+    cog_attention(*make_inputs(1, 1, 2, 2, 300, torch.float32)[:3])  # head dim 300: reference
     assert calls == [torch.float32]
+    cog_attention(*make_inputs(1, 1, 2, 2, 24, torch.float32)[:3])  # any head dim up to 256: kernel
+    assert calls == [torch.float32, torch.float32]
     if not CUDA:
         cog_attention(*make_inputs(1, 1, 4, 4, 16, torch.bfloat16)[:3])  # bf16 in the interpreter: reference
         monkeypatch.delenv("TRITON_INTERPRET")  # read at call time: plain CPU goes to the reference
         cog_attention(q, k, v)
         cog_attention(q.cpu(), k.cpu(), v.cpu())
-        assert calls == [torch.float32]
+        assert calls == [torch.float32, torch.float32]
 
 
 # --- GPU ------------------------------------------------------------------------------------------------------------
@@ -290,15 +397,48 @@ GPU_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-2}  # re
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("B,H,Tq,Tk", [(2, 3, 1000, 1000), (1, 2, 4096, 4096), (1, 2, 777, 2048), (4, 4, 1, 3001)])
+@pytest.mark.parametrize("B,H,Tq,Tk", [(2, 3, 1000, 1000), (1, 2, 4096, 4096), (1, 2, 777, 2048), (4, 4, 1, 3001),
+                                       (1, 1, 16384, 16384)])
 def test_gpu_matches_reference(B, H, Tq, Tk, D, dtype, causal):
-    q, k, v, do = make_inputs(B, H, Tq, Tk, D, dtype)
-    got, want = run(cog_attention_triton, q, k, v, do, causal=causal), reference64(q, k, v, do, causal=causal)
-    assert got[0].dtype == dtype
+    gpu_check(*make_inputs(B, H, Tq, Tk, D, dtype), causal=causal)
+
+
+def gpu_check(q, k, v, do, **kw):
+    got, want = run(cog_attention_triton, q, k, v, do, **kw), reference64(q, k, v, do, causal=kw.get("causal", False))
+    assert got[0].dtype == q.dtype
     for name, x, ref in zip(("o", "dq", "dk", "dv"), got, want):
         assert torch.isfinite(x).all(), name
         err = rel_l2(x, ref)
-        assert err < GPU_TOL[dtype], f"{name}: relative L2 error {err:.2e} >= {GPU_TOL[dtype]:.0e}"
+        assert err < GPU_TOL[q.dtype], f"{name}: relative L2 error {err:.2e} >= {GPU_TOL[q.dtype]:.0e}"
+    return got
+
+
+@gpu
+@pytest.mark.parametrize("D", [24, 80, 96, 160, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_any_head_dim(D, dtype):
+    gpu_check(*make_inputs(2, 2, 1000, 1000, D, dtype), causal=True)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_deterministic_backward_is_bitwise_reproducible(dtype):
+    q, k, v, do = make_inputs(2, 4, 2048, 2048, 128, dtype)
+    first = gpu_check(q, k, v, do, causal=True, deterministic=True)
+    second = run(cog_attention_triton, q, k, v, do, causal=True, deterministic=True)
+    for name, x, y in zip(("o", "dq", "dk", "dv"), first, second):
+        assert torch.equal(x, y), name
+    gpu_check(q, k, v, do, causal=True, deterministic=False)  # the atomic one-pass backward
+
+
+@gpu
+def test_gpu_many_heads_and_tiny_logits():
+    """B * H = 70,000 programs' worth of heads (past CUDA's 65,535 limit on a grid's second axis), and logits ~1e-4
+    that keep their signs."""
+    q, k, v, do = make_inputs(700, 100, 16, 16, 16, torch.bfloat16)
+    gpu_check(q, k, v, do, causal=True)
+    q, k, v, do = make_inputs(1, 4, 500, 500, 64, torch.bfloat16)
+    gpu_check((q * 0.01).bfloat16(), (k * 0.01).bfloat16(), v, do)
 
 
 @gpu
