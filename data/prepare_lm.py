@@ -24,13 +24,13 @@ different dataset is refused.
 import argparse
 import glob
 import json
+import multiprocessing
 import os
 import sys
 import sysconfig
 from collections import deque
 from contextlib import ExitStack
 from itertools import islice
-from multiprocessing import Pool
 
 import numpy as np
 from tqdm import tqdm
@@ -197,8 +197,9 @@ def write_tokens(sources, tokenizer, paths, max_tokens, val_fraction, num_proc):
     index = 0  # of the document over all sources: decides its split
     with ExitStack() as stack:
         pool = None
-        if num_proc > 1:
-            pool = stack.enter_context(Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.name,)))
+        if num_proc > 1:  # spawned, not forked: a fork copies locks that other threads (torch's, tqdm's) hold
+            spawn = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(spawn.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.name,)))
         files = {split: stack.enter_context(open(paths[split], "wb")) for split in ("train", "val")}
         bar = stack.enter_context(tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenising"))
         for _, size, texts in sources:
