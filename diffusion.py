@@ -196,7 +196,7 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 def load_cifar10(data_dir, train=True):
     """CIFAR-10 as uint8 (N, 3, 32, 32) and int64 labels, through torchvision (downloaded into data_dir once)."""
     from torchvision.datasets import CIFAR10
-    try:
+    try:  # the batch files are pickles: torchvision unpickles them only once their MD5s match the real CIFAR-10's
         dataset = CIFAR10(data_dir, train=train, download=True)
     except (OSError, RuntimeError) as err:  # no network (URLError is an OSError), or a corrupted download
         raise SystemExit(f"error: could not download CIFAR-10 into {data_dir}: {err}\nfix: fetch {CIFAR10_URL} "
@@ -257,5 +257,5 @@ def cifar10_train_stats(data_dir, inception, device):
         images, _ = load_cifar10(data_dir, train=True)
         mu, sigma = feature_stats(inception_features(inception, images, device))
         np.savez(path, mu=mu, sigma=sigma)
-    stats = np.load(path)
+    stats = np.load(path, allow_pickle=False)
     return stats["mu"], stats["sigma"]

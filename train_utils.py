@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import sys
@@ -239,7 +240,10 @@ def run_trainer(main):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The global generators' states as tensors and plain values, so the checkpoint loads with weights_only=True."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {"key": numpy_state["state"]["key"].tolist(), "pos": int(numpy_state["state"]["pos"])}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -247,27 +251,125 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):  # older checkpoints hold np.random.get_state()'s tuple, which loads as it is
+        numpy_state = {**numpy_state, "state": {**numpy_state["state"],
+                                                "key": np.array(numpy_state["state"]["key"], dtype=np.uint32)}}
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def previous_checkpoint_path(path):
+    """Where save_checkpoint keeps the checkpoint that path held before: ckpt.pt -> ckpt.prev.pt."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.prev{ext}"
+
+
 def save_checkpoint(obj, path):
-    """torch.save to a temporary file beside path, then os.replace: a crash mid-write never leaves a broken file."""
+    """torch.save to a temporary file beside path, then os.replace: a crash mid-write never leaves a broken file.
+    The checkpoint path held until now stays beside it as ckpt.prev.pt (a hard link, so path never goes missing): if
+    the new one is damaged later (a full disk, a bad copy), the one before it is still there."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            prev = previous_checkpoint_path(path)
+            try:
+                os.link(path, f"{prev}.tmp.{os.getpid()}")
+                os.replace(f"{prev}.tmp.{os.getpid()}", prev)
+            except OSError:  # a file system without hard links: a moment without path, but never without both
+                os.replace(path, prev)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # an error or Ctrl-C while writing: no stray temporary file
+            os.remove(tmp)
+
+
+def numpy_array_globals():
+    """The functions and types a pickled numpy array names: older nanoCog checkpoints held np.random.get_state()'s
+    array. None of them runs code of the file's choosing: they rebuild an array from its shape, dtype and bytes."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]  # the last: numpy.dtypes.UInt32DType
+
+
+class DamagedFile(Exception):
+    pass
+
+
+def load_plain(path, map_location):
+    """torch.load(weights_only=True): tensors and plain Python values only, so loading never runs code from the file
+    (a pickle can name any function to call; this loader refuses all but PyTorch's own safe ones). Raises DamagedFile
+    for a truncated or corrupt file; exits with a one-line message for a file that asks for anything else."""
+    def load(allowed=()):
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        try:
+            return load()
+        except pickle.UnpicklingError as err:
+            if "Weights only load failed" not in str(err) or "numpy" not in str(err):
+                raise
+            return load(numpy_array_globals())  # an older checkpoint's numpy RNG state: only the array types
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            refused = (str(err).partition("WeightsUnpickler error:")[2].strip().splitlines() or ["?"])[0]
+            raise SystemExit(f"error: refusing to load {path}: it holds more than tensors and plain values "
+                             f"({refused.partition(' was not an allowed global')[0]}), and loading it could run code "
+                             "from the file") from None
+        raise DamagedFile(f"{type(err).__name__}: {err}") from None
+    except (EOFError, KeyError, OSError) as err:  # an empty or cut file; a file that is not PyTorch's
+        raise DamagedFile(f"{type(err).__name__}: {err}" if str(err) else type(err).__name__) from None
+    except RuntimeError as err:
+        if "PytorchStreamReader" not in str(err) and "zip" not in str(err):
+            raise
+        raise DamagedFile(str(err).splitlines()[0].partition(". This is an internal")[0]) from None
+
+
+def safe_load(path, map_location="cpu"):
+    """A weight or checkpoint file from anywhere (--init_from, the authors' checkpoints), loaded without running code
+    from it; a clear message when it is missing, damaged or asks for more than tensors and plain values."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no file at {path}")
+    try:
+        return load_plain(path, map_location)
+    except DamagedFile as err:
+        raise SystemExit(f"error: {path} cannot be read: it is damaged or not a PyTorch file ({err})") from None
 
 
 def load_checkpoint(path, map_location="cpu"):
+    """A checkpoint that save_checkpoint wrote, loaded safely (load_plain). When it is missing or damaged and the
+    previous one is beside it, the message says how to continue from that one."""
+    prev = previous_checkpoint_path(path)
     if not os.path.exists(path):
+        if os.path.exists(prev):
+            raise SystemExit(f"error: no checkpoint at {path}; {use_previous(path, prev)}")
         raise SystemExit(f"error: no checkpoint at {path} (train first, or point --out_dir at a run's folder)")
-    # the checkpoint holds configs, RNG states and numpy arrays besides tensors: our own file, so weights_only=False
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return load_plain(path, map_location)
+    except DamagedFile as err:
+        problem = f"error: {path} cannot be read: it is damaged or not a checkpoint ({err})"
+        if not os.path.exists(prev):
+            raise SystemExit(f"{problem}; there is no previous checkpoint beside it: restore it from a copy, or "
+                             "delete it and train again") from None
+        raise SystemExit(f"{problem}; {use_previous(path, prev)}") from None
+
+
+def use_previous(path, prev):
+    """What to type to continue from the previous checkpoint (and which iteration that is)."""
+    try:
+        it = load_plain(prev, "cpu").get("iter")
+    except (DamagedFile, SystemExit):
+        return f"{prev} is there but cannot be read either: restore a copy, or delete both and train again"
+    steps = ([f"mv {path} {path}.damaged"] if os.path.exists(path) else []) + [f"cp {prev} {path}"]
+    return f"the previous checkpoint {prev} (iteration {it}) is kept: to continue from it, {' && '.join(steps)}"
 
 
 def unwrap(model):
