@@ -12,6 +12,7 @@ The slowest test takes ~20 s on 2 idle cores and ~40 s beside other work: the li
 """
 
 import os
+import signal
 
 import pytest
 import torch
@@ -34,3 +35,12 @@ def pytest_collection_modifyitems(config, items):
 def interpreter_only_in_kernel_tests(request, monkeypatch):
     if request.module.__name__ != "test_kernel":
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """The trainers install SIGINT/SIGTERM handlers (train_utils.StopRequest): give pytest its own back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
