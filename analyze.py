@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from cog_kernel import causal_mask, cog_attention_weights
 from data.prepare_lm import Tokenizer
 from model import Cogformer, CogformerConfig
-from train_utils import (check_at_least, load_checkpoint, parse_config, print_config, read_log, resolve_device,
-                         run_script)
+from train_utils import (check_at_least, load_checkpoint, parse_config, print_config, read_log, require,
+                         resolve_device, run_script)
 
 # -----------------------------------------------------------------------------
 # command line: one config per subcommand, parsed by train_utils.parse_config
@@ -384,7 +384,8 @@ def cmd_compare(cfg):
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("cross-entropy (nats per token)")
-    axes[1].legend(fontsize=7)
+    if any(r["val"] for r in runs):
+        axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
@@ -526,7 +527,10 @@ def main(argv=None):
         problem = f"error: unknown subcommand {argv[0]!r}\n" if argv else ""
         raise SystemExit(f"{problem}{USAGE}   (--help says more)")
     config_cls, command = COMMANDS[argv[0]]
-    cfg = parse_config(config_cls, None, argv[1:], usage=f"python analyze.py {argv[0]} --out_dir=DIR", description=command.__doc__)
+    cfg = parse_config(config_cls, None, argv[1:], usage=f"python analyze.py {argv[0]} --out_dir=DIR",
+                       description=command.__doc__)
+    png_folder = os.path.dirname(getattr(cfg, "png", "")) or "."
+    require(os.path.isdir(png_folder), f"--png={getattr(cfg, 'png', '')}: there is no folder {png_folder}")
     print_config(cfg)
     with torch.no_grad():
         return command(cfg)

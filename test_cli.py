@@ -259,8 +259,11 @@ def test_stop_request_flags_then_quits():
     ("sample", ["--temperature=-1"], "--temperature=-1.0: must be at least 0"),
     ("sample", ["--dtype=half"], "--dtype=half: choose one of"),
     ("analyze", ["eval", "--out_dir={tmp}", "--batch_size=0"], "--batch_size=0: must be at least 1"),
+    ("analyze", ["attention", "--out_dir={tmp}", "--png={tmp}/no/folder/a.png"], "there is no folder {tmp}/no/folder"),
+    ("lm", ["--out_dir={tmp}/file/run"], "cannot be made or written ({tmp}/file is not a folder"),
 ])
 def test_bad_values_are_one_line_errors_before_any_side_effect(tmp_path, script, args, message):
+    (tmp_path / "file").write_text("not a folder")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     message = message.replace("{tmp}", str(tmp_path))
     data, out = tmp_path / "pystdlib", tmp_path / "run"  # the LM demo would prepare data/pystdlib on first use
@@ -328,7 +331,8 @@ def test_help_from_the_shell_and_for_analyze(capsys):
     result = run_cli("data/prepare_lm.py", "--help")
     assert result.returncode == 0 and "--num_proc" in result.stdout
     for argv, expected in ((["--help"], ["  attention ", "  collapse ", "  compare ", "  eval "]),
-                           (["attention", "--help"], ["usage: python analyze.py attention", "--text=STR", "a text file"]),
+                           (["attention", "--help"], ["usage: python analyze.py attention", "--text=STR",
+                                                      "a text file"]),
                            (["eval", "-h"], ["--limit=INT", "examples per task"])):
         with pytest.raises(SystemExit) as err:
             analyze.main(argv)
@@ -403,6 +407,15 @@ def test_frechet_distance_of_rank_deficient_features_warns_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert np.isfinite(frechet_distance(*a, *b))
+
+
+def test_a_jsonl_row_without_text_is_named_on_the_redpajama_path_too(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    with pytest.raises(SystemExit, match=r"a\.jsonl: a row without a \"text\" string \(its keys: \['text', 'txt'\]\)"):
+        prepare_lm.main(["--dataset=redpajama", f"--source={tmp_path}/a.jsonl", f"--out_dir={tmp_path / 'out'}",
+                         "--tokenizer=bytes", "--num_proc=1"])
+    assert os.listdir(tmp_path / "out") == []
 
 
 def test_redpajama_without_network_says_what_to_do_instead(tmp_path):

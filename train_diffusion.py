@@ -29,10 +29,10 @@ from diffusion import (check_prediction, checkpoint_prediction, diffusion_loss, 
 from model import UViC, UViCConfig, configure_adamw
 from train_utils import (Dtype, MetricsLog, SlowRun, StopNow, StopRequest, agree_on_step, autocast_context,
                          check_at_least, check_betas, check_finite, check_out_dir, gather_generator_states,
-                         learning_rate, load_checkpoint, make_grad_scaler, micro_steps_per_process, optimizer_step,
-                         parse_config, pick_fields, plot_loss_curve, print_config, require, resolve_device,
-                         resolve_dtype, restore_generator_state, rng_state, run_trainer, save_checkpoint,
-                         set_rng_state, setup_distributed, unwrap)
+                         learning_rate, load_checkpoint, make_grad_scaler, make_out_dir, micro_steps_per_process,
+                         optimizer_step, parse_config, pick_fields, plot_loss_curve, print_config, require,
+                         resolve_device, resolve_dtype, restore_generator_state, rng_state, run_trainer,
+                         save_checkpoint, set_rng_state, setup_distributed, unwrap)
 
 
 @dataclass
@@ -187,7 +187,7 @@ def main(argv=None):
         print(f"training a U-ViC on {config.dataset}; config:")
         print_config(config)
         print(f"{world_size} process(es), {grad_accum} micro-batches each, {images_per_iter} images per iteration")
-        os.makedirs(config.out_dir, exist_ok=True)
+        make_out_dir(config.out_dir)
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -225,8 +225,21 @@ def check_betas(config):
 
 
 def check_out_dir(path, key="out_dir"):
+    """A folder that exists or can be made: its nearest existing ancestor is a folder we may write in."""
     require(path and not os.path.isfile(path), f"--{key}={path}: must name a folder, "
             f"not {'a file' if path else 'nothing'}")
+    ancestor = os.path.abspath(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    require(os.path.isdir(ancestor) and os.access(ancestor, os.W_OK | os.X_OK),
+            f"--{key}={path}: cannot be made or written ({ancestor} is not a folder we may write in)")
+
+
+def make_out_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"error: cannot make --out_dir={path} ({err.strerror})") from None
 
 
 def print_config(config):
@@ -430,9 +443,9 @@ class SlowRun:
     def __init__(self, device, flops_per_step, plan, master=True):
         self.active = master and not str(device).startswith(("cuda", "mps")) and flops_per_step > self.min_flops
         if self.active:
-            print(f"warning: a GPU-sized run on the CPU: {plan}, ~{flops_per_step:.1e} FLOPs per step (a CPU "
-                  "does about 1e11 per second). The time per step follows the first one; Ctrl-C stops and saves. "
-                  "For a CPU-sized run: --preset=demo", flush=True)
+            print(f"warning: a GPU-sized run on the CPU: {plan}; {flops_per_step:.1e} FLOPs per step, about "
+                  f"{duration(flops_per_step / 1e11)} each at a CPU's 1e11 FLOP/s. The measured time follows the "
+                  "first step; Ctrl-C stops and saves. For a CPU-sized run: --preset=demo", flush=True)
 
     def first_step(self, seconds, steps_left):
         if self.active:
@@ -601,7 +614,8 @@ class StopRequest:
     """The first Ctrl-C or SIGTERM sets a flag; poll(), called before each micro-batch and each evaluation batch, then
     raises StopNow, so the trainer stops within one micro-batch wherever it is. Under DDP the ranks must stop together:
     poll() does nothing and the flag is agreed on at the end of the step (agree_on_step). A second Ctrl-C raises
-    KeyboardInterrupt at once: the trainer quits without saving (run_trainer)."""
+    KeyboardInterrupt: the trainer quits without saving (run_trainer). Python runs handlers between operations, so
+    both wait for the operation under way (a big matmul); two presses within one operation count as one."""
 
     def __init__(self, ddp=False):
         self.requested, self.immediate = False, not ddp
@@ -614,7 +628,7 @@ class StopRequest:
         if not self.requested:
             when = "at the next micro-batch" if self.immediate else "after this step"
             say(f"\n{signal.Signals(signum).name} received: saving a checkpoint and stopping {when} "
-                "(Ctrl-C again to quit at once, without saving)\n")
+                "(Ctrl-C again to quit without saving)\n")
         self.requested = True
 
     def poll(self):
@@ -683,7 +697,8 @@ def plot_loss_curve(log_path, png_path, title="", log_y=False):
         ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)

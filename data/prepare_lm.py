@@ -103,6 +103,8 @@ def hub_sources(data_files):
     def texts(url):
         try:
             for row in datasets.load_dataset("json", data_files=url, split="train", streaming=True):
+                if not isinstance(row.get("text"), str):
+                    raise SystemExit(f"error: {url}: a row without a \"text\" string (its keys: {sorted(row)})")
                 yield row["text"]
         except Exception as err:  # the connection dropped, or a file that is not JSONL
             raise unreachable(url, err) from None
@@ -283,6 +285,10 @@ def prepare(sources, out_dir, source, tokenizer_name, max_tokens, val_fraction, 
     return meta
 
 
+def token_count(text):
+    return int(float(text))  # 1e9 too
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=["redpajama", "pystdlib"], help="a named dataset (or use --files)")
@@ -290,7 +296,7 @@ def main(argv=None):
     parser.add_argument("--source", default=REDPAJAMA_SAMPLE, help="redpajama: data_files for datasets' json builder")
     parser.add_argument("--out_dir", help="default: data/<dataset>")
     parser.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "bytes"])
-    parser.add_argument("--max_tokens", type=lambda s: int(float(s)), default=1_000_000_000,
+    parser.add_argument("--max_tokens", type=token_count, default=1_000_000_000,
                         help="token budget for train + val, 0 for no limit (default 1e9)")
     parser.add_argument("--val_fraction", type=float, default=0.005, help="fraction of documents held out")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokeniser processes")
@@ -299,9 +305,11 @@ def main(argv=None):
         parser.error("give exactly one of --dataset and --files")
     if args.files and not args.out_dir:
         parser.error("--files needs --out_dir")
-    if args.num_proc < 1 or args.max_tokens < 0 or not 0 < args.val_fraction < 1:
-        parser.error(f"--num_proc must be at least 1 (got {args.num_proc}), --max_tokens at least 0 (got "
-                     f"{args.max_tokens}), --val_fraction in (0, 1) (got {args.val_fraction})")
+    for ok, problem in ((args.num_proc >= 1, f"--num_proc={args.num_proc}: must be at least 1"),
+                        (args.max_tokens >= 0, f"--max_tokens={args.max_tokens}: must be at least 0 (0: no limit)"),
+                        (0 < args.val_fraction < 1, f"--val_fraction={args.val_fraction}: must be in (0, 1)")):
+        if not ok:
+            parser.error(problem)
     if args.out_dir and os.path.isfile(args.out_dir):
         parser.error(f"--out_dir={args.out_dir} is a file, not a folder")
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), args.dataset)
