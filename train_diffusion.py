@@ -3,7 +3,7 @@ Train a U-ViC (U-ViT with Cog attention, arXiv 2411.07176) as U-ViT trains its C
 
     python train_diffusion.py --compile                        # the paper's 44M U-ViC on CIFAR-10, one GPU
     torchrun --standalone --nproc_per_node=4 train_diffusion.py --compile --batch_size=32 --grad_accum=4
-    python train_diffusion.py --preset=demo                    # a small U-ViC on coloured shapes, CPU, ~7 min
+    python train_diffusion.py --preset=demo                    # a small U-ViC on coloured shapes, CPU, 6.5-10.5 min
     python train_diffusion.py --preset=demo --attn=softmax     # the U-ViT baseline
     python train_diffusion.py --preset=demo --resume           # continue from out_dir/ckpt.pt, bit for bit
 
