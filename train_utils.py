@@ -478,7 +478,7 @@ def rng_state():
 def set_rng_state(state):
     random.setstate(state["python"])
     numpy_state = state["numpy"]
-    if isinstance(numpy_state, dict):  # older checkpoints hold np.random.get_state()'s tuple, which loads as it is
+    if isinstance(numpy_state, dict):  # rng_state()'s plain values (older checkpoints: get_state()'s own tuple)
         numpy_state = {**numpy_state, "state": {**numpy_state["state"],
                                                 "key": np.array(numpy_state["state"]["key"], dtype=np.uint32)}}
     np.random.set_state(numpy_state)
