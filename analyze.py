@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from cog_kernel import causal_mask, cog_attention_weights
 from data.prepare_lm import Tokenizer
 from model import Cogformer, CogformerConfig
-from train_utils import load_checkpoint, parse_config, print_config, read_log, resolve_device
+from train_utils import (check_at_least, load_checkpoint, parse_config, print_config, read_log, require,
+                         resolve_device, run_script)
 
 # -----------------------------------------------------------------------------
 # command line: one config per subcommand, parsed by train_utils.parse_config
@@ -32,7 +33,6 @@ from train_utils import load_checkpoint, parse_config, print_config, read_log, r
 
 @dataclass
 class RunsConfig:
-    preset: str = "default"
     out_dir: str = ""  # a run folder (ckpt.pt, log.jsonl); several comma-separated
     out_dirs: str = ""  # the same, for several runs
     device: str = "auto"
@@ -170,6 +170,7 @@ def token_label(tok, i):
 
 
 def cmd_attention(cfg):
+    """The last token's signed weights in every layer and head on a real paragraph: a PNG and a table."""
     device = resolve_device(cfg.device)
     runs = []
     for out_dir in run_dirs(cfg):
@@ -201,9 +202,19 @@ def cmd_attention(cfg):
     plt = pyplot()
     if plt is None:
         return runs
+    fig = attention_figure(plt, runs)
+    fig.savefig(png, dpi=150)
+    plt.close(fig)
+    print(f"wrote {png} and {json_path}")
+    return runs
+
+
+def attention_figure(plt, runs):
+    """One panel per run: a row per head (labelled on the left, layers on the right), a column per token (its text
+    below, large enough to read at the saved 150 dpi)."""
     from matplotlib.colors import SymLogNorm
     L, nh, T = len(runs[0]["weights"]), len(runs[0]["weights"][0]), len(runs[0]["tokens"])
-    fig, axes = plt.subplots(len(runs), 1, figsize=(min(2.5 + 0.07 * T, 22), (0.8 + 0.2 * L * nh) * len(runs)),
+    fig, axes = plt.subplots(len(runs), 1, figsize=(min(3 + 0.15 * T, 40), (1 + 0.3 * L * nh) * len(runs)),
                              squeeze=False, layout="constrained")
     norm = SymLogNorm(linthresh=0.01, linscale=0.5, vmin=-1, vmax=1)  # small weights stay visible, signs stay apart
     for ax, run in zip(axes[:, 0], runs):
@@ -212,16 +223,15 @@ def cmd_attention(cfg):
         im = ax.imshow(w.reshape(L * nh, T).numpy(), cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
         for i in range(1, L):
             ax.axhline(i * nh - 0.5, color="black", lw=0.8)
-        ax.set_yticks([i * nh + (nh - 1) / 2 for i in range(L)],
-                      [f"layer {s['layer']}\n{s['kind']}" for s in run["layers"]], fontsize=8)
-        ax.set_xticks(range(T), run["tokens"], fontsize=4.5, fontfamily="monospace")
+        ax.set_yticks(range(L * nh), [f"head {h}" for _ in range(L) for h in range(nh)], fontsize=8)
+        layers = ax.secondary_yaxis("right")
+        layers.set_yticks([i * nh + (nh - 1) / 2 for i in range(L)],
+                          [f"layer {s['layer']}\n{s['kind']}" for s in run["layers"]], fontsize=9)
+        ax.set_xticks(range(T), run["tokens"], fontsize=8, fontfamily="monospace")
         ax.tick_params(axis="x", length=1, pad=1)
-        ax.set_title(f"{run['label']}: the last token's weights over the paragraph (rows: heads)", fontsize=9)
-    fig.colorbar(im, ax=axes[:, 0].tolist(), fraction=0.015, pad=0.005, label="weight (symlog scale)")
-    fig.savefig(png, dpi=150)
-    plt.close(fig)
-    print(f"wrote {png} and {json_path}")
-    return runs
+        ax.set_title(f"{run['label']}: the last token's weights over the paragraph", fontsize=10)
+    fig.colorbar(im, ax=axes[:, 0].tolist(), fraction=0.015, pad=0.04, label="weight (symlog scale)")
+    return fig
 
 
 # -----------------------------------------------------------------------------
@@ -282,6 +292,7 @@ def collapse_probe(model, tok, ns):
 
 
 def cmd_collapse(cfg):
+    """Representational-collapse probes (count_ones, find_a_zero): how far apart two prompts stay, as n grows."""
     device = resolve_device(cfg.device)
     runs = [(d, *load_run(d, device)[:2]) for d in run_dirs(cfg)]
     overhead = max(len(tok.encode(q)) for _, _, tok in runs for q in QUESTIONS.values())
@@ -324,6 +335,7 @@ def cmd_collapse(cfg):
 
 
 def cmd_compare(cfg):
+    """Loss curves of several runs on one PNG; final validation losses, mean ± std per attention kind."""
     runs = []
     for out_dir in run_dirs(cfg):
         log_path = os.path.join(out_dir, "log.jsonl")
@@ -372,7 +384,8 @@ def cmd_compare(cfg):
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("cross-entropy (nats per token)")
-    axes[1].legend(fontsize=7)
+    if any(r["val"] for r in runs):
+        axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
@@ -467,6 +480,9 @@ def harness_lm(scorer):
 
 
 def cmd_eval(cfg):
+    """Zero-shot accuracy through EleutherAI's lm-evaluation-harness, one column per run."""
+    check_at_least(cfg, 1, "batch_size")
+    check_at_least(cfg, 0, "limit")
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -497,17 +513,28 @@ COMMANDS = {"attention": (AttentionConfig, cmd_attention), "collapse": (RunsConf
             "compare": (RunsConfig, cmd_compare), "eval": (EvalConfig, cmd_eval)}
 
 
+USAGE = f"usage: python analyze.py {{{','.join(COMMANDS)}}} --out_dir=DIR [--key=value ...]"
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"{USAGE}\n{__doc__.rstrip()}\n\nsubcommands (python analyze.py SUBCOMMAND --help for its keys):")
+        for name, (_, command) in COMMANDS.items():
+            print(f"  {name:<11}{command.__doc__}")
+        raise SystemExit(0)
     if not argv or argv[0] not in COMMANDS:
         problem = f"error: unknown subcommand {argv[0]!r}\n" if argv else ""
-        raise SystemExit(f"{problem}usage: python analyze.py {{{','.join(COMMANDS)}}} --out_dir=DIR [--key=value ...]")
+        raise SystemExit(f"{problem}{USAGE}   (--help says more)")
     config_cls, command = COMMANDS[argv[0]]
-    cfg = parse_config(config_cls, {"default": {}}, argv[1:], default_preset="default")
+    cfg = parse_config(config_cls, None, argv[1:], usage=f"python analyze.py {argv[0]} --out_dir=DIR",
+                       description=command.__doc__)
+    png_folder = os.path.dirname(getattr(cfg, "png", "")) or "."
+    require(os.path.isdir(png_folder), f"--png={getattr(cfg, 'png', '')}: there is no folder {png_folder}")
     print_config(cfg)
     with torch.no_grad():
         return command(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

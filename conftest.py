@@ -5,18 +5,42 @@ Without a GPU, Triton kernels run on CPU tensors only in Triton's interpreter, w
 imported with TRITON_INTERPRET=1 in the environment: so it is set here, before any test module imports cog_kernel.
 cog_attention reads the variable again at each call; outside test_kernel.py it is removed while a test runs, so the
 models and trainers use the reference on the CPU, as a CPU user's run does, instead of the (slow) interpreter.
+
+A test that hangs ends the run: with pytest-timeout installed (requirements.txt), a test still running after
+TEST_TIMEOUT seconds makes pytest print every thread's stack (the main thread's names the test) and exit with an error.
+The slowest test takes ~20 s on 2 idle cores and ~40 s beside other work: the limit leaves room for a busier machine.
 """
 
 import os
+import signal
 
 import pytest
 import torch
 
+TEST_TIMEOUT = 300
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.pluginmanager.hasplugin("timeout"):
+        return
+    for item in items:  # "thread": a stack dump and exit works even when the test is stuck inside C code
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TEST_TIMEOUT, method="thread"))
 
 
 @pytest.fixture(autouse=True)
 def interpreter_only_in_kernel_tests(request, monkeypatch):
     if request.module.__name__ != "test_kernel":
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """The trainers install SIGINT/SIGTERM handlers (train_utils.StopRequest): give pytest its own back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)

@@ -11,6 +11,7 @@ Samplers: Euler-Maruyama on the reverse SDE (the paper's FID protocol, 1000 step
 
 import math
 import os
+import warnings
 from contextlib import nullcontext
 
 import numpy as np
@@ -196,7 +197,7 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 def load_cifar10(data_dir, train=True):
     """CIFAR-10 as uint8 (N, 3, 32, 32) and int64 labels, through torchvision (downloaded into data_dir once)."""
     from torchvision.datasets import CIFAR10
-    try:
+    try:  # the batch files are pickles: torchvision unpickles them only once their MD5s match the real CIFAR-10's
         dataset = CIFAR10(data_dir, train=train, download=True)
     except (OSError, RuntimeError) as err:  # no network (URLError is an OSError), or a corrupted download
         raise SystemExit(f"error: could not download CIFAR-10 into {data_dir}: {err}\nfix: fetch {CIFAR10_URL} "
@@ -241,10 +242,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}), the distance between N(mu1, S1) and N(mu2, S2)."""
     from scipy import linalg
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # a singular product: nudge both covariances off the boundary
-        offset = eps * np.eye(sigma1.shape[0])
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    with warnings.catch_warnings():  # scipy warns about ill-conditioned products: the check below handles them
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():  # a singular product: nudge both covariances off the boundary
+            offset = eps * np.eye(sigma1.shape[0])
+            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     covmean = np.real(covmean)  # tiny imaginary parts come from rounding
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
@@ -257,5 +260,5 @@ def cifar10_train_stats(data_dir, inception, device):
         images, _ = load_cifar10(data_dir, train=True)
         mu, sigma = feature_stats(inception_features(inception, images, device))
         np.savez(path, mu=mu, sigma=sigma)
-    stats = np.load(path)
+    stats = np.load(path, allow_pickle=False)
     return stats["mu"], stats["sigma"]

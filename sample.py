@@ -8,23 +8,24 @@ The checkpoint's "kind" picks the branch; an LM checkpoint carries its tokenizer
 """
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from train_utils import autocast_context, load_checkpoint, parse_config, resolve_device, resolve_dtype
+from train_utils import (Dtype, autocast_context, check_at_least, cli_keys, field_docs, load_checkpoint, parse_config,
+                         require, resolve_device, resolve_dtype, run_script)
 
 
 @dataclass
 class SampleConfig:
-    preset: str = "default"
     # shared by both kinds
     out_dir: str = "out/demo_lm"  # the folder holding ckpt.pt
     num_samples: Optional[int] = None  # none: 3 texts, or a grid of 64 images
     seed: int = 1337
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     # language models
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
     max_new_tokens: int = 300
@@ -40,9 +41,6 @@ class SampleConfig:
     data_dir: str = "data/cifar10"  # CIFAR-10 and its cached FID statistics, for --fid
 
 
-PRESETS = {"default": {}}
-
-
 def sample_text(checkpoint, config):
     """Print num_samples continuations of the prompt, generated with the model's KV cache."""
     from data.prepare_lm import Tokenizer
@@ -51,11 +49,7 @@ def sample_text(checkpoint, config):
     model.load_state_dict(checkpoint["model"])
     model.eval().to(config.device)
     tokenizer = Tokenizer(checkpoint["meta"]["tokenizer"])
-    start = config.start
-    if start.startswith("FILE:"):
-        with open(start[5:], encoding="utf-8") as f:
-            start = f.read()
-    ids = tokenizer.encode(start) or [tokenizer.eot]  # an empty prompt starts a new document
+    ids = tokenizer.encode(prompt(config.start)) or [tokenizer.eot]  # an empty prompt starts a new document
     x = torch.tensor(ids, dtype=torch.long, device=config.device)[None, :]
     with torch.no_grad(), autocast_context(config.device, config.dtype):
         for _ in range(config.num_samples or 3):
@@ -64,18 +58,56 @@ def sample_text(checkpoint, config):
             print("---------------")
 
 
+def prompt(start):
+    """The prompt: --start's text, or the file it names as FILE:path."""
+    if not start.startswith("FILE:"):
+        return start
+    try:
+        with open(start[5:], encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise SystemExit(f"error: --start={start}: cannot read the prompt file ({err})") from None
+
+
+def check_config(config, given):
+    """Bad values and unreadable files end the run before the checkpoint is even loaded."""
+    check_at_least(config, 1, "num_samples", "top_k", "batch_size")
+    check_at_least(config, 0, "max_new_tokens", "temperature", "steps")
+    if "start" in given:
+        prompt(config.start)
+    if config.output:
+        folder = os.path.dirname(config.output) or "."
+        require(os.path.isdir(folder), f"--output={config.output}: there is no folder {folder}")
+        require(config.output.lower().endswith(".png"), f"--output={config.output}: the grid is a PNG: name it .png")
+
+
+def flags_for_the_other_kind(given, kind):
+    """The given flags that apply only to the other kind of checkpoint: the ones under SampleConfig's "language
+    models" or "diffusion models" heading."""
+    other = "diffusion models" if kind == "lm" else "language models"
+    return sorted(k for k in given if field_docs(SampleConfig).get(k, ("", ""))[0].startswith(other))
+
+
 def main(argv=None):
-    config = parse_config(SampleConfig, PRESETS, argv, default_preset="default")
+    argv = sys.argv[1:] if argv is None else argv
+    config = parse_config(SampleConfig, None, argv)
+    given = cli_keys(argv)
+    check_config(config, given)
     config.device = resolve_device(config.device)
     config.dtype = resolve_dtype(config.dtype, config.device)
     torch.manual_seed(config.seed)
-    checkpoint = load_checkpoint(os.path.join(config.out_dir, "ckpt.pt"), map_location=config.device)
-    if checkpoint["kind"] == "lm":
+    ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
+    checkpoint = load_checkpoint(ckpt_path, map_location=config.device)
+    kind = checkpoint.get("kind")
+    require(kind in ("lm", "diffusion"), f"{ckpt_path} is not a checkpoint of train_lm.py or train_diffusion.py "
+            f"(kind {kind!r})")
+    wrong = flags_for_the_other_kind(given, kind)
+    require(not wrong, f"{', '.join('--' + k for k in wrong)}: for {'diffusion' if kind == 'lm' else 'language'} "
+            f"models only, and {ckpt_path} is a {'language' if kind == 'lm' else 'diffusion'} model's checkpoint")
+    if kind == "lm":
         sample_text(checkpoint, config)
-    elif checkpoint["kind"] == "diffusion":
-        sample_images(checkpoint, config)
     else:
-        raise SystemExit(f"error: unknown checkpoint kind {checkpoint['kind']!r}")
+        return sample_images(checkpoint, config)
 
 
 # -----------------------------------------------------------------------------
@@ -120,4 +152,4 @@ def sample_images(checkpoint, config):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -27,15 +27,6 @@ TINY = ["--preset=demo", "--block_size=32", "--n_layer=3", "--n_head=2", "--n_em
         "--batch_size=8", "--eval_iters=2", "--log_interval=1"]
 
 
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """train_lm.main installs SIGINT/SIGTERM handlers; give pytest its own back."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
 @pytest.fixture(scope="session")
 def stdlib_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("data") / "pystdlib")
@@ -146,6 +137,42 @@ def test_redpajama_path_streams_local_jsonl_through_datasets(tmp_path):
     assert (read_bin(out / "val.bin") == byte_tokens(DOCS[1::2])).all()
 
 
+# a process with several live threads: torch's intra-op pool, and a Python thread blocked reading stdin, which holds
+# the lock of stdin's buffer; a worker process forked now would inherit that lock held, and wait for it forever when
+# it closes stdin (multiprocessing's workers do that first)
+THREADED_PREPARE = """
+import sys, threading, time
+import torch
+from data import prepare_lm
+torch.set_num_threads(2)
+torch.ones(256, 256) @ torch.ones(256, 256)
+threading.Thread(target=sys.stdin.readline, daemon=True).start()
+time.sleep(0.5)
+prepare_lm.main(sys.argv[1:])
+"""
+
+
+def test_prepare_with_worker_processes_from_a_threaded_process(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", DOCS * 20)
+    out = tmp_path / "out"
+    stdin_read, stdin_write = os.pipe()  # stays open and empty: the thread keeps waiting
+    proc = subprocess.Popen([sys.executable, "-c", THREADED_PREPARE, f"--files={tmp_path}/a.jsonl", f"--out_dir={out}",
+                             "--tokenizer=bytes", "--val_fraction=0.5", "--num_proc=2"], cwd=REPO, env=ENV,
+                            stdin=stdin_read, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the process and its stuck workers
+        proc.communicate()
+        pytest.fail("data preparation with 2 worker processes hung in a process with live threads")
+    finally:
+        os.close(stdin_read)
+        os.close(stdin_write)
+    assert proc.returncode == 0, output
+    assert (read_bin(out / "train.bin") == byte_tokens((DOCS * 20)[0::2])).all()
+
+
 def test_gpt2_tokenizer_if_its_vocabulary_is_available(tmp_path):
     try:
         tok = prepare_lm.Tokenizer("gpt2")
@@ -227,7 +254,7 @@ def test_sigterm_saves_and_resumes(tmp_path, stdlib_dir):
         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 60
     while time.time() < deadline:  # wait until it trains
-        if (out / "log.jsonl").exists() and "loss" in (out / "log.jsonl").read_text():
+        if (out / "log.jsonl").exists() and '"loss"' in (out / "log.jsonl").read_text():  # a training step
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)

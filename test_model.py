@@ -4,15 +4,22 @@ This file: the reference Cog attention against an independent computation, and t
 """
 
 import glob
-import math
 import os
 import sys
+
+if __name__ == "__main__":
+    # pytest becomes this process's main module: the worker processes data preparation spawns import the main module
+    # again, and pytest's takes a fraction of a second where this file (torch, triton) takes seconds
+    here = os.path.dirname(os.path.abspath(__file__))
+    test_files = sorted(glob.glob(os.path.join(here, "test_*.py")))
+    os.execv(sys.executable, [sys.executable, "-m", "pytest", "-q", *test_files, *sys.argv[1:]])
+
+import math  # noqa: E402 (and the imports below: the lines above run first)
 
 import numpy as np
 import pytest
 import torch
 
-import conftest  # noqa: F401  (run as a script, this file imports cog_kernel before pytest reads conftest.py)
 import model as model_module
 from cog_kernel import causal_mask, cog_attention, cog_attention_reference, cog_attention_weights
 from model import Cogformer, CogformerConfig, UViC, UViCConfig, softmax_attention
@@ -325,9 +332,3 @@ def test_rmsnorm_computes_in_float32():
 def test_bad_configs_are_errors(make):
     with pytest.raises(ValueError):
         make()
-
-
-if __name__ == "__main__":
-    here = os.path.dirname(os.path.abspath(__file__))
-    test_files = sorted(glob.glob(os.path.join(here, "test_*.py")))
-    sys.exit(pytest.main(["-q", *test_files, *sys.argv[1:]]))

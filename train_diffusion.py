@@ -3,7 +3,7 @@ Train a U-ViC (U-ViT with Cog attention, arXiv 2411.07176) as U-ViT trains its C
 
     python train_diffusion.py --compile                        # the paper's 44M U-ViC on CIFAR-10, one GPU
     torchrun --standalone --nproc_per_node=4 train_diffusion.py --compile --batch_size=32 --grad_accum=4
-    python train_diffusion.py --preset=demo                    # a small U-ViC on coloured shapes, CPU, ~7 min
+    python train_diffusion.py --preset=demo                    # a small U-ViC on coloured shapes, CPU, 6.5-10.5 min
     python train_diffusion.py --preset=demo --attn=softmax     # the U-ViT baseline
     python train_diffusion.py --preset=demo --resume           # continue from out_dir/ckpt.pt, bit for bit
 
@@ -18,7 +18,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,10 +27,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from diffusion import (check_prediction, checkpoint_prediction, diffusion_loss, ema_update, generate, load_cifar10,
                        noise_predictor, save_grid)
 from model import UViC, UViCConfig, configure_adamw
-from train_utils import (MetricsLog, StopRequest, agree_on_step, autocast_context, check_finite,
-                         gather_generator_states, learning_rate, load_checkpoint, make_grad_scaler,
-                         micro_steps_per_process, optimizer_step, parse_config, pick_fields, plot_loss_curve,
-                         print_config, resolve_device, resolve_dtype, restore_generator_state, rng_state, run_trainer,
+from train_utils import (Dtype, MetricsLog, SlowRun, StopNow, StopRequest, agree_on_step, autocast_context,
+                         check_at_least, check_betas, check_finite, check_out_dir, gather_generator_states,
+                         learning_rate, load_checkpoint, make_grad_scaler, make_out_dir, micro_steps_per_process,
+                         optimizer_step, parse_config, pick_fields, plot_loss_curve, print_config, require,
+                         resolve_device, resolve_dtype, restore_generator_state, rng_state, run_trainer,
                          save_checkpoint, set_rng_state, setup_distributed, unwrap)
 
 
@@ -47,7 +48,7 @@ class TrainConfig:
     depth: int = 13
     num_heads: int = 8
     mlp_ratio: float = 4.0
-    attn: str = "cog"  # or "softmax": the U-ViT baseline
+    attn: Literal["cog", "softmax"] = "cog"  # softmax: the U-ViT baseline
     prediction: str = "eps"  # what the network predicts: "eps", the noise (U-ViT), or "v" (see diffusion.PREDICTIONS)
     # optimisation: U-ViT's CIFAR-10 recipe (batch 128, AdamW, 2500 warmup steps then constant, EMA 0.9999)
     batch_size: int = 128  # micro-batch per GPU
@@ -71,13 +72,13 @@ class TrainConfig:
     resume: bool = False
     # system
     device: str = "auto"  # auto: cuda if there is a GPU, else cpu
-    dtype: str = "auto"  # auto: bfloat16 on GPUs that have it, float16 (with loss scaling) on others, float32 on CPU
+    dtype: Dtype = "auto"  # auto: bfloat16 on GPUs that have it, float16 (with loss scaling) on others, float32 on CPU
     compile: bool = False
     seed: int = 1337
 
 
 PRESETS = {
-    "paper": {},  # the defaults above
+    "paper": {},  # the fields' defaults
     # 0.6M parameters; 16x16 shapes in 4x4 patches (17 tokens); v-prediction (see diffusion.PREDICTIONS); batch 64.
     # Each mattered: in single-seed runs of the same CPU time, eps-prediction, 2x2 patches or batch 32 drew ragged or
     # off-colour blobs instead of shapes. 2 CPU cores: ~44 ms/iter, 9000 iterations in ~6.5 min (README.md's demo).
@@ -137,17 +138,31 @@ def load_data(config, device, master, ddp):
     return train, val
 
 
-def main(argv=None):
-    config = parse_config(TrainConfig, PRESETS, argv)
+def check_config(config):
+    """Values that cannot work end the run here, before anything is downloaded or written."""
     try:
         check_prediction(config.prediction)
     except ValueError as err:
         raise SystemExit(f"error: --{err}") from None
+    check_at_least(config, 1, "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "batch_size",
+                   "grad_accum", "eval_interval", "eval_iters", "grid_size", "sample_steps", "log_interval")
+    check_at_least(config, 0, "mlp_ratio", "max_iters", "learning_rate", "warmup_iters", "min_lr", "weight_decay",
+                   "grad_clip")
+    check_betas(config)
+    require(0 <= config.ema_decay <= 1, f"--ema_decay={config.ema_decay}: must be in [0, 1]")
+    require(config.dataset != "shapes" or config.in_chans == 3,
+            f"--in_chans={config.in_chans}: the shapes are RGB images, in_chans must be 3")
+    check_out_dir(config.out_dir)
+    pick_fields(config, UViCConfig)  # the model's own checks: patches tile the image, ...
+    resolve_dtype(config.dtype, "cpu")
+
+
+def main(argv=None):
+    config = parse_config(TrainConfig, PRESETS, argv)
+    check_config(config)
     ddp, rank, world_size, device = setup_distributed(resolve_device(config.device))
     master = rank == 0
     config.device, config.dtype = device, resolve_dtype(config.dtype, device)
-    if config.dataset == "shapes" and config.in_chans != 3:
-        raise SystemExit(f"error: the shapes are RGB images: in_chans must be 3, got {config.in_chans}")
     grad_accum = micro_steps_per_process(config.grad_accum, world_size)
     images_per_iter = config.batch_size * grad_accum * world_size
     ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
@@ -166,11 +181,13 @@ def main(argv=None):
         if dataclasses.asdict(model_config) != checkpoint["model_config"] and master:
             print("note: resuming with the checkpoint's model config, not the command line's")
         model_config = UViCConfig(**checkpoint["model_config"])
+        if master:
+            print(f"resuming from {ckpt_path} at iteration {checkpoint['iter']}")
     if master:
         print(f"training a U-ViC on {config.dataset}; config:")
         print_config(config)
         print(f"{world_size} process(es), {grad_accum} micro-batches each, {images_per_iter} images per iteration")
-        os.makedirs(config.out_dir, exist_ok=True)
+        make_out_dir(config.out_dir)
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -183,19 +200,24 @@ def main(argv=None):
     ctx = autocast_context(device, config.dtype)
     # batches, flips, t and noise: a generator of our own, checkpointed, so a resumed run draws what the full run would
     gen = torch.Generator(device).manual_seed(config.seed + 1 + rank)
-    start_iter = 0
+    start_iter, evaluated = 0, None  # evaluated: the last iteration evaluated
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         start_iter = checkpoint["iter"]
+        evaluated = start_iter if checkpoint.get("eval_done", True) else None
         set_rng_state(checkpoint["rng"])
         restore_generator_state(gen, checkpoint["data_rng"], rank, world_size, master)
         checkpoint = None  # free the memory
     if master:
         counts = model.num_params()
         print(f"parameters: {counts['total']:,} total; blocks: {' '.join(model_config.block_kinds())}")
+    tokens = (model_config.img_size // model_config.patch_size) ** 2 + 1  # the patches and the time token
+    slow_run = SlowRun(device, 6 * model.num_params()["total"] * tokens * images_per_iter,
+                       f"{images_per_iter} images per step, and each evaluation {config.eval_iters} batches and a "
+                       f"{config.grid_size}-image grid of {config.sample_steps} sampler steps", master)
     if config.compile:
         model = torch.compile(model)
     if ddp:
@@ -208,66 +230,88 @@ def main(argv=None):
         val_gen = torch.Generator(device).manual_seed(config.seed + 100_000)
         losses = []
         for _ in range(config.eval_iters):
+            stop.poll()
             x0 = get_batch(val_data, config, config.batch_size, val_gen, device)
             with ctx:
                 losses.append(diffusion_loss(ema, x0, val_gen, config.prediction).item())
         return sum(losses) / len(losses)
 
     def save(it):
-        """Every rank's generator state is gathered; the master writes out_dir/ckpt.pt atomically."""
+        """Every rank's generator state is gathered; the master writes out_dir/ckpt.pt atomically. eval_done: whether
+        the evaluation at it is done (if not, a resumed run does it)."""
         data_rng = gather_generator_states(gen, ddp, world_size)
         if master:
             save_checkpoint({"kind": "diffusion", "model": unwrap(model).state_dict(), "ema": ema.state_dict(),
                              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                              "model_config": dataclasses.asdict(model_config), "config": dataclasses.asdict(config),
-                             "iter": it, "rng": rng_state(), "data_rng": data_rng}, ckpt_path)
+                             "iter": it, "eval_done": evaluated == it, "rng": rng_state(), "data_rng": data_rng},
+                            ckpt_path)
 
     def evaluate(it):
-        """Val loss and a sample grid from the EMA model (the same starting noise every time), then a checkpoint."""
+        """Val loss and a sample grid from the EMA model (the same starting noise every time)."""
         if master:
             val_loss = estimate_val_loss()
             eps_fn = noise_predictor(ema, ctx, config.prediction)
-            images = generate(eps_fn, config.grid_size, shape, "dpm", config.sample_steps, config.seed, device,
+            images = generate(lambda x, t: stop.poll() or eps_fn(x, t),  # a stop request ends it within a step
+                              config.grid_size, shape, "dpm", config.sample_steps, config.seed, device,
                               batch_size=config.grid_size)
             grid_path = os.path.join(config.out_dir, f"samples_{it:06d}.png")
             save_grid(images, grid_path)
             print(f"eval at iter {it}: val loss (EMA) {val_loss:.4f}; samples in {grid_path}")
             log.write(iter=it, images=it * images_per_iter, val_loss=val_loss)
+
+    def plot():
+        plot_loss_curve(log.path, os.path.join(config.out_dir, "loss.png"),
+                        f"U-ViC (attn={model_config.attn}) on {config.dataset}", log_y=True)
+
+    def stop_and_save(it):
         save(it)
         if master:
-            plot_loss_curve(log.path, os.path.join(config.out_dir, "loss.png"),
-                            f"U-ViC (attn={model_config.attn}) on {config.dataset}", log_y=True)
+            print(f"stopped: saved {ckpt_path} at iteration {it}; continue with --resume")
 
     log = MetricsLog(config.out_dir, resume_iter=start_iter if config.resume else None) if master else None
-    stop = StopRequest()
+    stop = StopRequest(ddp)
     it = start_iter
     t_last, iters_timed = time.time(), 0
     while True:
         lr = learning_rate(it, config.learning_rate, config.warmup_iters, config.max_iters, config.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        gen_state = gen.get_state()  # a stop inside this iteration saves the state from its start
 
-        # evaluate and checkpoint (a resumed run's first iteration was evaluated before its checkpoint)
-        if (it % config.eval_interval == 0 and not (config.resume and it == start_iter)) or it >= config.max_iters:
-            evaluate(it)
-            t_last, iters_timed = time.time(), 0
-        if it >= config.max_iters:
+        try:
+            # evaluate and checkpoint, once per iteration (a resumed run's checkpoint says whether it was done)
+            if (it % config.eval_interval == 0 or it >= config.max_iters) and evaluated != it:
+                evaluate(it)
+                evaluated = it
+                save(it)
+                if master:
+                    plot()
+                t_last, iters_timed = time.time(), 0
+            if it >= config.max_iters:
+                break
+
+            # one optimizer step: grad_accum micro-batches, gradients all-reduced only after the last one
+            t_step = time.time()
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(grad_accum):
+                stop.poll()
+                x0 = get_batch(train_data, config, config.batch_size, gen, device)
+                sync = model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext()
+                with sync:
+                    with ctx:
+                        loss = diffusion_loss(model, x0, gen, config.prediction)
+                    scaler.scale(loss / grad_accum).backward()
+                loss_sum += loss.detach()
+            loss_value, stop_now = agree_on_step(loss_sum, grad_accum, stop, ddp, world_size)
+            check_finite(loss_value, it, ckpt_path)  # before the update: the checkpoint on disk stays the last good one
+            optimizer_step(model, optimizer, scaler, config.grad_clip)
+            ema_update(ema, unwrap(model), config.ema_decay)
+        except StopNow:  # inside the evaluation or the step: nothing of this iteration is kept, --resume redoes it
+            gen.set_state(gen_state)
+            stop_and_save(it)
             break
-
-        # one optimizer step: grad_accum micro-batches, gradients all-reduced only after the last one
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            x0 = get_batch(train_data, config, config.batch_size, gen, device)
-            sync = model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext()
-            with sync:
-                with ctx:
-                    loss = diffusion_loss(model, x0, gen, config.prediction)
-                scaler.scale(loss / grad_accum).backward()
-            loss_sum += loss.detach()
-        loss_value, stop_now = agree_on_step(loss_sum, grad_accum, stop, ddp, world_size)
-        check_finite(loss_value, it, ckpt_path)  # before the update: the checkpoint on disk stays the last good one
-        optimizer_step(model, optimizer, scaler, config.grad_clip)
-        ema_update(ema, unwrap(model), config.ema_decay)
+        slow_run.first_step(time.time() - t_step, config.max_iters - it - 1)
 
         iters_timed += 1
         if it % config.log_interval == 0 and master:
@@ -278,11 +322,9 @@ def main(argv=None):
             t_last, iters_timed = time.time(), 0
         it += 1
         if stop_now:
-            save(it)
-            if master:
-                print(f"stopped: saved {ckpt_path} at iteration {it}; continue with --resume")
+            stop_and_save(it)
             break
-    if master:
+    if master and it >= config.max_iters:
         print(f"done: checkpoint {ckpt_path}, samples, log and loss.png in {config.out_dir}; "
               f"sample with: python sample.py --out_dir={config.out_dir}")
 

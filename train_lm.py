@@ -16,6 +16,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 # on a busy CPU, spinning OpenMP threads make each step several times slower: let idle ones sleep (before torch loads)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -27,11 +28,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.prepare_lm import prepare_pystdlib
 from model import Cogformer, CogformerConfig, configure_adamw
-from train_utils import (MetricsLog, StopRequest, agree_on_step, autocast_context, check_finite,
-                         gather_generator_states, learning_rate, load_checkpoint, make_grad_scaler,
-                         micro_steps_per_process, optimizer_step, parse_config, peak_flops, pick_fields,
-                         plot_loss_curve, print_config, resolve_device, resolve_dtype, restore_generator_state,
-                         rng_state, run_trainer, save_checkpoint, set_rng_state, setup_distributed, unwrap)
+from train_utils import (Dtype, MetricsLog, SlowRun, StopNow, StopRequest, agree_on_step, autocast_context,
+                         check_at_least, check_betas, check_finite, check_out_dir, gather_generator_states,
+                         learning_rate, load_checkpoint, make_grad_scaler, make_out_dir, micro_steps_per_process,
+                         optimizer_step, parse_config, peak_flops, pick_fields, plot_loss_curve, print_config,
+                         resolve_device, resolve_dtype, restore_generator_state, rng_state, run_trainer,
+                         save_checkpoint, set_rng_state, setup_distributed, unwrap)
 
 
 @dataclass
@@ -47,7 +49,7 @@ class TrainConfig:
     ffn_hidden: int = 2304
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
-    attn: str = "cog"  # or "softmax": the Transformer baseline
+    attn: Literal["cog", "softmax"] = "cog"  # softmax: the Transformer baseline
     # optimisation (our choices, the paper does not say): 16 x 2048 x 16 = 524,288 tokens per step
     batch_size: int = 16  # micro-batch per GPU
     grad_accum: int = 16  # micro-batches per step over all GPUs together (divided by the number of GPUs)
@@ -67,13 +69,13 @@ class TrainConfig:
     resume: bool = False
     # system
     device: str = "auto"  # auto: cuda if there is a GPU, else cpu
-    dtype: str = "auto"  # auto: bfloat16 on GPUs that have it, float16 (with loss scaling) on others, float32 on CPU
+    dtype: Dtype = "auto"  # auto: bfloat16 on GPUs that have it, float16 (with loss scaling) on others, float32 on CPU
     compile: bool = False
     seed: int = 1337
 
 
 PRESETS = {
-    "paper": {},  # the defaults above
+    "paper": {},  # the fields' defaults
     # 0.9M parameters, byte-level, on 2 CPU cores: val loss < 2 nats per byte in a few minutes
     "demo": dict(data_dir="data/pystdlib", block_size=128, n_layer=4, n_head=4, n_embd=128, ffn_hidden=384,
                  batch_size=32, grad_accum=1, max_iters=400, learning_rate=3e-3, min_lr=3e-4, warmup_iters=20,
@@ -113,8 +115,21 @@ def get_batch(data_dir, split, batch_size, block_size, generator, device):
     return x.to(device), y.to(device)
 
 
+def check_config(config):
+    """Values that cannot work end the run here, before anything is prepared, downloaded or written."""
+    check_at_least(config, 1, "block_size", "n_layer", "n_head", "n_embd", "ffn_hidden", "batch_size", "grad_accum",
+                   "eval_interval", "eval_iters", "log_interval")
+    check_at_least(config, 0, "vocab_size", "max_iters", "learning_rate", "min_lr", "warmup_iters", "weight_decay",
+                   "grad_clip")
+    check_betas(config)
+    check_out_dir(config.out_dir)
+    pick_fields(config, CogformerConfig)  # the model's own checks: heads divide the width, ...
+    resolve_dtype(config.dtype, "cpu")
+
+
 def main(argv=None):
     config = parse_config(TrainConfig, PRESETS, argv)
+    check_config(config)
     ddp, rank, world_size, device = setup_distributed(resolve_device(config.device))
     master = rank == 0
     config.device, config.dtype = device, resolve_dtype(config.dtype, device)
@@ -146,11 +161,13 @@ def main(argv=None):
             print("note: resuming with the checkpoint's model config, not the command line's")
         model_config = CogformerConfig(**checkpoint["model_config"])
         config.vocab_size = model_config.vocab_size
+        if master:
+            print(f"resuming from {ckpt_path} at iteration {checkpoint['iter']}")
     if master:
         print(f"training a Cogformer on {config.data_dir} ({meta['tokenizer']} tokens); config:")
         print_config(config)
         print(f"{world_size} process(es), {grad_accum} micro-batches each, {tokens_per_iter:,} tokens per iteration")
-        os.makedirs(config.out_dir, exist_ok=True)
+        make_out_dir(config.out_dir)
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -161,12 +178,13 @@ def main(argv=None):
     scaler = make_grad_scaler(device, config.dtype)
     ctx = autocast_context(device, config.dtype)
     data_gen = torch.Generator().manual_seed(config.seed + 1 + rank)  # training batches; its state is checkpointed
-    start_iter, best_val_loss = 0, float("inf")
+    start_iter, best_val_loss, evaluated = 0, float("inf"), None  # evaluated: the last iteration evaluated
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         start_iter, best_val_loss = checkpoint["iter"], checkpoint["best_val_loss"]
+        evaluated = start_iter if checkpoint.get("eval_done", True) else None
         set_rng_state(checkpoint["rng"])
         restore_generator_state(data_gen, checkpoint["data_rng"], rank, world_size, master)
         checkpoint = None  # free the memory
@@ -175,6 +193,9 @@ def main(argv=None):
         print(f"parameters: {counts['total']:,} total, {counts['non_embedding']:,} non-embedding; "
               f"layers: {' '.join(model_config.layer_kinds())}")
     flops_per_token = model.flops_per_token()
+    slow_run = SlowRun(device, flops_per_token * tokens_per_iter, f"{tokens_per_iter:,} tokens per step, and "
+                       f"each evaluation {2 * config.eval_iters} batches of {config.batch_size} x {config.block_size} "
+                       "tokens", master)
     if config.compile:
         model = torch.compile(model)
     eval_model = model  # evaluated on the master only, so without the DDP wrapper
@@ -190,6 +211,7 @@ def main(argv=None):
             gen = torch.Generator().manual_seed(config.seed + 100_000 + k)
             losses = torch.zeros(config.eval_iters)
             for i in range(config.eval_iters):
+                stop.poll()
                 x, y = get_batch(config.data_dir, split, config.batch_size, config.block_size, gen, device)
                 with ctx:
                     _, loss = eval_model(x, y)
@@ -199,20 +221,28 @@ def main(argv=None):
         return out
 
     def save(it):
-        """Every rank's sampler state is gathered; the master writes out_dir/ckpt.pt atomically."""
+        """Every rank's sampler state is gathered; the master writes out_dir/ckpt.pt atomically. eval_done: whether
+        the evaluation at it is done (if not, a resumed run does it)."""
         data_rng = gather_generator_states(data_gen, ddp, world_size)
         if master:
             save_checkpoint({"kind": "lm", "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                              "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(model_config),
-                             "config": dataclasses.asdict(config), "iter": it, "best_val_loss": best_val_loss,
-                             "rng": rng_state(), "data_rng": data_rng, "meta": meta}, ckpt_path)
+                             "config": dataclasses.asdict(config), "iter": it, "eval_done": evaluated == it,
+                             "best_val_loss": best_val_loss, "rng": rng_state(), "data_rng": data_rng, "meta": meta},
+                            ckpt_path)
 
     def plot():
         plot_loss_curve(log.path, os.path.join(config.out_dir, "loss.png"),
                         f"Cogformer (attn={model_config.attn}) on {os.path.basename(config.data_dir)}")
 
+    def stop_and_save(it):
+        save(it)
+        if master:
+            plot()
+            print(f"stopped: saved {ckpt_path} at iteration {it}; continue with --resume")
+
     log = MetricsLog(config.out_dir, resume_iter=start_iter if config.resume else None) if master else None
-    stop = StopRequest()
+    stop = StopRequest(ddp)
     peak = peak_flops(device)
     it = start_iter
     t_last, iters_timed = time.time(), 0
@@ -220,36 +250,48 @@ def main(argv=None):
         lr = learning_rate(it, config.learning_rate, config.warmup_iters, config.max_iters, config.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        data_state = data_gen.get_state()  # a stop inside this iteration saves the state from its start
 
-        # evaluate and checkpoint (a resumed run's first iteration was evaluated before its checkpoint)
-        if (it % config.eval_interval == 0 and not (config.resume and it == start_iter)) or it >= config.max_iters:
-            if master:
-                losses = estimate_loss()
-                best_val_loss = min(best_val_loss, losses["val"])
-                print(f"eval at iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                log.write(iter=it, tokens=it * tokens_per_iter, train_loss=losses["train"], val_loss=losses["val"])
-            save(it)
-            if master:
-                plot()
-            t_last, iters_timed = time.time(), 0
-        if it >= config.max_iters:
+        try:
+            # evaluate and checkpoint, once per iteration (a resumed run's checkpoint says whether it was done)
+            if (it % config.eval_interval == 0 or it >= config.max_iters) and evaluated != it:
+                if master:
+                    losses = estimate_loss()
+                    best_val_loss = min(best_val_loss, losses["val"])
+                    print(f"eval at iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                    log.write(iter=it, tokens=it * tokens_per_iter, train_loss=losses["train"],
+                              val_loss=losses["val"])
+                evaluated = it
+                save(it)
+                if master:
+                    plot()
+                t_last, iters_timed = time.time(), 0
+            if it >= config.max_iters:
+                break
+
+            # one optimizer step: grad_accum micro-batches, gradients all-reduced only after the last one
+            t_step = time.time()
+            loss_sum = torch.zeros((), device=device)
+            x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, data_gen, device)
+            for micro in range(grad_accum):
+                stop.poll()
+                sync = model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext()
+                with sync:
+                    with ctx:
+                        _, loss = model(x, y)
+                    if micro < grad_accum - 1:  # fetch the next batch while the GPU works on this one
+                        x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, data_gen,
+                                         device)
+                    scaler.scale(loss / grad_accum).backward()
+                loss_sum += loss.detach()
+            loss_value, stop_now = agree_on_step(loss_sum, grad_accum, stop, ddp, world_size)
+            check_finite(loss_value, it, ckpt_path)  # before the update: the checkpoint on disk stays the last good one
+            optimizer_step(model, optimizer, scaler, config.grad_clip)
+        except StopNow:  # inside the evaluation or the step: nothing of this iteration is kept, --resume redoes it
+            data_gen.set_state(data_state)
+            stop_and_save(it)
             break
-
-        # one optimizer step: grad_accum micro-batches, gradients all-reduced only after the last one
-        loss_sum = torch.zeros((), device=device)
-        x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, data_gen, device)
-        for micro in range(grad_accum):
-            sync = model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext()
-            with sync:
-                with ctx:
-                    _, loss = model(x, y)
-                if micro < grad_accum - 1:  # fetch the next batch while the GPU works on this one
-                    x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, data_gen, device)
-                scaler.scale(loss / grad_accum).backward()
-            loss_sum += loss.detach()
-        loss_value, stop_now = agree_on_step(loss_sum, grad_accum, stop, ddp, world_size)
-        check_finite(loss_value, it, ckpt_path)  # before the update: the checkpoint on disk stays the last good one
-        optimizer_step(model, optimizer, scaler, config.grad_clip)
+        slow_run.first_step(time.time() - t_step, config.max_iters - it - 1)
 
         iters_timed += 1
         if it % config.log_interval == 0 and master:
@@ -262,10 +304,7 @@ def main(argv=None):
             t_last, iters_timed = time.time(), 0
         it += 1
         if stop_now:
-            save(it)
-            if master:
-                plot()
-                print(f"stopped: saved {ckpt_path} at iteration {it}; continue with --resume")
+            stop_and_save(it)
             break
     if master and it >= config.max_iters:
         print(f"done: best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}, log and loss.png in {config.out_dir}")

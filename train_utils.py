@@ -4,13 +4,19 @@ atomic checkpoints with RNG state, saving on Ctrl-C / SIGTERM, DDP set-up, mixed
 schedule, the NaN guard, MFU against the real GPU's peak, and the JSONL log with its loss-curve PNG.
 """
 
+import ast
 import dataclasses
+import inspect
+import io
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import sys
+import textwrap
+import tokenize
 import typing
 from contextlib import nullcontext
 
@@ -36,6 +42,11 @@ def convert(key, text, field_type):
         if text.lower() == "none":
             return None
         field_type = next(t for t in typing.get_args(field_type) if t is not type(None))
+    if typing.get_origin(field_type) is typing.Literal:
+        choices = typing.get_args(field_type)
+        if text not in choices:
+            raise SystemExit(f"error: --{key}={text}: choose one of {', '.join(choices)}")
+        return text
     try:
         if field_type is bool:
             return parse_bool(text)
@@ -50,21 +61,23 @@ def convert(key, text, field_type):
     raise SystemExit(f"error: --{key}: unsupported field type {field_type}")
 
 
-def parse_config(config_cls, presets, argv=None, default_preset="paper"):
-    """Build config_cls from --preset=NAME (a dict of field overrides) and --key=value overrides.
-    Unknown keys, unknown presets and values of the wrong type exit with a message that names them."""
+def parse_config(config_cls, presets, argv=None, default_preset="paper", usage=None, description=None):
+    """Build config_cls from --preset=NAME (a dict of field overrides) and --key=value overrides; presets None: no
+    presets (and no preset field). Unknown keys, unknown presets and values of the wrong type or outside a Literal's
+    choices exit with a message that names them; --help prints every key with its type, default and the comment
+    beside it in the dataclass (see config_help), and exits 0."""
     argv = sys.argv[1:] if argv is None else argv
     types = typing.get_type_hints(config_cls)
-    fields = {f.name for f in dataclasses.fields(config_cls)}
+    fields = {f.name for f in dataclasses.fields(config_cls)} - {"preset"}
     overrides, preset = {}, default_preset
     for arg in argv:
         if arg in ("-h", "--help"):
-            names = ", ".join(sorted(fields))
-            raise SystemExit(f"usage: --preset={{{','.join(presets)}}} and any --key=value of: {names}")
+            print(config_help(config_cls, presets, default_preset, usage, description))
+            raise SystemExit(0)
         if not arg.startswith("--"):
-            raise SystemExit(f"error: unexpected argument {arg!r}; use --key=value")
+            raise SystemExit(f"error: unexpected argument {arg!r}; use --key=value (--help lists the keys)")
         key, has_value, text = arg[2:].partition("=")
-        if key == "preset":
+        if key == "preset" and presets is not None:
             preset = text
             continue
         if key not in fields:
@@ -72,6 +85,8 @@ def parse_config(config_cls, presets, argv=None, default_preset="paper"):
         if not has_value and types[key] is not bool:
             raise SystemExit(f"error: --{key} needs a value: --{key}=VALUE")
         overrides[key] = convert(key, text, types[key]) if has_value else True
+    if presets is None:
+        return config_cls(**overrides)
     if preset not in presets:
         raise SystemExit(f"error: unknown preset {preset!r} (choose from {', '.join(presets)})")
     values = {**presets[preset], **overrides}
@@ -81,6 +96,152 @@ def parse_config(config_cls, presets, argv=None, default_preset="paper"):
         raise SystemExit(f"error: invalid config: {err}") from None
 
 
+def cli_keys(argv=None):
+    """The keys given on the command line (parse_config has checked them), e.g. to refuse ones that do not apply."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}
+
+
+def source_comments(source):
+    """{line number: comment text} of a piece of Python source."""
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    return {tok.start[0]: tok.string.lstrip("#").strip() for tok in tokens if tok.type == tokenize.COMMENT}
+
+
+def field_docs(config_cls):
+    """{field: (section, comment)} from the dataclass's source: the comment beside a field describes it, comment lines
+    above fields head a section. So --help says what the code says, and a new field documents itself."""
+    docs = {}
+    for cls in reversed(config_cls.__mro__):  # base classes first: their fields come first
+        if not dataclasses.is_dataclass(cls):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(cls))
+        except (OSError, TypeError):  # no source (a frozen app): the help lists the keys without descriptions
+            continue
+        comments, section, after = source_comments(source), "", 1
+        for node in ast.parse(source).body[0].body:
+            heading = [comments[n] for n in range(after + 1, node.lineno) if n in comments]
+            section = " ".join(heading) or section
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                docs[node.target.id] = (section, comments.get(node.lineno, comments.get(node.end_lineno, "")))
+            after = node.end_lineno
+    return docs
+
+
+def preset_docs(module_source):
+    """{preset: the comments beside and above it} in the PRESETS dict of a script's source."""
+    comments = source_comments(module_source)
+    for node in ast.parse(module_source).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "PRESETS" for t in node.targets):
+            if isinstance(node.value, ast.Dict):
+                docs, after = {}, node.lineno
+                for key, value in zip(node.value.keys, node.value.values):
+                    lines = [comments[n] for n in range(after + 1, key.lineno) if n in comments]
+                    docs[getattr(key, "value", "")] = " ".join(lines + [comments.get(value.end_lineno, "")]).strip()
+                    after = value.end_lineno
+                return docs
+    return {}
+
+
+def type_name(field_type):
+    if typing.get_origin(field_type) is typing.Literal:
+        return "{" + ",".join(typing.get_args(field_type)) + "}"
+    if typing.get_origin(field_type) is typing.Union:
+        return " or ".join("none" if t is type(None) else type_name(t) for t in typing.get_args(field_type))
+    return getattr(field_type, "__name__", str(field_type)).upper()
+
+
+def config_help(config_cls, presets, default_preset, usage=None, description=None):
+    """argparse-style help: usage, what the script does, the presets and what each changes, then every key with its
+    type, default and description, grouped under the comments that head them in the dataclass."""
+    module = sys.modules.get(config_cls.__module__)
+    try:
+        module_source = inspect.getsource(module)
+    except (OSError, TypeError):
+        module_source = ""
+    script = os.path.basename(getattr(module, "__file__", "") or "script.py")
+    usage = usage or f"python {script}" + (" [--preset=NAME]" if presets is not None else "")
+    description = (description if description is not None else (module.__doc__ or "")).strip()
+    out = [f"usage: {usage} [--key=value ...]   (a bare --flag means --flag=true)", "", description, ""]
+    if presets is not None:
+        docs = preset_docs(module_source)
+        out.append("presets (--preset=NAME; --key=value overrides apply on top of it):")
+        for name, values in presets.items():
+            title = f"  {name}" + (" (the default)" if name == default_preset else "")
+            out += wrap(title, docs.get(name, ""))
+            if values:
+                out += wrap("", "changes: " + " ".join(f"{k}={v}" for k, v in values.items()))
+        out.append("")
+    out.append("options:")
+    types, docs, section = typing.get_type_hints(config_cls), field_docs(config_cls), None
+    for f in dataclasses.fields(config_cls):
+        if f.name == "preset":
+            continue
+        heading, comment = docs.get(f.name, ("", ""))
+        if heading != section and heading:
+            out += textwrap.wrap(heading, 116, initial_indent=" # ", subsequent_indent="   ", break_on_hyphens=False)
+        section = heading
+        value = "[=BOOL]" if types[f.name] is bool else f"={type_name(types[f.name])}"
+        out += wrap(f"  --{f.name}{value}", f"default {help_value(f.default)}" + (f"; {comment}" if comment else ""))
+    return "\n".join(out)
+
+
+def help_value(value):
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str) and (not value or value != value.strip()):  # "" or "\n": quoted, to be seen
+        return repr(value)
+    return str(value)
+
+
+def wrap(left, text, width=120, column=30):
+    """Two help columns: left, then text wrapped at width (on a line of its own when left is too long)."""
+    lines = textwrap.wrap(text, width - column, break_on_hyphens=False) or [""]
+    if len(left) >= column - 1:
+        return [left] + [" " * column + line for line in lines if line]
+    return [f"{left:<{column}}{lines[0]}"] + [" " * column + line for line in lines[1:]]
+
+
+def require(condition, message):
+    """An error that ends the run before it starts: one line, named key."""
+    if not condition:
+        raise SystemExit(f"error: {message}")
+
+
+def check_at_least(config, minimum, *names):
+    """Each named field (unless it is None) must be at least minimum."""
+    for name in names:
+        value = getattr(config, name)
+        require(value is None or value >= minimum, f"--{name}={value}: must be at least {minimum}")
+
+
+def check_betas(config):
+    """AdamW's beta1 and beta2 must be in [0, 1)."""
+    for key in ("beta1", "beta2"):
+        require(0 <= getattr(config, key) < 1, f"--{key}={getattr(config, key)}: must be in [0, 1)")
+
+
+def check_out_dir(path, key="out_dir"):
+    """A folder that exists or can be made: its nearest existing ancestor is a folder we may write in."""
+    require(path and not os.path.isfile(path), f"--{key}={path}: must name a folder, "
+            f"not {'a file' if path else 'nothing'}")
+    ancestor = os.path.abspath(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    require(os.path.isdir(ancestor) and os.access(ancestor, os.W_OK | os.X_OK),
+            f"--{key}={path}: cannot be made or written ({ancestor} is not a folder we may write in)")
+
+
+def make_out_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"error: cannot make --out_dir={path} ({err.strerror})") from None
+
+
 def print_config(config):
     width = max(len(f.name) for f in dataclasses.fields(config))
     for f in dataclasses.fields(config):
@@ -88,8 +249,12 @@ def print_config(config):
 
 
 def pick_fields(config, target_cls):
-    """The fields of target_cls (e.g. a model config) taken from a larger run config with the same names."""
-    return target_cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(target_cls)})
+    """The fields of target_cls (e.g. a model config) taken from a larger run config with the same names; the target's
+    own checks (heads divide the width, ...) end the run with their message."""
+    try:
+        return target_cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(target_cls)})
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -143,11 +308,29 @@ def agree_on_step(loss_sum, micro_steps, stop, ddp, world_size):
 
 
 def resolve_device(device):
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    """'auto': cuda if there is a GPU, else cpu. Any other name must be a device this machine has."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"error: --device={device}: not a device (auto, cpu, cuda, cuda:1, mps, ...)") from None
+    if parsed.type == "cuda":
+        require(torch.cuda.is_available(), f"--device={device}, but torch sees no CUDA GPU here: use --device=cpu")
+        require((parsed.index or 0) < torch.cuda.device_count(),
+                f"--device={device}, but there are {torch.cuda.device_count()} CUDA GPU(s)")
+    if parsed.type == "mps":
+        require(torch.backends.mps.is_available(), f"--device={device}, but torch sees no MPS device here")
+    return device
+
+
+# the --dtype choices: "auto" picks one of the others for the device
+Dtype = typing.Literal["auto", "float32", "bfloat16", "float16"]
 
 
 def resolve_dtype(dtype, device):
     """'auto': bf16 where the GPU has it, fp16 on older GPUs, fp32 on the CPU (CPU autocast is slower than fp32)."""
+    require(dtype in typing.get_args(Dtype), f"--dtype={dtype}: choose one of {', '.join(typing.get_args(Dtype))}")
     if dtype != "auto":
         return dtype
     if not device.startswith("cuda"):
@@ -224,14 +407,58 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
 
 
 def run_trainer(main):
-    """Run a trainer's main(): a NaN or inf loss exits with its message; the process group is always torn down."""
+    """Run a trainer's main(): a NaN or inf loss exits with its message, Ctrl-C outside the training loop (or a
+    second one inside it) quits without a traceback; the process group is always torn down."""
     try:
         main()
     except NonFiniteLoss as err:
         raise SystemExit(f"error: {err}") from None
+    except KeyboardInterrupt:  # checkpoints are written atomically: the one on disk is whole
+        quit_interrupted("quitting without saving; the checkpoint on disk is the last one saved")
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def run_script(main):
+    """Run a script's main(); Ctrl-C ends it with a line instead of a traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        quit_interrupted()
+
+
+def quit_interrupted(note=""):
+    """Exit 130 after Ctrl-C, as a shell expects."""
+    print("\ninterrupted" + (f": {note}" if note else ""), file=sys.stderr)
+    raise SystemExit(130)
+
+
+class SlowRun:
+    """A run sized for GPUs, started on a CPU (the paper presets are the default): say what it is about to do, and
+    after its first step how long the whole run would take, so that a user can stop early."""
+
+    min_flops = 1e12  # per step: ~10 s on a CPU
+
+    def __init__(self, device, flops_per_step, plan, master=True):
+        self.active = master and not str(device).startswith(("cuda", "mps")) and flops_per_step > self.min_flops
+        if self.active:
+            print(f"warning: a GPU-sized run on the CPU: {plan}; {flops_per_step:.1e} FLOPs per step, about "
+                  f"{duration(flops_per_step / 1e11)} each at a CPU's 1e11 FLOP/s. The measured time follows the "
+                  "first step; Ctrl-C stops and saves. For a CPU-sized run: --preset=demo", flush=True)
+
+    def first_step(self, seconds, steps_left):
+        if self.active:
+            self.active = False
+            print(f"the first step took {seconds:.1f} s: the other {steps_left:,} steps would take about "
+                  f"{duration(seconds * steps_left)} at this pace", flush=True)
+
+
+def duration(seconds):
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:,.0f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 # -----------------------------------------------------------------------------
@@ -239,7 +466,10 @@ def run_trainer(main):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The global generators' states as tensors and plain values, so the checkpoint loads with weights_only=True."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {"key": numpy_state["state"]["key"].tolist(), "pos": int(numpy_state["state"]["pos"])}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -247,27 +477,126 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):  # rng_state()'s plain values (older checkpoints: get_state()'s own tuple)
+        numpy_state = {**numpy_state, "state": {**numpy_state["state"],
+                                                "key": np.array(numpy_state["state"]["key"], dtype=np.uint32)}}
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def previous_checkpoint_path(path):
+    """Where save_checkpoint keeps the checkpoint that path held before: ckpt.pt -> ckpt.prev.pt."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.prev{ext}"
+
+
 def save_checkpoint(obj, path):
-    """torch.save to a temporary file beside path, then os.replace: a crash mid-write never leaves a broken file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save to a temporary file beside path, then os.replace: a crash mid-write never leaves a broken file.
+    The checkpoint path held until now stays beside it as ckpt.prev.pt (a hard link, so path never goes missing): if
+    the new one is damaged later (a full disk, a bad copy), the one before it is still there."""
+    prev = previous_checkpoint_path(path)
+    tmp, prev_tmp = f"{path}.tmp.{os.getpid()}", f"{prev}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            try:
+                os.link(path, prev_tmp)
+                os.replace(prev_tmp, prev)
+            except OSError:  # a file system without hard links: a moment without path, but never without both
+                os.replace(path, prev)
+        os.replace(tmp, path)
+    finally:  # an error or Ctrl-C while writing; or prev_tmp left as it was, when prev was a link to path already
+        for leftover in (tmp, prev_tmp):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+
+def numpy_array_globals():
+    """The functions and types a pickled numpy array names: older nanoCog checkpoints held np.random.get_state()'s
+    array. None of them runs code of the file's choosing: they rebuild an array from its shape, dtype and bytes."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]  # the last: numpy.dtypes.UInt32DType
+
+
+class DamagedFile(Exception):
+    pass
+
+
+def load_plain(path, map_location):
+    """torch.load(weights_only=True): tensors and plain Python values only, so loading never runs code from the file
+    (a pickle can name any function to call; this loader refuses all but PyTorch's own safe ones). Raises DamagedFile
+    for a truncated or corrupt file; exits with a one-line message for a file that asks for anything else."""
+    def load(allowed=()):
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        try:
+            return load()
+        except pickle.UnpicklingError as err:
+            if "Weights only load failed" not in str(err) or "numpy" not in str(err):
+                raise
+            return load(numpy_array_globals())  # an older checkpoint's numpy RNG state: only the array types
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            refused = (str(err).partition("WeightsUnpickler error:")[2].strip().splitlines() or ["?"])[0]
+            raise SystemExit(f"error: refusing to load {path}: it holds more than tensors and plain values "
+                             f"({refused.partition(' was not an allowed global')[0]}), and loading it could run code "
+                             "from the file") from None
+        raise DamagedFile(f"{type(err).__name__}: {err}") from None
+    except (EOFError, KeyError, OSError) as err:  # an empty or cut file; a file that is not PyTorch's
+        raise DamagedFile(f"{type(err).__name__}: {err}" if str(err) else type(err).__name__) from None
+    except RuntimeError as err:
+        if "PytorchStreamReader" not in str(err) and "zip" not in str(err):
+            raise
+        raise DamagedFile(str(err).splitlines()[0].partition(". This is an internal")[0]) from None
+
+
+def safe_load(path, map_location="cpu"):
+    """A weight or checkpoint file from anywhere (--init_from, the authors' checkpoints), loaded without running code
+    from it; a clear message when it is missing, damaged or asks for more than tensors and plain values."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no file at {path}")
+    try:
+        return load_plain(path, map_location)
+    except DamagedFile as err:
+        raise SystemExit(f"error: {path} cannot be read: it is damaged or not a PyTorch file ({err})") from None
 
 
 def load_checkpoint(path, map_location="cpu"):
+    """A checkpoint that save_checkpoint wrote, loaded safely (load_plain). When it is missing or damaged and the
+    previous one is beside it, the message says how to continue from that one."""
+    prev = previous_checkpoint_path(path)
     if not os.path.exists(path):
+        if os.path.exists(prev):
+            raise SystemExit(f"error: no checkpoint at {path}; {use_previous(path, prev)}")
         raise SystemExit(f"error: no checkpoint at {path} (train first, or point --out_dir at a run's folder)")
-    # the checkpoint holds configs, RNG states and numpy arrays besides tensors: our own file, so weights_only=False
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return load_plain(path, map_location)
+    except DamagedFile as err:
+        problem = f"error: {path} cannot be read: it is damaged or not a checkpoint ({err})"
+        if not os.path.exists(prev):
+            raise SystemExit(f"{problem}; there is no previous checkpoint beside it: restore it from a copy, or "
+                             "delete it and train again") from None
+        raise SystemExit(f"{problem}; {use_previous(path, prev)}") from None
+
+
+def use_previous(path, prev):
+    """What to type to continue from the previous checkpoint (and which iteration that is)."""
+    try:
+        it = load_plain(prev, "cpu").get("iter")
+    except (DamagedFile, SystemExit):
+        return f"{prev} is there but cannot be read either: restore a copy, or delete both and train again"
+    steps = ([f"mv {path} {path}.damaged"] if os.path.exists(path) else []) + [f"cp {prev} {path}"]
+    return f"the previous checkpoint {prev} (iteration {it}) is kept: to continue from it, {' && '.join(steps)}"
 
 
 def unwrap(model):
@@ -276,21 +605,44 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
-class StopRequest:
-    """Turns the first Ctrl-C or SIGTERM into a flag the training loop checks, so it can save and exit cleanly.
-    A second Ctrl-C interrupts at once."""
+class StopNow(Exception):
+    """Raised by StopRequest.poll() once a stop was asked for: the trainer saves the state it had at the start of the
+    iteration (a half-done step or evaluation is dropped, and redone on --resume) and exits."""
 
-    def __init__(self):
-        self.requested = False
+
+class StopRequest:
+    """The first Ctrl-C or SIGTERM sets a flag; poll(), called before each micro-batch and each evaluation batch, then
+    raises StopNow, so the trainer stops within one micro-batch wherever it is. Under DDP the ranks must stop together:
+    poll() does nothing and the flag is agreed on at the end of the step (agree_on_step). A second Ctrl-C raises
+    KeyboardInterrupt: the trainer quits without saving (run_trainer). Python runs handlers between operations, so
+    both wait for the operation under way (a big matmul); two presses within one operation count as one."""
+
+    def __init__(self, ddp=False):
+        self.requested, self.immediate = False, not ddp
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if not self.requested:
+            when = "at the next micro-batch" if self.immediate else "after this step"
+            say(f"\n{signal.Signals(signum).name} received: saving a checkpoint and stopping {when} "
+                "(Ctrl-C again to quit without saving)\n")
         self.requested = True
-        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this iteration "
-              "(Ctrl-C again to quit at once)", flush=True)
+
+    def poll(self):
+        if self.requested and self.immediate:
+            raise StopNow
+
+
+def say(text):
+    """Print from a signal handler: straight to the file descriptor, as print() would fail if the signal came while
+    the main thread was inside print() (sys.stdout's lock is not reentrant)."""
+    try:
+        os.write(sys.stdout.fileno(), text.encode())
+    except (OSError, ValueError):  # no file descriptor (stdout captured in memory)
+        print(text, end="", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -345,7 +697,8 @@ def plot_loss_curve(log_path, png_path, title="", log_y=False):
         ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)

@@ -24,13 +24,14 @@ different dataset is refused.
 import argparse
 import glob
 import json
+import multiprocessing
 import os
+import signal
 import sys
 import sysconfig
 from collections import deque
 from contextlib import ExitStack
 from itertools import islice
-from multiprocessing import Pool
 
 import numpy as np
 from tqdm import tqdm
@@ -78,17 +79,35 @@ class Tokenizer:
 # sources: (name, size in bytes, a function returning an iterator over the documents' texts)
 
 
+def unreachable(what, err):
+    """The error for a source that cannot be listed or read: from the hub, most often because there is no network."""
+    remote = any(part.startswith(("hf://", "http://", "https://")) for part in str(what).split(","))
+    hint = ("; if the hub (or the network) is unreachable from here, copy the JSONL files onto this machine and use "
+            "--source='/path/*.jsonl' (or --source=@list.txt, one file per line), or tokenise your own files with "
+            "--files='corpus/*.jsonl' --out_dir=data/mine") if remote else ""
+    first_line = (str(err).splitlines() or [""])[0]
+    return SystemExit(f"error: cannot read {what} ({type(err).__name__}: {first_line}){hint}")
+
+
 def hub_sources(data_files):
     """Files named by patterns or URLs (hf://, https://, local), each streamed by datasets' generic json builder."""
     import datasets  # only here: the GPU machines do not have it
     import fsspec
-    fs, _, paths = fsspec.get_fs_token_paths(data_files)  # expands globs, on the hub through huggingface_hub
+    try:
+        fs, _, paths = fsspec.get_fs_token_paths(data_files)  # expands globs, on the hub through huggingface_hub
+    except Exception as err:  # whatever the hub client raises (no network, offline mode, a wrong name)
+        raise unreachable(",".join(data_files), err) from None
     if not paths:
         raise SystemExit(f"error: no files match {data_files}")
 
     def texts(url):
-        for row in datasets.load_dataset("json", data_files=url, split="train", streaming=True):
-            yield row["text"]
+        try:
+            for row in datasets.load_dataset("json", data_files=url, split="train", streaming=True):
+                if not isinstance(row.get("text"), str):
+                    raise SystemExit(f"error: {url}: a row without a \"text\" string (its keys: {sorted(row)})")
+                yield row["text"]
+        except Exception as err:  # the connection dropped, or a file that is not JSONL
+            raise unreachable(url, err) from None
     urls = sorted(fs.unstrip_protocol(p) for p in paths)
     return [(url, fs.size(url), lambda url=url: texts(url)) for url in urls]
 
@@ -146,6 +165,7 @@ _worker_tokenizer = None
 
 def _init_worker(name):
     global _worker_tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the pool
     _worker_tokenizer = Tokenizer(name)
 
 
@@ -154,17 +174,21 @@ def _encode_batch(texts):
 
 
 def encoded_documents(texts, tokenizer, pool, num_proc):
-    """Token arrays of the documents in order; the pool encodes a few batches ahead, no more (streams are long)."""
+    """(token array, length of the text) of each document in order; the pool encodes a few batches ahead, no more
+    (streams are long)."""
     if pool is None:
-        yield from map(tokenizer.encode_document, texts)
+        for text in texts:
+            yield tokenizer.encode_document(text), len(text)
         return
     pending, texts = deque(), iter(texts)
     while batch := list(islice(texts, 64)):
-        pending.append(pool.apply_async(_encode_batch, (batch,)))
+        pending.append((pool.apply_async(_encode_batch, (batch,)), [len(t) for t in batch]))
         if len(pending) >= 4 * num_proc:
-            yield from pending.popleft().get()
+            result, lengths = pending.popleft()
+            yield from zip(result.get(), lengths)
     while pending:
-        yield from pending.popleft().get()
+        result, lengths = pending.popleft()
+        yield from zip(result.get(), lengths)
 
 
 def existing_recipe(out_dir, recipe):
@@ -197,14 +221,17 @@ def write_tokens(sources, tokenizer, paths, max_tokens, val_fraction, num_proc):
     index = 0  # of the document over all sources: decides its split
     with ExitStack() as stack:
         pool = None
-        if num_proc > 1:
-            pool = stack.enter_context(Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.name,)))
+        if num_proc > 1:  # spawned, not forked: a fork copies locks that other threads (torch's, tqdm's) hold
+            spawn = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(spawn.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.name,)))
         files = {split: stack.enter_context(open(paths[split], "wb")) for split in ("train", "val")}
-        bar = stack.enter_context(tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenising"))
+        # progress in bytes of the sources (a token budget is often far more than the files hold)
+        bar = stack.enter_context(tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenising"))
+        sources_done = 0  # bytes
         for _, size, texts in sources:
             quota = None if max_tokens is None else int(max_tokens * size / total_bytes)  # a share by size
             taken = 0
-            for ids in encoded_documents(texts(), tokenizer, pool, num_proc):
+            for ids, length in encoded_documents(texts(), tokenizer, pool, num_proc):
                 if quota is not None and taken >= quota:
                     break
                 if quota is not None:
@@ -215,7 +242,10 @@ def write_tokens(sources, tokenizer, paths, max_tokens, val_fraction, num_proc):
                 counts[f"{split}_documents"] += 1
                 taken += len(ids)
                 index += 1
-                bar.update(len(ids))
+                bar.update(min(length, sources_done + size - bar.n))  # characters: about the bytes read
+                bar.set_postfix_str(f"{counts['train_tokens'] + counts['val_tokens']:,} tokens", refresh=False)
+            sources_done += size
+            bar.update(sources_done - bar.n)  # the source's whole size, its JSON keys and a cut-off rest included
     if not (counts["train_documents"] and counts["val_documents"]):
         raise SystemExit(f"error: {index} documents are too few to hold out val_fraction={val_fraction} of them: "
                          "give more documents (one per JSONL line) or a larger --val_fraction")
@@ -255,6 +285,10 @@ def prepare(sources, out_dir, source, tokenizer_name, max_tokens, val_fraction, 
     return meta
 
 
+def token_count(text):
+    return int(float(text))  # 1e9 too
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=["redpajama", "pystdlib"], help="a named dataset (or use --files)")
@@ -262,7 +296,7 @@ def main(argv=None):
     parser.add_argument("--source", default=REDPAJAMA_SAMPLE, help="redpajama: data_files for datasets' json builder")
     parser.add_argument("--out_dir", help="default: data/<dataset>")
     parser.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "bytes"])
-    parser.add_argument("--max_tokens", type=lambda s: int(float(s)), default=1_000_000_000,
+    parser.add_argument("--max_tokens", type=token_count, default=1_000_000_000,
                         help="token budget for train + val, 0 for no limit (default 1e9)")
     parser.add_argument("--val_fraction", type=float, default=0.005, help="fraction of documents held out")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokeniser processes")
@@ -271,12 +305,21 @@ def main(argv=None):
         parser.error("give exactly one of --dataset and --files")
     if args.files and not args.out_dir:
         parser.error("--files needs --out_dir")
+    for ok, problem in ((args.num_proc >= 1, f"--num_proc={args.num_proc}: must be at least 1"),
+                        (args.max_tokens >= 0, f"--max_tokens={args.max_tokens}: must be at least 0 (0: no limit)"),
+                        (0 < args.val_fraction < 1, f"--val_fraction={args.val_fraction}: must be in (0, 1)")):
+        if not ok:
+            parser.error(problem)
+    if args.out_dir and os.path.isfile(args.out_dir):
+        parser.error(f"--out_dir={args.out_dir} is a file, not a folder")
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), args.dataset)
     if args.dataset == "pystdlib":
         return prepare_pystdlib(out_dir, args.num_proc)
     max_tokens = args.max_tokens or None
     if args.dataset == "redpajama":
         if args.source.startswith("@"):
+            if not os.path.isfile(args.source[1:]):
+                parser.error(f"--source={args.source}: no file {args.source[1:]} (a list of files, one per line)")
             with open(args.source[1:]) as f:
                 data_files = [line.strip() for line in f if line.strip()]
         else:
@@ -288,4 +331,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # prepare() has removed its partial files
+        print("\ninterrupted: no partial files were left", file=sys.stderr)
+        raise SystemExit(130)
