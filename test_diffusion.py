@@ -359,3 +359,12 @@ def test_train_stats_are_computed_once_and_cached(fake_cifar10):
     n = len(calls)
     mu2, _ = diffusion.cifar10_train_stats(root, counting_inception, "cpu")
     assert len(calls) == n and np.array_equal(mu, mu2)
+
+
+def test_deterministic_flag(tmp_path, monkeypatch):
+    """--deterministic switches on PyTorch's deterministic algorithms (and with them the kernel's two-pass backward)."""
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, **kw: calls.append((mode, kw)))
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # the flag sets it too: restored after the test
+    train_diffusion.main(["--preset=demo", *TINY, "--max_iters=1", "--deterministic", f"--out_dir={tmp_path}"])
+    assert calls == [(True, {"warn_only": True})]

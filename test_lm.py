@@ -312,3 +312,16 @@ def test_sample_prints_text(tmp_path, stdlib_dir):
     with pytest.raises(SystemExit, match="unknown config key --temp"):
         import sample
         sample.main([f"--out_dir={out}", "--temp=1"])
+
+
+def test_deterministic_flag(tmp_path, stdlib_dir, monkeypatch):
+    """--deterministic switches on PyTorch's deterministic algorithms, which the Cog kernel follows (its two-pass
+    backward: test_kernel.py); without the flag nothing is switched."""
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, **kw: calls.append((mode, kw)))
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # the flag sets it too: restored after the test
+    args = TINY + [f"--data_dir={stdlib_dir}", "--max_iters=1", "--eval_interval=100"]
+    train_lm.main(args + [f"--out_dir={tmp_path / 'a'}"])
+    assert calls == []
+    train_lm.main(args + [f"--out_dir={tmp_path / 'b'}", "--deterministic"])
+    assert calls == [(True, {"warn_only": True})]

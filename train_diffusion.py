@@ -32,7 +32,7 @@ from train_utils import (Dtype, MetricsLog, SlowRun, StopNow, StopRequest, agree
                          learning_rate, load_checkpoint, make_grad_scaler, make_out_dir, micro_steps_per_process,
                          optimizer_step, parse_config, pick_fields, plot_loss_curve, print_config, require,
                          resolve_device, resolve_dtype, restore_generator_state, rng_state, run_trainer,
-                         save_checkpoint, set_rng_state, setup_distributed, unwrap)
+                         save_checkpoint, set_rng_state, setup_distributed, unwrap, use_deterministic_algorithms)
 
 
 @dataclass
@@ -74,6 +74,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda if there is a GPU, else cpu
     dtype: Dtype = "auto"  # auto: bfloat16 on GPUs that have it, float16 (with loss scaling) on others, float32 on CPU
     compile: bool = False
+    deterministic: bool = False  # bit-reproducible GPU runs (slower): deterministic algorithms, two-pass Cog backward
     seed: int = 1337
 
 
@@ -189,6 +190,7 @@ def main(argv=None):
         print(f"{world_size} process(es), {grad_accum} micro-batches each, {images_per_iter} images per iteration")
         make_out_dir(config.out_dir)
 
+    use_deterministic_algorithms(config.deterministic)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

@@ -307,6 +307,14 @@ def agree_on_step(loss_sum, micro_steps, stop, ddp, world_size):
     return shared[0].item(), shared[1].item() > 0
 
 
+def use_deterministic_algorithms(on):
+    """--deterministic: PyTorch's deterministic algorithms (a warning where an op has none, instead of an error), which
+    Cog attention follows by running its two-pass backward (no atomic adds)."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before the first matmul
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def resolve_device(device):
     """'auto': cuda if there is a GPU, else cpu. Any other name must be a device this machine has."""
     if device == "auto":
