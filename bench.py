@@ -47,7 +47,7 @@ try:  # torch >= 2.3
 except ImportError:
     flash_only = contextlib.nullcontext
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-KERNELS = {"fwd": "_cog_fwd", "bwd": "_cog_bwd", "dq": "_cog_bwd_dq"}  # the autotuned kernels, by TILES kind
+KERNELS = {"fwd": "_cog_fwd", "bwd": "_cog_bwd", "dkdv": "_cog_bwd", "dq": "_cog_bwd_dq"}  # jit functions, by TILES kind
 
 # -----------------------------------------------------------------------------
 # the softmax twin
@@ -69,17 +69,16 @@ def softmax_twin():
     scope = dict(vars(cog_kernel))
     scope["_magnitude"], scope["_signed_weights"] = cog_kernel._jit(_logits), cog_kernel._jit(_weights)
     for name, obj in vars(cog_kernel).items():
-        jit = getattr(obj, "fn", None) if type(obj).__name__ == "Autotuner" else obj
-        fn = getattr(jit, "fn", None)
+        fn = getattr(jit_function(obj), "fn", None)  # the Python function of a jit function, autotuned or not
         if name in ("_magnitude", "_signed_weights") or not isinstance(fn, types.FunctionType) or \
-                fn.__module__ != cog_kernel.__name__:
+                fn.__module__ != cog_kernel.__name__ or fn.__name__ != name:  # (_cog_bwd's autotuners: kept out)
             continue
         copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
         copy.__annotations__, copy.__doc__ = fn.__annotations__, fn.__doc__  # the tl.constexpr marks live there
         scope[name] = cog_kernel._jit(copy)
     twin = types.SimpleNamespace(**{kind: cog_kernel._autotune(kind)(scope[name]) for kind, name in KERNELS.items()})
     twin.forward = lambda q, k, v, causal, scale: cog_kernel.attention_forward(q, k, v, causal, scale, kernel=twin.fwd)
-    twin.backward = lambda *args: cog_kernel.attention_backward(*args, kernels=(twin.bwd, twin.dq))
+    twin.backward = lambda *args: cog_kernel.attention_backward(*args, kernels=(twin.bwd, twin.dkdv, twin.dq))
     twin.scope = scope  # the plain jit functions, for the compile report
     return twin
 
@@ -288,7 +287,7 @@ def loop_sizes(sass):
 
 def steady_loop(kind, loops):
     """The loop over blocks every row sees (no mask): the forward's and dQ pass's first, the backward's last."""
-    return loops[-1] if kind == "bwd" else loops[0]
+    return loops[-1] if kind in ("bwd", "dkdv") else loops[0]
 
 
 def sm90_report(args):
@@ -304,27 +303,29 @@ def sm90_report(args):
     print("| kernel | D | causal | tile | regs | spill B | smem KB (est.) | wgmma N | mma.sync | serialized | "
           "Cog loops | twin loops | ratio |")
     print("|---" * 13 + "|")
-    variants = [("fwd", None), ("bwd", "atomic"), ("bwd", "two-pass"), ("dq", None)]
-    for kind, flavour in variants:
+    labels = {"fwd": "_cog_fwd", "bwd": "_cog_bwd (one pass)", "dkdv": "_cog_bwd (two-pass dK, dV)", "dq": "_cog_bwd_dq"}
+    for kind, label in labels.items():
         for D in args.head_dims:
             block_d = padded_head_dim(D)
             for causal in (False, True):
                 for m, n, w, s in TILES[kind][block_d]:
-                    est = shared_memory_bytes("dkdv" if flavour == "two-pass" else kind, m, n, s, block_d, itemsize)
+                    est = shared_memory_bytes(kind, m, n, s, block_d, itemsize)
                     if est > limit:
                         continue
                     constants = dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_M=m, BLOCK_N=n)
-                    if flavour == "two-pass":
+                    if kind == "dkdv":
                         constants["ACC_DQ"] = None
-                    name = KERNELS[kind]
-                    cog = compile_sm90(getattr(cog_kernel, name).fn, constants, w, s, dtype)
-                    plain = compile_sm90(twin.scope[name], constants, w, s, dtype)
+                    cog = compile_sm90(jit_function(getattr(cog_kernel, KERNELS[kind])), constants, w, s, dtype)
+                    plain = compile_sm90(twin.scope[KERNELS[kind]], constants, w, s, dtype)
                     ratio = steady_loop(kind, cog["loops"]) / steady_loop(kind, plain["loops"])
-                    label = name + (f" ({flavour})" if flavour else "")
                     print(f"| {label} | {D} | {int(causal)} | {m},{n},{w},{s} | {cog['regs']} | {cog['spills']} | "
                           f"{cog['shared_kb']:.0f} ({est / 1024:.0f}) | {','.join(map(str, cog['wgmma_n']))} | "
                           f"{cog['mma_sync']} | {'yes' if cog['serialized'] else 'no'} | "
                           f"{cog['loops']} | {plain['loops']} | {ratio:.3f} |", flush=True)
+
+
+def jit_function(kernel):  # an autotuned kernel's jit function
+    return kernel.fn if type(kernel).__name__ == "Autotuner" else kernel
 
 
 def main(argv=None):

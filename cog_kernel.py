@@ -159,6 +159,7 @@ TILES = {
            64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
            128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)], 256: [(64, 64, 4, 2)]},
 }
+TILES["dkdv"] = TILES["bwd"]  # the two-pass backward's first kernel: the one-pass kernel without dQ
 
 
 def padded_head_dim(D):
@@ -208,8 +209,7 @@ def _prune_configs(configs, named_args, kind, **kwargs):
     block_d, itemsize = padded_head_dim(args["HEAD_DIM"]), args["Q"].element_size()
     listed = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
               in TILES[kind][block_d]] or configs
-    smem_kind = "dkdv" if kind == "bwd" and args.get("ACC_DQ") is None else kind
-    need = lambda c: shared_memory_bytes(smem_kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, block_d,
+    need = lambda c: shared_memory_bytes(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, block_d,
                                          itemsize)
     fits = [c for c in listed if need(c) <= _shared_memory(args["Q"].device)]
     return fits or [min(listed, key=need)]
@@ -398,7 +398,6 @@ def _bwd_inner(dk, dv, k, v, Q, DO, ACC_DQ, LSE, DELTA, cols, lo, hi, Tq, Tk, of
     return dk, dv
 
 
-@_autotune("bwd")
 @_jit
 def _cog_bwd(Q, K, V, DO, DK, DV, ACC_DQ, LSE, DELTA, qk_scale, wscale_shift, grad_scale,
              stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
@@ -435,6 +434,11 @@ def _cog_bwd(Q, K, V, DO, DK, DV, ACC_DQ, LSE, DELTA, qk_scale, wscale_shift, gr
     DV = _matrix(DV, bh, H, stride_dvb, stride_dvh, Tk, stride_dvt, BLOCK_N, HEAD_DIM, BLOCK_D)
     DK.store([start_n, 0], (dk * grad_scale).to(DK.dtype))  # grad_scale = scale / F
     DV.store([start_n, 0], (dv * tl.math.exp2(wscale_shift)).to(DV.dtype))  # 1 / F
+
+
+# one kernel, two autotuners: the one-pass and the two-pass backward keep their own tuning (and shared memory) apart
+_cog_bwd_one_pass = _autotune("bwd")(_cog_bwd)
+_cog_bwd_dkdv = _autotune("dkdv")(_cog_bwd)
 
 
 @_jit
@@ -551,7 +555,7 @@ def attention_forward(q, k, v, causal, scale, kernel=None):
 
 def attention_backward(do, q, k, v, o, lse, causal, scale, deterministic, kernels=None):
     """dq, dk, dv through the backward kernels: one pass with atomic dQ adds, or two passes if deterministic."""
-    bwd, bwd_dq = kernels or (_cog_bwd, _cog_bwd_dq)
+    one_pass, dkdv, dq_pass = kernels or (_cog_bwd_one_pass, _cog_bwd_dkdv, _cog_bwd_dq)
     (B, H, Tq, D), Tk = q.shape, k.size(2)
     do, q, k, v, o = (_tma_ready(t) for t in (do, q, k, v, o))
     dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
@@ -566,12 +570,12 @@ def attention_backward(do, q, k, v, o, lse, causal, scale, deterministic, kernel
     meta = dict(HEAD_DIM=D, CAUSAL=causal)
     with _on_device(q):
         _cog_bwd_delta[_blocks(Tq, 64, B, H)](o, do, delta, *_strides(o, do), H, Tq, HEAD_DIM=D, BLOCK_M=64)
-        bwd[lambda META: _blocks(Tk, META["BLOCK_N"], B, H)](
+        (dkdv if two_pass else one_pass)[lambda META: _blocks(Tk, META["BLOCK_N"], B, H)](
             q, k, v, do, dk, dv, dq_sum, lse, delta, scale * LOG2E, wscale_shift, grad_scale,
             *_strides(q, k, v, do, dk, dv), H, Tq, Tk, *_lengths(Tq, Tk), **meta)
         if two_pass:
             dq = q.new_empty(q.shape)
-            bwd_dq[lambda META: _blocks(Tq, META["BLOCK_M"], B, H)](
+            dq_pass[lambda META: _blocks(Tq, META["BLOCK_M"], B, H)](
                 q, k, v, do, dq, lse, delta, scale * LOG2E, wscale_shift, grad_scale, *_strides(q, k, v, do, dq),
                 H, Tq, Tk, *_lengths(Tq, Tk), **meta)
         else:

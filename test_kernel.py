@@ -42,7 +42,7 @@ def kernel_runs_here():
 @contextlib.contextmanager
 def blocks(block_m, block_n):
     """Run the kernels with one fixed block shape (the interpreter's default 64 x 64 would cover small T in one block)."""
-    kernels = (cog_kernel._cog_fwd, cog_kernel._cog_bwd, cog_kernel._cog_bwd_dq)
+    kernels = (cog_kernel._cog_fwd, cog_kernel._cog_bwd_one_pass, cog_kernel._cog_bwd_dkdv, cog_kernel._cog_bwd_dq)
     saved = [kern.configs for kern in kernels]
     try:
         for kern in kernels:
