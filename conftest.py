@@ -8,6 +8,7 @@ models and trainers use the reference on the CPU, as a CPU user's run does, inst
 """
 
 import os
+import signal
 
 import pytest
 import torch
@@ -20,3 +21,13 @@ if not torch.cuda.is_available():
 def interpreter_only_in_kernel_tests(request, monkeypatch):
     if request.module.__name__ != "test_kernel":
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """The trainers install SIGINT/SIGTERM handlers that only set a flag. Left in place, they would be inherited by
+    the worker processes that later tests fork, and a pool's SIGTERM on shutdown would no longer end them (a hang)."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)

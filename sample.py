@@ -3,8 +3,11 @@ Sample from a trained checkpoint: text from an LM (train_lm.py), images from a d
 
     python sample.py --out_dir=out/demo_lm --start="def " --num_samples=3 --max_new_tokens=300
     python sample.py --out_dir=out/lm --start=FILE:prompt.txt --temperature=0.8 --top_k=200
+    python sample.py --init_from=cog_ckpt_100.00_Bi.pt --tokenizer_path=llama-2-tokenizer/ --start="The meaning of"
 
 The checkpoint's "kind" picks the branch; an LM checkpoint carries its tokenizer in its dataset metadata.
+--init_from=FILE reads a released checkpoint instead, told apart by its content: the authors' LM format (a dict with
+model_cfg and model: Cogformer.from_authors, Llama-2 tokenizer, the prompt after BOS as in their evaluation).
 """
 
 import os
@@ -21,6 +24,7 @@ class SampleConfig:
     preset: str = "default"
     # shared by both kinds
     out_dir: str = "out/demo_lm"  # the folder holding ckpt.pt
+    init_from: str = ""  # a released checkpoint file instead (the authors' LM format); out_dir is then not read
     num_samples: Optional[int] = None  # none: 3 texts, or a grid of 64 images
     seed: int = 1337
     device: str = "auto"
@@ -30,6 +34,8 @@ class SampleConfig:
     max_new_tokens: int = 300
     temperature: float = 0.8  # < 1 sharper, > 1 more random, 0 greedy
     top_k: Optional[int] = 200  # keep only the k most likely tokens; none: all
+    tokenizer: str = ""  # "": the checkpoint's (llama2 for the authors' models); or gpt2, bytes, llama2
+    tokenizer_path: str = ""  # llama2: a folder, hub id or tokenizer.model file; "": meta-llama/Llama-2-7b-hf
     # diffusion models
     sampler: str = "dpm"  # "dpm": DPM-Solver-2, fast; "em": Euler-Maruyama on the reverse SDE (the FID protocol)
     steps: int = 0  # 0: the sampler's default, 50 for dpm and 1000 for em
@@ -43,19 +49,22 @@ class SampleConfig:
 PRESETS = {"default": {}}
 
 
-def sample_text(checkpoint, config):
+def sample_text(model, tokenizer_name, config):
     """Print num_samples continuations of the prompt, generated with the model's KV cache."""
     from data.prepare_lm import Tokenizer
-    from model import Cogformer, CogformerConfig
-    model = Cogformer(CogformerConfig(**checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["model"])
     model.eval().to(config.device)
-    tokenizer = Tokenizer(checkpoint["meta"]["tokenizer"])
+    tokenizer = Tokenizer(config.tokenizer or tokenizer_name, config.tokenizer_path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise SystemExit(f"error: the {tokenizer.name} tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                         f"{model.config.vocab_size}: --tokenizer names the wrong one")
     start = config.start
     if start.startswith("FILE:"):
         with open(start[5:], encoding="utf-8") as f:
             start = f.read()
-    ids = tokenizer.encode(start) or [tokenizer.eot]  # an empty prompt starts a new document
+    if tokenizer.bos is not None:  # Llama-2: a document (and the authors' evaluation) starts with BOS
+        ids = [tokenizer.bos] + tokenizer.encode(start)
+    else:
+        ids = tokenizer.encode(start) or [tokenizer.eot]  # an empty prompt starts a new document
     x = torch.tensor(ids, dtype=torch.long, device=config.device)[None, :]
     with torch.no_grad(), autocast_context(config.device, config.dtype):
         for _ in range(config.num_samples or 3):
@@ -69,13 +78,31 @@ def main(argv=None):
     config.device = resolve_device(config.device)
     config.dtype = resolve_dtype(config.dtype, config.device)
     torch.manual_seed(config.seed)
+    if config.init_from:
+        return sample_released(config)
     checkpoint = load_checkpoint(os.path.join(config.out_dir, "ckpt.pt"), map_location=config.device)
     if checkpoint["kind"] == "lm":
-        sample_text(checkpoint, config)
+        from model import Cogformer, CogformerConfig
+        model = Cogformer(CogformerConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["model"])
+        sample_text(model, checkpoint["meta"]["tokenizer"], config)
     elif checkpoint["kind"] == "diffusion":
         sample_images(checkpoint, config)
     else:
         raise SystemExit(f"error: unknown checkpoint kind {checkpoint['kind']!r}")
+
+
+def sample_released(config):
+    """Sample from a released checkpoint file, recognised by its content (loaded without running code from it)."""
+    from model import Cogformer, is_authors_lm, load_weights_file
+    try:
+        checkpoint = load_weights_file(config.init_from)
+        if is_authors_lm(checkpoint):  # the authors' Cogformer / Transformer LM
+            return sample_text(Cogformer.from_authors(checkpoint), "llama2", config)
+    except ValueError as err:
+        raise SystemExit(f"error: --init_from={config.init_from}: {err}") from None
+    raise SystemExit(f"error: --init_from={config.init_from}: not a released format sample.py knows "
+                     "(the authors' LM checkpoints hold 'model_cfg' and 'model')")
 
 
 # -----------------------------------------------------------------------------
