@@ -38,7 +38,7 @@ class RunsConfig:
     preset: str = "default"
     out_dir: str = ""  # a run folder (ckpt.pt, log.jsonl); several comma-separated
     out_dirs: str = ""  # the same, for several runs
-    init_from: str = ""  # the authors' released checkpoint file(s) (Cogformer.from_authors), comma-separated or repeated
+    init_from: str = ""  # the authors' released checkpoint file(s), comma-separated or the flag repeated
     tokenizer: str = ""  # "": the run's own (llama2 for the authors' files); or gpt2, bytes, llama2
     tokenizer_path: str = ""  # llama2: a folder, hub id or tokenizer.model file; "": meta-llama/Llama-2-7b-hf
     device: str = "auto"
@@ -538,8 +538,9 @@ def eval_table(table, tasks, logged):
         head += [label] + (["authors' log", "difference"] if ref else [])
         for t in tasks + ["mean"]:
             shared = [u for u in accs if ref is None or u in ref]
-            ours = statistics.mean(accs[u] for u in shared) if t == "mean" and shared else accs.get(t)
-            theirs = (statistics.mean(ref[u] for u in shared) if t == "mean" and shared else ref.get(t)) if ref else None
+            mean = t == "mean" and shared
+            ours = statistics.mean(accs[u] for u in shared) if mean else accs.get(t)
+            theirs = None if ref is None else statistics.mean(ref[u] for u in shared) if mean else ref.get(t)
             rows[t].append("-" if ours is None else f"{ours:.2f}")
             if ref:
                 rows[t] += ["-" if theirs is None else f"{theirs:.2f}",

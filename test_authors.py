@@ -118,7 +118,8 @@ def save(tmp_path, ckpt, name="cog_ckpt_test.pt"):
 # the conversion
 
 
-@pytest.mark.parametrize("attn_type,kinds", [("np", ["softmax", "cog", "cog", "softmax"]), ("vanilla", ["softmax"] * 4)])
+@pytest.mark.parametrize("attn_type,kinds", [("np", ["softmax", "cog", "cog", "softmax"]),
+                                             ("vanilla", ["softmax"] * 4)])
 def test_converted_model_gives_their_logits(tmp_path, attn_type, kinds):
     ckpt = authors_checkpoint(attn_type)
     model = Cogformer.from_authors(save(tmp_path, ckpt))
@@ -255,7 +256,8 @@ def llama_dir(tmp_path_factory):
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     folder = str(tmp_path_factory.mktemp("llama2_tokenizer"))
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf.save_pretrained(folder)
     return folder
 
 
@@ -371,6 +373,12 @@ def test_finetune_the_authors_checkpoint(tmp_path, llama_dir):
     saved = load_checkpoint(out / "ckpt.pt")
     _, converted = authors_to_nanocog(ckpt)
     assert all(torch.equal(saved["model"][k], converted[k]) for k in converted)  # their weights, unchanged
+    # the first evaluation is their model's loss on the trainer's val batches, with the masks reset at each BOS
+    model, gen = Cogformer.from_authors(ckpt, block_size=24), torch.Generator().manual_seed(1337 + 100_000 + 1)
+    batches = [train_lm.get_batch(str(data), "val", 4, 24, gen, "cpu") for _ in range(2)]
+    masked = sum(model(x, y, doc_ids=document_ids(x, BOS))[1].item() for x, y in batches) / 2
+    assert read_log(out / "log.jsonl")[0]["val_loss"] == pytest.approx(masked, rel=1e-6)
+    assert sum(model(x, y)[1].item() for x, y in batches) / 2 != pytest.approx(masked, rel=1e-3)
     assert saved["model_config"]["n_embd"] == 16 and saved["model_config"]["block_size"] == 24
     assert saved["config"]["init_from"] == path and saved["config"]["n_layer"] == 4
     train_lm.main(common + ["--max_iters=20", "--learning_rate=3e-3"])

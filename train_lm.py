@@ -50,7 +50,7 @@ class TrainConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     attn: str = "cog"  # or "softmax": the Transformer baseline
-    init_from: str = ""  # the authors' released checkpoint to fine-tune or continue; its architecture replaces the above
+    init_from: str = ""  # the authors' released checkpoint to fine-tune or continue (its architecture wins)
     doc_mask: bool = False  # attend only within a document (packed documents; a new one at each BOS, else end-of-text)
     # optimisation (our choices, the paper does not say): 16 x 2048 x 16 = 524,288 tokens per step
     batch_size: int = 16  # micro-batch per GPU
@@ -163,8 +163,8 @@ def main(argv=None):
     released = None  # the authors' weights, converted, for --init_from (a resumed run has its own)
     if config.init_from and checkpoint is None:
         if meta["tokenizer"] != "llama2":
-            raise SystemExit(f"error: the authors' models read Llama-2 tokens; {config.data_dir} holds {meta['tokenizer']} "
-                             "tokens (prepare the data with python data/prepare_lm.py --tokenizer=llama2 ...)")
+            raise SystemExit(f"error: the authors' models read Llama-2 tokens; {config.data_dir} holds "
+                             f"{meta['tokenizer']} tokens (prepare it with data/prepare_lm.py --tokenizer=llama2)")
         try:
             released_config, released = authors_to_nanocog(load_weights_file(config.init_from))
         except ValueError as err:

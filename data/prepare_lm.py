@@ -243,7 +243,8 @@ def write_tokens(sources, tokenizer, paths, max_tokens, val_fraction, num_proc):
     with ExitStack() as stack:
         pool = None
         if num_proc > 1:
-            pool = stack.enter_context(Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.name, tokenizer.path)))
+            pool = stack.enter_context(Pool(num_proc, initializer=_init_worker,
+                                            initargs=(tokenizer.name, tokenizer.path)))
         files = {split: stack.enter_context(open(paths[split], "wb")) for split in ("train", "val")}
         bar = stack.enter_context(tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenising"))
         for _, size, texts in sources:
