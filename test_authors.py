@@ -335,6 +335,8 @@ def test_analyze_the_authors_checkpoints(tmp_path, llama_dir, monkeypatch):
     want = (a - b).abs().view(2, 8).amax(-1).mean().item()
     assert res[0]["count_ones"]["raw"][-1] == pytest.approx(want, rel=1e-5)
     assert len(q) + n + 1 == 128 and n > 70
+    with pytest.raises(SystemExit, match="compare reads training logs"):
+        analyze.main(["compare", f"--init_from={cog}"])
 
 
 def test_scorer_reads_text_after_bos(llama_dir):
@@ -357,6 +359,30 @@ def test_eval_table_sets_our_numbers_beside_their_logs():
     assert lines[3] == "| piqa | 58.59 | 59.09 | -0.50 | - |"
     assert lines[4] == "| sst2 | - | - | - | - |"
     assert lines[5].endswith("| 51.30 | 51.50 | -0.20 | 30.00 |")
+
+
+def test_eval_end_to_end_on_a_local_task(tmp_path, llama_dir, monkeypatch, capsys):
+    pytest.importorskip("lm_eval")
+    monkeypatch.chdir(tmp_path)
+    docs = [{"q": "The lighthouse keeper", "choices": [" climbed", " dusk"], "label": 0},
+            {"q": "How many ones are in the", "choices": [" following", " zero"], "label": 0},
+            {"q": "print(", "choices": ["0123)", "lighthouse)"], "label": 1}]
+    with open(tmp_path / "toy.jsonl", "w") as f:
+        f.writelines(json.dumps(d) + "\n" for d in docs)
+    task = {"task": "toy_authors", "dataset_path": "json", "test_split": "test", "output_type": "multiple_choice",
+            "dataset_kwargs": {"data_files": {"test": str(tmp_path / "toy.jsonl")}}, "doc_to_text": "{{q}}",
+            "doc_to_choice": "{{choices}}", "doc_to_target": "{{label}}", "metric_list": [{"metric": "acc"}]}
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "toy.yaml").write_text(json.dumps(task))
+    path = save(tmp_path, authors_checkpoint(), "cog_ckpt_100.00_Bi.pt")
+    table = analyze.main(["eval", f"--init_from={path}", f"--tokenizer_path={llama_dir}", "--tasks=toy_authors",
+                          f"--include_path={tmp_path / 'tasks'}"])
+    scorer = analyze.Scorer(Cogformer.from_authors(path), prepare_lm.Tokenizer("llama2", llama_dir))
+    right = [max(range(2), key=lambda c: scorer.loglikelihood([(d["q"], d["choices"][c])])[0][0]) == d["label"]
+             for d in docs]
+    assert table == {"cog_ckpt_100.00_Bi (cog)": {"toy_authors": pytest.approx(100 * sum(right) / 3)}}
+    assert "| task | cog_ckpt_100.00_Bi (cog) | authors' log | difference |" in capsys.readouterr().out
+    assert json.load(open("out/cog_ckpt_100.00_Bi/eval.json"))["tasks"] == table["cog_ckpt_100.00_Bi (cog)"]
 
 
 def test_finetune_the_authors_checkpoint(tmp_path, llama_dir):
