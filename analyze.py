@@ -5,10 +5,13 @@ The paper's instruments (arXiv 2411.07176; PAPER.md sections 2 and 4) for any ch
     python analyze.py collapse --out_dirs=out/demo_cog,out/demo_softmax # representational-collapse probes
     python analyze.py compare --out_dirs=out/a,out/b,out/c              # loss curves and final validation losses
     python analyze.py eval --out_dir=out/lm --tasks=arc_easy,piqa       # zero-shot accuracy (lm-evaluation-harness)
+    python analyze.py eval --init_from=cog_ckpt_100.00_Bi.pt --init_from=vanilla_ckpt_100.00_Bi.pt  # the authors'
 
 Every subcommand takes run folders (holding ckpt.pt and log.jsonl) as --out_dir or --out_dirs, comma-separated, and
---device=auto. The plotting ones write --png (default: <first run folder>/<subcommand>.png) and the numbers as JSON
-in the first run folder. matplotlib (for the PNGs) and lm-eval (for eval) are optional: pip install matplotlib lm-eval.
+--device=auto. attention, collapse and eval also take the authors' released checkpoints as --init_from=FILE (repeated
+or comma-separated; Llama-2 tokenizer, see --tokenizer_path); their outputs go to out/<file name>. The plotting ones
+write --png (default: <first run folder>/<subcommand>.png) and the numbers as JSON in the first run folder.
+matplotlib (for the PNGs) and lm-eval (for eval) are optional: pip install matplotlib lm-eval.
 """
 
 import json
@@ -35,6 +38,9 @@ from train_utils import (check_at_least, load_checkpoint, parse_config, print_co
 class RunsConfig:
     out_dir: str = ""  # a run folder (ckpt.pt, log.jsonl); several comma-separated
     out_dirs: str = ""  # the same, for several runs
+    init_from: str = ""  # the authors' released checkpoint file(s), comma-separated or the flag repeated
+    tokenizer: str = ""  # "": the run's own (llama2 for the authors' files); or gpt2, bytes, llama2
+    tokenizer_path: str = ""  # llama2: a folder, hub id or tokenizer.model file; "": meta-llama/Llama-2-7b-hf
     device: str = "auto"
     png: str = ""  # default: <first run folder>/<subcommand>.png; the numbers go to <first run folder>/<png name>.json
 
@@ -53,30 +59,53 @@ class EvalConfig(RunsConfig):
 
 
 def run_dirs(cfg):
-    dirs = [d for d in f"{cfg.out_dir},{cfg.out_dirs}".split(",") if d]
-    if not dirs:
-        raise SystemExit("error: give the run folder(s): --out_dir=DIR or --out_dirs=A,B")
-    return dirs
+    """The runs: (folder, False) for each run folder, then (file, True) for each of the authors' checkpoint files."""
+    dirs = [(d, False) for d in f"{cfg.out_dir},{cfg.out_dirs}".split(",") if d]
+    runs = dirs + [(f, True) for f in cfg.init_from.split(",") if f]
+    if not runs:
+        raise SystemExit("error: give the run folder(s): --out_dir=DIR or --out_dirs=A,B "
+                         "(or the authors' checkpoint files: --init_from=FILE)")
+    return runs
+
+
+def run_folder(run):
+    """Where a run's outputs go: its own folder, or out/<file name> for one of the authors' checkpoint files."""
+    path, released = run
+    return os.path.join("out", os.path.splitext(os.path.basename(path))[0]) if released else path
 
 
 def output_paths(cfg, name):
     """The PNG, and the JSON with the numbers: in the first run's folder, named after the PNG."""
-    png = cfg.png or os.path.join(run_dirs(cfg)[0], f"{name}.png")
-    return png, os.path.join(run_dirs(cfg)[0], os.path.splitext(os.path.basename(png))[0] + ".json")
+    folder = run_folder(run_dirs(cfg)[0])
+    png = cfg.png or os.path.join(folder, f"{name}.png")
+    return png, os.path.join(folder, os.path.splitext(os.path.basename(png))[0] + ".json")
 
 
-def load_run(out_dir, device="cpu"):
-    """(model in eval mode, tokenizer, checkpoint dict) of the LM checkpoint out_dir/ckpt.pt."""
-    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), map_location="cpu")
-    if ckpt.get("kind", "lm") != "lm":
-        raise SystemExit(f"error: {out_dir}/ckpt.pt is a {ckpt['kind']!r} checkpoint; analyze.py reads LM checkpoints")
-    model = Cogformer(CogformerConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), Tokenizer(ckpt["meta"]["tokenizer"]), ckpt
+def load_run(run, device, cfg):
+    """(model in eval mode, tokenizer, checkpoint dict) of a run: the LM checkpoint folder/ckpt.pt, or one of the
+    authors' released files, whose stand-in checkpoint dict names the Llama-2 tokenizer they trained with."""
+    path, released = run
+    if released:
+        try:
+            model = Cogformer.from_authors(path)
+        except ValueError as err:
+            raise SystemExit(f"error: --init_from={path}: {err}") from None
+        ckpt = {"authors": True, "meta": {"tokenizer": "llama2", "source": "the authors' RedPajama run"}}
+    else:
+        ckpt = load_checkpoint(os.path.join(path, "ckpt.pt"), map_location="cpu")
+        if ckpt.get("kind", "lm") != "lm":
+            raise SystemExit(f"error: {path}/ckpt.pt is a {ckpt['kind']!r} checkpoint; analyze.py reads LM checkpoints")
+        model = Cogformer(CogformerConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    tok = Tokenizer(cfg.tokenizer or ckpt["meta"]["tokenizer"], cfg.tokenizer_path)
+    if tok.vocab_size > model.config.vocab_size:
+        raise SystemExit(f"error: the {tok.name} tokenizer has {tok.vocab_size} tokens, the model of {path} only "
+                         f"{model.config.vocab_size}: --tokenizer names the wrong one")
+    return model.to(device).eval(), tok, ckpt
 
 
-def run_label(out_dir, model):
-    return f"{os.path.basename(os.path.normpath(out_dir))} ({model.config.attn})"
+def run_label(run, model):
+    return f"{os.path.basename(os.path.normpath(run_folder(run)))} ({model.config.attn})"
 
 
 def pyplot():
@@ -119,6 +148,18 @@ DEFAULT_PROSE = ("The lighthouse keeper climbed the narrow stairs every evening 
                  "the great lens until it shone, and wrote the weather in a worn notebook. Ships that passed the rocks "
                  "at night never saw him, only the steady beam that turned above the water, and yet every captain "
                  "on that coast knew his name.")
+# the paragraph of the authors' attention figures (draw_attn.py in trestad/CogAttn): the abstract of Vaswani et al.
+# 2017 as they typed it ("Englishto-German" included), tokenised without BOS as they do
+AUTHORS_PARAGRAPH = (
+    "The dominant sequence transduction models are based on complex recurrent or convolutional neural networks that "
+    "include an encoder and a decoder. The best performing models also connect the encoder and decoder through an "
+    "attention mechanism. We propose a new simple network architecture, the Transformer, based solely on attention "
+    "mechanisms, dispensing with recurrence and convolutions entirely. Experiments on two machine translation tasks "
+    "show these models to be superior in quality while being more parallelizable and requiring significantly less "
+    "time to train. Our model achieves 28.4 BLEU on the WMT 2014 Englishto-German translation task, improving over "
+    "the existing best results, including ensembles, by over 2 BLEU. On the WMT 2014 English-to-French translation "
+    "task, our model establishes a new single-model state-of-the-art BLEU score of 41.0 after training for 3.5 days "
+    "on eight GPUs, a small fraction of the training costs of the best models from the literature.")
 
 
 def attention_weights(kind, q, k):
@@ -161,11 +202,13 @@ def layer_stats(row):
 
 
 def default_text(ckpt):
+    if ckpt.get("authors"):
+        return AUTHORS_PARAGRAPH
     return DEFAULT_CODE if str(ckpt["meta"].get("source", "")).startswith("pystdlib") else DEFAULT_PROSE
 
 
 def token_label(tok, i):
-    text = tok.decode([i]) if i != tok.eot else "<eot>"
+    text = {tok.eot: "<eot>", tok.bos: "<s>"}.get(i) or tok.decode([i])
     return text.replace("\n", "\u21b5").replace(" ", "\u2423").replace("\t", "\u21e5")
 
 
@@ -173,8 +216,8 @@ def cmd_attention(cfg):
     """The last token's signed weights in every layer and head on a real paragraph: a PNG and a table."""
     device = resolve_device(cfg.device)
     runs = []
-    for out_dir in run_dirs(cfg):
-        model, tok, ckpt = load_run(out_dir, device)
+    for run in run_dirs(cfg):
+        model, tok, ckpt = load_run(run, device, cfg)
         if cfg.text:
             if not os.path.isfile(cfg.text):
                 raise SystemExit(f"error: --text={cfg.text}: no such file")
@@ -187,15 +230,15 @@ def cmd_attention(cfg):
             raise SystemExit(f"error: the text is empty{' (' + cfg.text + ')' if cfg.text else ''}")
         maps, err = attention_maps(model, torch.tensor([ids], device=device))
         if err > 1e-2:
-            raise RuntimeError(f"{out_dir}: recomputed attention differs from the model's by {err:.2e}")
+            raise RuntimeError(f"{run[0]}: recomputed attention differs from the model's by {err:.2e}")
         rows = torch.stack([w[0, :, -1, :] for w in maps]).cpu()  # (L, nh, T): the last token's weights
         stats = [{"layer": i, "kind": b.attn.kind, **layer_stats(rows[i])} for i, b in enumerate(model.blocks)]
-        print(f"\n{run_label(out_dir, model)}: last token {token_label(tok, ids[-1])!r} of {len(ids)}; "
+        print(f"\n{run_label(run, model)}: last token {token_label(tok, ids[-1])!r} of {len(ids)}; "
               f"recomputation matches the layers' outputs to {err:.1e} (relative)")
         print("| layer | kind | negative mass share | largest negative weight | sink (weight on token 0) |\n|---|---|---|---|---|")
         for s in stats:
             print(f"| {s['layer']} | {s['kind']} | {s['neg_share']:.3f} | {s['min_weight']:.3f} | {s['sink']:.3f} |")
-        runs.append({"out_dir": out_dir, "label": run_label(out_dir, model), "tokens": [token_label(tok, i) for i in ids],
+        runs.append({"out_dir": run[0], "label": run_label(run, model), "tokens": [token_label(tok, i) for i in ids],
                      "layers": stats, "weights": rows.round(decimals=5).tolist(), "max_recompute_error": err})
     png, json_path = output_paths(cfg, "attention")
     write_json(json_path, runs)
@@ -242,17 +285,24 @@ QUESTIONS = {"count_ones": "How many ones are in the following sequences?",
 PAPER_NS = (200, 400, 600, 800, 1000, 2000)
 
 
-def digit(tok, ch):
-    ids = tok.encode(ch)
-    if len(ids) != 1:
-        raise ValueError(f"the tokenizer splits {ch!r} into {len(ids)} tokens")
-    return ids[0]
+def question_ids(tok, task):
+    """The probe's question, after BOS for tokenizers that have one (the authors' probe starts with it)."""
+    return [tok.bos] * (tok.bos is not None) + tok.encode(QUESTIONS[task])
+
+
+def digit(tok, task, ch):
+    """The token of the digit ch where it follows the question (Llama-2 gives a bare "1" another token there)."""
+    q = tok.encode(QUESTIONS[task])
+    ids = tok.encode(QUESTIONS[task] + ch)
+    if len(ids) != len(q) + 1 or ids[:len(q)] != q:
+        raise ValueError(f"the tokenizer does not make {ch!r} one token of its own after the question")
+    return ids[-1]
 
 
 def probe_pair(tok, task, n):
     """The token ids of the probe's two prompts. Built digit by digit, so every digit is one token whatever the
     tokenizer (GPT-2's BPE would merge '111' into one token; the paper's Llama tokenizer splits digits)."""
-    q, one, zero = tok.encode(QUESTIONS[task]), digit(tok, "1"), digit(tok, "0")
+    q, one, zero = question_ids(tok, task), digit(tok, task, "1"), digit(tok, task, "0")
     if task == "count_ones":
         return q + [one] * (n + 1), q + [one] * n
     return q + [zero] + [one] * n, q + [one] + [one] * n
@@ -294,16 +344,16 @@ def collapse_probe(model, tok, ns):
 def cmd_collapse(cfg):
     """Representational-collapse probes (count_ones, find_a_zero): how far apart two prompts stay, as n grows."""
     device = resolve_device(cfg.device)
-    runs = [(d, *load_run(d, device)[:2]) for d in run_dirs(cfg)]
-    overhead = max(len(tok.encode(q)) for _, _, tok in runs for q in QUESTIONS.values())
+    runs = [(run, *load_run(run, device, cfg)[:2]) for run in run_dirs(cfg)]
+    overhead = max(len(question_ids(tok, task)) for _, _, tok in runs for task in QUESTIONS)
     ns = probe_lengths(min(m.config.block_size for _, m, _ in runs), overhead)
     print(f"n = {ns}" + ("" if ns[0] in PAPER_NS else " (the paper's proportions, scaled to fit the context)"))
     results = []
-    for out_dir, model, tok in runs:
+    for run, model, tok in runs:
         res = collapse_probe(model, tok, ns)
-        results.append({"out_dir": out_dir, "label": run_label(out_dir, model), "attn": model.config.attn, **res})
+        results.append({"out_dir": run[0], "label": run_label(run, model), "attn": model.config.attn, **res})
         for task in QUESTIONS:
-            print(f"{run_label(out_dir, model)} {task}: normalised " + " ".join(f"{v:.3f}" for v in res[task]["normalised"])
+            print(f"{run_label(run, model)} {task}: normalised " + " ".join(f"{v:.3f}" for v in res[task]["normalised"])
                   + f"  (raw at n={ns[0]}: {res[task]['raw'][0]:.4f})")
     png, json_path = output_paths(cfg, "collapse")
     write_json(json_path, results)
@@ -336,8 +386,10 @@ def cmd_collapse(cfg):
 
 def cmd_compare(cfg):
     """Loss curves of several runs on one PNG; final validation losses, mean ± std per attention kind."""
+    if cfg.init_from:
+        raise SystemExit("error: compare reads training logs (log.jsonl); the authors' checkpoint files have none")
     runs = []
-    for out_dir in run_dirs(cfg):
+    for out_dir, _ in run_dirs(cfg):
         log_path = os.path.join(out_dir, "log.jsonl")
         if not os.path.exists(log_path):
             raise SystemExit(f"error: no training log at {log_path}")
@@ -408,21 +460,23 @@ class Scorer:
         """(context, continuation) strings -> (sum of the continuation's log-probabilities, whether greedy decoding
         gives it). As in the harness's models: a context's trailing whitespace moves to the continuation (BPE attaches
         a space to the word after it), the pair is encoded whole and split after the context's tokens, and an empty
-        context is an end-of-text token (a document start)."""
-        requests = []
+        context is an end-of-text token (a document start). With Llama-2's tokenizer both encodings start with BOS,
+        as the authors' evaluation (and the harness's Llama models) encode them."""
+        requests, bos = [], [self.tok.bos] * (self.tok.bos is not None)
         for ctx, cont in pairs:
             cut = len(ctx.rstrip())
             ctx, cont = ctx[:cut], ctx[cut:] + cont
-            ctx_ids, whole = self.tok.encode(ctx), self.tok.encode(ctx + cont)
+            ctx_ids, whole = bos + self.tok.encode(ctx), bos + self.tok.encode(ctx + cont)
             requests.append((ctx_ids or [self.tok.eot], whole[len(ctx_ids):]))
         return self.score_tokens(requests)
 
     def loglikelihood_rolling(self, texts):
-        """Sum of log-probabilities of whole texts after an end-of-text token: each token is predicted once, in
-        windows of block_size predictions, the last window with a full context (the harness's rolling windows)."""
+        """Sum of log-probabilities of whole texts after a document start (end-of-text, or BOS): each token is
+        predicted once, in windows of block_size predictions, the last window with a full context (the harness's
+        rolling windows)."""
         requests, owner = [], []
         for n, text in enumerate(texts):
-            ids, B = [self.tok.eot] + self.tok.encode(text), self.block_size
+            ids, B = [self.tok.doc_start] + self.tok.encode(text), self.block_size
             for s in range(1, len(ids), B):
                 e = min(s + B, len(ids))
                 requests.append((ids[max(0, e - 1 - B):s], ids[s:e]))
@@ -479,6 +533,36 @@ def harness_lm(scorer):
     return NanoCogLM()
 
 
+# zero-shot accuracy (acc, %) of the authors' released 141M checkpoints in their lm-eval logs (PAPER.md section 2)
+AUTHORS_LOGGED = {
+    "softmax": {"arc_challenge": 19.54, "arc_easy": 42.34, "piqa": 57.73, "mnli": 33.21, "mrpc": 68.63, "qqp": 36.82,
+                "rte": 51.99},
+    "cog": {"arc_challenge": 19.54, "arc_easy": 43.90, "piqa": 59.09, "mnli": 34.12, "mrpc": 68.38, "qqp": 37.00,
+            "rte": 52.71},
+}
+
+
+def eval_table(table, tasks, logged):
+    """The markdown table of accuracies: a column per run, and for a run with logged numbers (the authors'
+    checkpoints: {task: acc}) two more, their logged accuracy and ours minus theirs."""
+    head, rows = ["task"], {t: [t] for t in tasks + ["mean"]}
+    for label, accs in table.items():
+        ref = logged.get(label)
+        head += [label] + (["authors' log", "difference"] if ref else [])
+        for t in tasks + ["mean"]:
+            shared = [u for u in accs if ref is None or u in ref]
+            mean = t == "mean" and shared
+            ours = statistics.mean(accs[u] for u in shared) if mean else accs.get(t)
+            theirs = None if ref is None else statistics.mean(ref[u] for u in shared) if mean else ref.get(t)
+            rows[t].append("-" if ours is None else f"{ours:.2f}")
+            if ref:
+                rows[t] += ["-" if theirs is None else f"{theirs:.2f}",
+                            "-" if ours is None or theirs is None else f"{ours - theirs:+.2f}"]
+    rows["mean"][0] = "mean (of the tasks with a number)" if logged else f"mean of {len(tasks)}"
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows.values()])
+
+
 def cmd_eval(cfg):
     """Zero-shot accuracy through EleutherAI's lm-evaluation-harness, one column per run."""
     check_at_least(cfg, 1, "batch_size")
@@ -489,21 +573,22 @@ def cmd_eval(cfg):
     except ImportError:
         raise SystemExit("error: analyze.py eval needs EleutherAI's lm-evaluation-harness: pip install lm-eval") from None
     device, tasks = resolve_device(cfg.device), [t for t in cfg.tasks.split(",") if t]
-    table, task_manager = {}, TaskManager(include_path=cfg.include_path or None)
-    for out_dir in run_dirs(cfg):
-        model, tok, _ = load_run(out_dir, device)
+    table, logged, task_manager = {}, {}, TaskManager(include_path=cfg.include_path or None)
+    for run in run_dirs(cfg):
+        model, tok, _ = load_run(run, device, cfg)
         out = lm_eval.simple_evaluate(model=harness_lm(Scorer(model, tok, cfg.batch_size)), tasks=tasks,
                                       num_fewshot=0, limit=cfg.limit or None, log_samples=False,
                                       task_manager=task_manager)
         accs = {t: 100 * out["results"][t]["acc,none"] for t in tasks if "acc,none" in out["results"].get(t, {})}
-        table[run_label(out_dir, model)] = accs
-        write_json(os.path.join(out_dir, "eval.json"), {"tasks": accs, "limit": cfg.limit, "results": out["results"]})
-    labels = list(table)
-    print("| task | " + " | ".join(labels) + " |\n|---|" + "---|" * len(labels))
-    for t in tasks:
-        print(f"| {t} | " + " | ".join(f"{table[l][t]:.2f}" if t in table[l] else "-" for l in labels) + " |")
-    print(f"| mean of {len(tasks)} | " + " | ".join(f"{sum(table[l].values()) / max(1, len(table[l])):.2f}" for l in labels)
-          + " |")
+        label = run_label(run, model)
+        table[label] = accs
+        if run[1]:  # one of the authors' checkpoints: set its numbers beside their logged ones
+            logged[label] = AUTHORS_LOGGED[model.config.attn]
+        write_json(os.path.join(run_folder(run), "eval.json"), {"tasks": accs, "limit": cfg.limit,
+                                                                "results": out["results"]})
+    print(eval_table(table, tasks, logged))
+    if cfg.limit:
+        print(f"(--limit={cfg.limit}: a quick check on part of each task, not comparable with the full logs)")
     return table
 
 
@@ -527,7 +612,10 @@ def main(argv=None):
         problem = f"error: unknown subcommand {argv[0]!r}\n" if argv else ""
         raise SystemExit(f"{problem}{USAGE}   (--help says more)")
     config_cls, command = COMMANDS[argv[0]]
-    cfg = parse_config(config_cls, None, argv[1:], usage=f"python analyze.py {argv[0]} --out_dir=DIR",
+    # --init_from may be repeated: the files join into one comma-separated value
+    files = [a.partition("=")[2] for a in argv[1:] if a.startswith("--init_from=")]
+    rest = [a for a in argv[1:] if not a.startswith("--init_from=")] + [f"--init_from={','.join(files)}"] * bool(files)
+    cfg = parse_config(config_cls, None, rest, usage=f"python analyze.py {argv[0]} --out_dir=DIR",
                        description=command.__doc__)
     png_folder = os.path.dirname(getattr(cfg, "png", "")) or "."
     require(os.path.isdir(png_folder), f"--png={getattr(cfg, 'png', '')}: there is no folder {png_folder}")

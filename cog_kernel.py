@@ -35,8 +35,8 @@ except ImportError:  # no Triton (e.g. macOS): the reference still works; the ke
     triton, tl = None, types.SimpleNamespace(constexpr=None)
 
 
-def check_attention_inputs(q, k, v):
-    """Raise a ValueError that names the problem if q, k, v do not fit the contract above."""
+def check_attention_inputs(q, k, v, doc_ids=None):
+    """Raise a ValueError that names the problem if q, k, v (and doc_ids) do not fit the contract above."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"cog attention: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -59,6 +59,25 @@ def check_attention_inputs(q, k, v):
         raise ValueError("cog attention: k and v hold no keys (Tk = 0)")
     if Tq > Tk:
         raise ValueError(f"cog attention: needs Tq <= Tk (queries are the last Tq positions), got Tq = {Tq} > Tk = {Tk}")
+    if doc_ids is not None:
+        check_doc_ids(doc_ids, B, Tk, q.device)
+
+
+def check_doc_ids(doc_ids, B, Tk, device):
+    """doc_ids: (B, Tk) integers on q's device, non-decreasing along each row (documents packed one after another)."""
+    if not isinstance(doc_ids, torch.Tensor):
+        raise ValueError(f"cog attention: doc_ids must be a torch.Tensor, got {type(doc_ids).__name__}")
+    if doc_ids.is_floating_point() or doc_ids.is_complex() or doc_ids.dtype == torch.bool:
+        raise ValueError(f"cog attention: doc_ids must be an integer tensor, got {doc_ids.dtype}")
+    if tuple(doc_ids.shape) != (B, Tk):
+        raise ValueError(f"cog attention: doc_ids must have shape (B, Tk) = {(B, Tk)}, one id per key, "
+                         f"got {tuple(doc_ids.shape)}")
+    if doc_ids.device != device:
+        raise ValueError(f"cog attention: doc_ids must be on q's device {device}, got {doc_ids.device}")
+    # a data-dependent check: skipped while torch.compile traces (it would break the graph)
+    if not torch.compiler.is_compiling() and Tk > 1 and bool((doc_ids[:, 1:] < doc_ids[:, :-1]).any()):
+        raise ValueError("cog attention: doc_ids must be non-decreasing along the sequence (packed documents), "
+                         "but they decrease somewhere")
 
 
 def causal_mask(Tq, Tk, device=None):
@@ -68,24 +87,33 @@ def causal_mask(Tq, Tk, device=None):
     return j <= i + (Tk - Tq)
 
 
-def cog_attention_weights(q, k, causal=False, scale=None):
-    """The signed weights w = sign(s) * softmax(|s|), (B, H, Tq, Tk), in float32 (float64 for float64 inputs)."""
+def document_mask(doc_ids, Tq):
+    """(B, 1, Tq, Tk) bool, True where query i and key j lie in the same document; doc_ids: (B, Tk), the queries
+    being the last Tq positions."""
+    return (doc_ids[:, -Tq:, None] == doc_ids[:, None, :]).unsqueeze(1)
+
+
+def cog_attention_weights(q, k, causal=False, scale=None, doc_ids=None):
+    """The signed weights w = sign(s) * softmax(|s|), (B, H, Tq, Tk), in float32 (float64 for float64 inputs).
+    With doc_ids (B, Tk), a query sees only the keys of its own document."""
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
     s = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
     a = s.abs()
     if causal:
         a = a.masked_fill(~causal_mask(q.size(-2), k.size(-2), q.device), float("-inf"))
+    if doc_ids is not None:  # a query always sees itself, so no row is left without keys
+        a = a.masked_fill(~document_mask(doc_ids, q.size(-2)), float("-inf"))
     # subtract the row max of |s| (not of s): every exponent is <= 0 and the denominator is >= 1, so no inf and no eps
     e = torch.exp(a - a.amax(dim=-1, keepdim=True))
     p = e / e.sum(dim=-1, keepdim=True)
     return torch.sign(s) * p
 
 
-def cog_attention_reference(q, k, v, causal=False, scale=None):
+def cog_attention_reference(q, k, v, causal=False, scale=None, doc_ids=None):
     """The definition: materialises the weights. Computes in float32 (or float64), returns q's dtype."""
-    check_attention_inputs(q, k, v)
-    w = cog_attention_weights(q, k, causal, scale)
+    check_attention_inputs(q, k, v, doc_ids)
+    w = cog_attention_weights(q, k, causal, scale, doc_ids)
     return torch.matmul(w, v.to(w.dtype)).to(q.dtype)  # (B, H, Tq, D)
 
 
@@ -664,10 +692,12 @@ def _use_triton(q):
     return interpret and q.dtype in (torch.float16, torch.float32)  # the interpreter's bf16 dots are wrong
 
 
-def cog_attention(q, k, v, causal=False, scale=None, deterministic=None):
+def cog_attention(q, k, v, causal=False, scale=None, deterministic=None, doc_ids=None):
     """Cog attention for the model: (B, H, Tq, D) in q's dtype. The fused kernel where it applies, else the reference.
-    deterministic: see cog_attention_triton (the reference is always deterministic)."""
-    check_attention_inputs(q, k, v)
-    if _use_triton(q):
+    deterministic: see cog_attention_triton (the reference is always deterministic).
+    doc_ids (B, Tk): per-key document ids of packed sequences (query i has id doc_ids[:, Tk - Tq + i]); a query sees
+    only keys of its own document. For now they always go through the reference."""
+    check_attention_inputs(q, k, v, doc_ids)
+    if doc_ids is None and _use_triton(q):
         return cog_attention_triton(q, k, v, causal, scale, deterministic)
-    return cog_attention_reference(q, k, v, causal, scale)
+    return cog_attention_reference(q, k, v, causal, scale, doc_ids)

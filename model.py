@@ -12,13 +12,14 @@ scaled_dot_product_attention.
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cog_kernel import cog_attention
+from cog_kernel import cog_attention, document_mask
 
 ATTN_KINDS = ("cog", "softmax")
 
@@ -28,9 +29,15 @@ def check_attn(attn):
         raise ValueError(f"attn must be one of {ATTN_KINDS}, got {attn!r}")
 
 
-def softmax_attention(q, k, v, causal):
-    """Softmax attention with the same end-aligned causal convention as cog_attention."""
+def softmax_attention(q, k, v, causal, doc_ids=None):
+    """Softmax attention with the same end-aligned causal convention and document ids as cog_attention."""
     Tq, Tk = q.size(-2), k.size(-2)
+    if doc_ids is not None:  # a boolean mask, (B, 1, Tq, Tk): SDPA then picks a kernel that takes one
+        mask = document_mask(doc_ids, Tq)
+        if causal:
+            i = torch.arange(Tq, device=q.device)[:, None]
+            mask = mask & (torch.arange(Tk, device=q.device)[None, :] <= i + (Tk - Tq))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if not causal or Tq == 1:  # one new query at the end of the cache sees every key
         return F.scaled_dot_product_attention(q, k, v)
     if Tq == Tk:
@@ -41,11 +48,17 @@ def softmax_attention(q, k, v, causal):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=j <= i + (Tk - Tq))
 
 
-def attend(kind, q, k, v, causal):
-    """Route to the attention of this layer's kind; q: (B, nh, Tq, hs), k, v: (B, nh, Tk, hs)."""
+def attend(kind, q, k, v, causal, doc_ids=None):
+    """Route to the attention of this layer's kind; q: (B, nh, Tq, hs), k, v: (B, nh, Tk, hs), doc_ids: (B, Tk)."""
     if kind == "cog":
-        return cog_attention(q, k, v, causal=causal)
-    return softmax_attention(q, k, v, causal)
+        return cog_attention(q, k, v, causal=causal, doc_ids=doc_ids)
+    return softmax_attention(q, k, v, causal, doc_ids)
+
+
+def document_ids(idx, start_token):
+    """(B, T) document ids of packed token sequences idx: each start_token opens a new document (and belongs to it).
+    Whatever precedes the first start_token in a window is document 0, the rest of a document cut off by the window."""
+    return torch.cumsum(idx == start_token, dim=1)
 
 
 def configure_adamw(model, weight_decay, learning_rate, betas, device_type):
@@ -89,7 +102,8 @@ class CogformerConfig:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32 whatever the input dtype (bf16 squares lose too much)."""
+    """Root-mean-square norm computed in float32 (or float64 for float64 inputs), whatever the input dtype (bf16
+    squares lose too much)."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -97,9 +111,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).type_as(x)
+        return (xf * self.weight.to(xf.dtype)).type_as(x)
 
 
 def rope_tables(head_dim, max_len, theta):
@@ -111,10 +125,11 @@ def rope_tables(head_dim, max_len, theta):
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, nh, T, hs); cos, sin: (T, hs). Rotates in float32, returns x's dtype."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    """x: (B, nh, T, hs); cos, sin: (T, hs). Rotates in float32 (float64 for float64 x), returns x's dtype."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated * sin).type_as(x)
+    return (xf * cos + rotated * sin).type_as(x)
 
 
 class CausalSelfAttention(nn.Module):
@@ -135,7 +150,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, cache=None, doc_ids=None):
         B, T, C = x.size()
         q, k, v = self.qkv_heads(x, cos, sin)  # (B, nh, T, hs)
         if cache is not None:  # generation: keep this layer's keys and values, attend to all of them
@@ -143,7 +158,7 @@ class CausalSelfAttention(nn.Module):
                 k = torch.cat([cache["k"], k], dim=2)
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
-        y = attend(self.kind, q, k, v, causal=True)  # (B, nh, T, hs)
+        y = attend(self.kind, q, k, v, True, doc_ids)  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -169,8 +184,8 @@ class DecoderBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache=None, doc_ids=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, doc_ids)
         x = x + self.mlp(self.mlp_norm(x))
         return x
 
@@ -207,9 +222,11 @@ class Cogformer(nn.Module):
         """An empty KV cache for generate(): one dict per layer, filled by the layers as tokens come in."""
         return [{} for _ in self.blocks]
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, doc_ids=None):
         """idx: (B, T) token ids -> logits (B, T, vocab) and the mean cross-entropy against targets (or None).
-        With a cache, idx holds only the new tokens and positions continue after the cached ones."""
+        With a cache, idx holds only the new tokens and positions continue after the cached ones.
+        doc_ids: (B, start + T) document ids of every position so far (document_ids() makes them from the tokens);
+        a token then attends only within its document. Positions (RoPE) run on across documents: it is relative."""
         B, T = idx.size()
         start = cache[0]["k"].size(2) if cache and "k" in cache[0] else 0
         if start + T > self.config.block_size:
@@ -217,7 +234,7 @@ class Cogformer(nn.Module):
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.tok_emb(idx)  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache[i] if cache is not None else None)
+            x = block(x, cos, sin, cache[i] if cache is not None else None, doc_ids)
         logits = self.lm_head(self.norm(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
@@ -251,6 +268,126 @@ class Cogformer(nn.Module):
             idx = torch.cat([idx, idx_next], dim=1)
             new = idx_next
         return idx
+
+    @classmethod
+    def from_authors(cls, path, block_size=None):
+        """The authors' released Cogformer or Transformer (trestad/CogAttn: cog_ckpt_100.00_Bi.pt,
+        vanilla_ckpt_100.00_Bi.pt) as a Cogformer in eval mode. path: the file, or the dict torch.load gave.
+        block_size: the context to use (default: the max_seq_length they trained with)."""
+        checkpoint = load_weights_file(path) if isinstance(path, str) else path
+        config, state = authors_to_nanocog(checkpoint)
+        if block_size is not None:
+            config.block_size = block_size
+        model = cls(config)
+        model.load_state_dict(state)
+        return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# the authors' LM checkpoint format (their Cogformer/model.py and attention.py):
+#   {"model_cfg": {vocab_size, n_layers, max_seq_length, dim, n_heads, head_dim, hidden_dim, norm_eps,
+#                  attn_type ("np": Cog in all but the first and last layer, "vanilla": softmax), shared_expert_recipe},
+#    "model": state dict}
+# Their projections are (in, out) matrices used as x @ W: ours are nn.Linear weights, (out, in), so each is transposed.
+# Their RoPE turns the pairs (2i, 2i+1) of a head as complex numbers; ours turns (i, i + hs/2). A head's q and k
+# components are therefore reordered, evens first, then odds: q.k is unchanged by a permutation applied to both,
+# and each pair lands where our rotation expects it with the same frequency (theta 10000 in both).
+
+AUTHORS_IGNORED = ("freqs_cis", "shortcut_bar")  # their RoPE table (recomputed here) and an unused buffer
+AUTHORS_CONFIG_KEYS = ("vocab_size", "n_layers", "max_seq_length", "dim", "n_heads", "head_dim", "hidden_dim",
+                       "norm_eps", "attn_type", "shared_expert_recipe")
+
+
+def load_weights_file(path):
+    """torch.load a released checkpoint without running code from it (weights_only): plain values and tensors only."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint file at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle.UnpicklingError for anything but tensors and plain values
+        raise ValueError(f"{path}: not a plain checkpoint of tensors and values, refused to load it "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def is_authors_lm(checkpoint):
+    """True for a dict in the authors' LM format (a model_cfg and a state dict)."""
+    return isinstance(checkpoint, dict) and "model_cfg" in checkpoint and "model" in checkpoint
+
+
+def authors_config(cfg):
+    """(our CogformerConfig, the number of FFN experts in the file) for the authors' model_cfg."""
+    missing = [k for k in AUTHORS_CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"authors' checkpoint: model_cfg lacks {', '.join(missing)}")
+    if cfg["n_heads"] * cfg["head_dim"] != cfg["dim"]:
+        raise ValueError(f"authors' checkpoint: n_heads * head_dim = {cfg['n_heads']} * {cfg['head_dim']} is not "
+                         f"dim = {cfg['dim']}, which this Cogformer needs")
+    attn = {"np": "cog", "vanilla": "softmax"}.get(cfg["attn_type"])
+    if attn is None:
+        raise ValueError(f"authors' checkpoint: unknown attn_type {cfg['attn_type']!r} (expected 'np' or 'vanilla')")
+    # their FFN splits hidden_dim over "shared experts" in proportion to the recipe, but only expert 0 runs
+    recipe = cfg["shared_expert_recipe"]
+    fuels = [1] * recipe if isinstance(recipe, int) else list(recipe or [])
+    if not fuels:
+        raise ValueError("authors' checkpoint: shared_expert_recipe names no FFN expert")
+    return CogformerConfig(block_size=cfg["max_seq_length"], vocab_size=cfg["vocab_size"], n_layer=cfg["n_layers"],
+                           n_head=cfg["n_heads"], n_embd=cfg["dim"],
+                           ffn_hidden=fuels[0] * (cfg["hidden_dim"] // sum(fuels)), norm_eps=cfg["norm_eps"],
+                           attn=attn), len(fuels)
+
+
+def authors_to_nanocog(checkpoint):
+    """(CogformerConfig, our state dict) from the authors' {"model_cfg", "model"} dict. Every expected key must be
+    there with its shape, and no other key (but the ignored buffers and the FFN experts their forward never calls)."""
+    if not is_authors_lm(checkpoint):
+        found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"not the authors' LM format (a dict with 'model_cfg' and 'model'); found {found}")
+    config, n_experts = authors_config(checkpoint["model_cfg"])
+    theirs = dict(checkpoint["model"])
+    C, H, V, L = config.n_embd, config.ffn_hidden, config.vocab_size, config.n_layer
+    expected = {"embedding.weight": (V, C), "norm.weight": (C,), "output.weight": (V, C)}
+    for i in range(L):
+        p = f"layers.{i}."
+        expected.update({p + "attention.qw": (C, C), p + "attention.kw": (C, C), p + "attention.vw": (C, C),
+                         p + "attention.ow": (C, C), p + "attention_norm.weight": (C,), p + "ffn_norm.weight": (C,),
+                         p + "ffn.shared_experts.0.gw": (C, H), p + "ffn.shared_experts.0.pw": (C, H),
+                         p + "ffn.shared_experts.0.ow": (H, C)})
+    unused = [k for k in theirs if k in AUTHORS_IGNORED or
+              any(k.startswith(f"layers.{i}.ffn.shared_experts.{e}.") for i in range(L) for e in range(1, n_experts))]
+    missing = [k for k in expected if k not in theirs]
+    extra = [k for k in theirs if k not in expected and k not in unused]
+    if missing or extra:
+        raise ValueError("authors' checkpoint does not match its model_cfg: "
+                         + (f"missing keys {missing[:6]}{' ...' if len(missing) > 6 else ''}" if missing else "")
+                         + ("; " if missing and extra else "")
+                         + (f"unexpected keys {extra[:6]}{' ...' if len(extra) > 6 else ''}" if extra else ""))
+    for k, shape in expected.items():
+        if tuple(theirs[k].shape) != shape:
+            raise ValueError(f"authors' checkpoint: {k} has shape {tuple(theirs[k].shape)}, model_cfg implies {shape}")
+    hs = C // config.n_head
+    if "freqs_cis" in theirs:  # their RoPE table, e^(i t f_j): it must be ours, or theta (or the layout) differs
+        table = theirs["freqs_cis"][:config.block_size]
+        cos, sin = rope_tables(hs, len(table), config.rope_theta)
+        if table.shape[-1:] != (hs // 2,) or not table.is_complex() or max(
+                (table.real - cos[:, :hs // 2]).abs().max(), (table.imag - sin[:, :hs // 2]).abs().max()) > 1e-4:
+            raise ValueError(f"authors' checkpoint: its RoPE table freqs_cis is not RoPE with theta "
+                             f"{config.rope_theta} over head dim {hs}")
+    # output column of our rotated q/k layout -> theirs: in each head, the even components, then the odd ones
+    rope_order = torch.cat([torch.arange(0, hs, 2), torch.arange(1, hs, 2)])
+    rope_order = (torch.arange(config.n_head)[:, None] * hs + rope_order).flatten()
+    ours = {"tok_emb.weight": theirs["embedding.weight"], "norm.weight": theirs["norm.weight"],
+            "lm_head.weight": theirs["output.weight"]}
+    for i in range(L):
+        p, b = f"layers.{i}.", f"blocks.{i}."
+        q, k = theirs[p + "attention.qw"].t()[rope_order], theirs[p + "attention.kw"].t()[rope_order]
+        ours[b + "attn.qkv.weight"] = torch.cat([q, k, theirs[p + "attention.vw"].t()])
+        ours[b + "attn.proj.weight"] = theirs[p + "attention.ow"].t()
+        ours[b + "attn_norm.weight"] = theirs[p + "attention_norm.weight"]
+        ours[b + "mlp_norm.weight"] = theirs[p + "ffn_norm.weight"]
+        ours[b + "mlp.up.weight"] = theirs[p + "ffn.shared_experts.0.gw"].t()  # the linear branch
+        ours[b + "mlp.gate.weight"] = theirs[p + "ffn.shared_experts.0.pw"].t()  # the SiLU branch
+        ours[b + "mlp.proj.weight"] = theirs[p + "ffn.shared_experts.0.ow"].t()
+    return config, {k: v.contiguous() for k, v in ours.items()}
 
 
 # -----------------------------------------------------------------------------

@@ -3,8 +3,11 @@ Sample from a trained checkpoint: text from an LM (train_lm.py), images from a d
 
     python sample.py --out_dir=out/demo_lm --start="def " --num_samples=3 --max_new_tokens=300
     python sample.py --out_dir=out/lm --start=FILE:prompt.txt --temperature=0.8 --top_k=200
+    python sample.py --init_from=cog_ckpt_100.00_Bi.pt --tokenizer_path=llama-2-tokenizer/ --start="The meaning of"
 
 The checkpoint's "kind" picks the branch; an LM checkpoint carries its tokenizer in its dataset metadata.
+--init_from=FILE reads a released checkpoint instead, told apart by its content: the authors' LM format (a dict with
+model_cfg and model: Cogformer.from_authors, Llama-2 tokenizer, the prompt after BOS as in their evaluation).
 """
 
 import os
@@ -22,6 +25,7 @@ from train_utils import (Dtype, autocast_context, check_at_least, cli_keys, fiel
 class SampleConfig:
     # shared by both kinds
     out_dir: str = "out/demo_lm"  # the folder holding ckpt.pt
+    init_from: str = ""  # a released checkpoint file instead (the authors' LM format); out_dir is then not read
     num_samples: Optional[int] = None  # none: 3 texts, or a grid of 64 images
     seed: int = 1337
     device: str = "auto"
@@ -31,6 +35,8 @@ class SampleConfig:
     max_new_tokens: int = 300
     temperature: float = 0.8  # < 1 sharper, > 1 more random, 0 greedy
     top_k: Optional[int] = 200  # keep only the k most likely tokens; none: all
+    tokenizer: str = ""  # "": the checkpoint's (llama2 for the authors' models); or gpt2, bytes, llama2
+    tokenizer_path: str = ""  # llama2: a folder, hub id or tokenizer.model file; "": meta-llama/Llama-2-7b-hf
     # diffusion models
     sampler: str = "dpm"  # "dpm": DPM-Solver-2, fast; "em": Euler-Maruyama on the reverse SDE (the FID protocol)
     steps: int = 0  # 0: the sampler's default, 50 for dpm and 1000 for em
@@ -41,15 +47,19 @@ class SampleConfig:
     data_dir: str = "data/cifar10"  # CIFAR-10 and its cached FID statistics, for --fid
 
 
-def sample_text(checkpoint, config):
+def sample_text(model, tokenizer_name, config):
     """Print num_samples continuations of the prompt, generated with the model's KV cache."""
     from data.prepare_lm import Tokenizer
-    from model import Cogformer, CogformerConfig
-    model = Cogformer(CogformerConfig(**checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["model"])
     model.eval().to(config.device)
-    tokenizer = Tokenizer(checkpoint["meta"]["tokenizer"])
-    ids = tokenizer.encode(prompt(config.start)) or [tokenizer.eot]  # an empty prompt starts a new document
+    tokenizer = Tokenizer(config.tokenizer or tokenizer_name, config.tokenizer_path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise SystemExit(f"error: the {tokenizer.name} tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                         f"{model.config.vocab_size}: --tokenizer names the wrong one")
+    start = prompt(config.start)
+    if tokenizer.bos is not None:  # Llama-2: a document (and the authors' evaluation) starts with BOS
+        ids = [tokenizer.bos] + tokenizer.encode(start)
+    else:
+        ids = tokenizer.encode(start) or [tokenizer.eot]  # an empty prompt starts a new document
     x = torch.tensor(ids, dtype=torch.long, device=config.device)[None, :]
     with torch.no_grad(), autocast_context(config.device, config.dtype):
         for _ in range(config.num_samples or 3):
@@ -88,6 +98,12 @@ def flags_for_the_other_kind(given, kind):
     return sorted(k for k in given if field_docs(SampleConfig).get(k, ("", ""))[0].startswith(other))
 
 
+def refuse_flags_of_the_other_kind(given, kind, path):
+    wrong = flags_for_the_other_kind(given, kind)
+    require(not wrong, f"{', '.join('--' + k for k in wrong)}: for {'diffusion' if kind == 'lm' else 'language'} "
+            f"models only, and {path} is a {'language' if kind == 'lm' else 'diffusion'} model's checkpoint")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     config = parse_config(SampleConfig, None, argv)
@@ -96,18 +112,35 @@ def main(argv=None):
     config.device = resolve_device(config.device)
     config.dtype = resolve_dtype(config.dtype, config.device)
     torch.manual_seed(config.seed)
+    if config.init_from:
+        return sample_released(config, given)
     ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
     checkpoint = load_checkpoint(ckpt_path, map_location=config.device)
     kind = checkpoint.get("kind")
     require(kind in ("lm", "diffusion"), f"{ckpt_path} is not a checkpoint of train_lm.py or train_diffusion.py "
             f"(kind {kind!r})")
-    wrong = flags_for_the_other_kind(given, kind)
-    require(not wrong, f"{', '.join('--' + k for k in wrong)}: for {'diffusion' if kind == 'lm' else 'language'} "
-            f"models only, and {ckpt_path} is a {'language' if kind == 'lm' else 'diffusion'} model's checkpoint")
+    refuse_flags_of_the_other_kind(given, kind, ckpt_path)
     if kind == "lm":
-        sample_text(checkpoint, config)
+        from model import Cogformer, CogformerConfig
+        model = Cogformer(CogformerConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["model"])
+        sample_text(model, checkpoint["meta"]["tokenizer"], config)
     else:
         return sample_images(checkpoint, config)
+
+
+def sample_released(config, given):
+    """Sample from a released checkpoint file, recognised by its content (loaded without running code from it)."""
+    from model import Cogformer, is_authors_lm, load_weights_file
+    try:
+        checkpoint = load_weights_file(config.init_from)
+        if is_authors_lm(checkpoint):  # the authors' Cogformer / Transformer LM
+            refuse_flags_of_the_other_kind(given, "lm", config.init_from)
+            return sample_text(Cogformer.from_authors(checkpoint), "llama2", config)
+    except ValueError as err:
+        raise SystemExit(f"error: --init_from={config.init_from}: {err}") from None
+    raise SystemExit(f"error: --init_from={config.init_from}: not a released format sample.py knows "
+                     "(the authors' LM checkpoints hold 'model_cfg' and 'model')")
 
 
 # -----------------------------------------------------------------------------

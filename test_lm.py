@@ -17,7 +17,7 @@ import torch
 
 import train_lm
 from data import prepare_lm
-from train_utils import NonFiniteLoss, load_checkpoint, read_log
+from train_utils import NonFiniteLoss, load_checkpoint, pick_fields, read_log
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 # subprocesses: 2 threads, and Cog attention through the reference as on any CPU (not Triton's slow interpreter)
@@ -278,6 +278,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, stdlib_dir):
     c = ckpt(out)
     assert c["iter"] == 0  # saved by the eval at iteration 0, before the blow-up
     assert all(torch.isfinite(v).all() for v in c["model"].values())
+
+
+@pytest.mark.parametrize("preset,vocab,total", [("paper", 32000, 141_183_744), ("600m", 32000, 593_163_520),
+                                                ("1b", 32000, 1_003_554_816), ("1b", 50304, 1_078_528_000),
+                                                ("3b", 32000, 2_890_304_000)])
+def test_larger_presets(preset, vocab, total):
+    config = train_lm.TrainConfig(**{**train_lm.PRESETS[preset], "vocab_size": vocab})
+    with torch.device("meta"):  # the architecture without allocating its weights
+        model = train_lm.Cogformer(pick_fields(config, train_lm.CogformerConfig))
+    assert model.num_params()["total"] == total
+    assert config.n_embd // config.n_head in (64, 128) and config.ffn_hidden == 3 * config.n_embd
+    assert config.batch_size * config.block_size * config.grad_accum in (2 ** 19, 2 ** 20)  # 0.5M or 1M tokens
 
 
 def test_config_errors(tmp_path):

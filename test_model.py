@@ -151,6 +151,90 @@ def test_softmax_attention_end_aligned():
 
 
 # -----------------------------------------------------------------------------
+# document masks: packed sequences, a query sees only the keys of its own document
+
+DOC_IDS = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2], [4, 4, 4, 4, 4, 7, 7, 7, 7, 7, 7]])
+
+
+def segments(ids):
+    """(start, end) of each run of equal ids in a 1-D tensor."""
+    cuts = [0] + [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]] + [len(ids)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_doc_ids_attend_within_each_document(causal):
+    q, k, v = randn(2, 3, 11, 8, seed=30), randn(2, 3, 11, 8, seed=31), randn(2, 3, 11, 8, seed=32)
+    out = cog_attention_reference(q, k, v, causal=causal, doc_ids=DOC_IDS)
+    for b in range(2):
+        for s, e in segments(DOC_IDS[b]):  # each document alone gives the same rows
+            alone = cog_attention_reference(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], causal=causal)
+            torch.testing.assert_close(out[b:b + 1, :, s:e], alone, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(out, cog_attention_reference(q, k, v, causal=causal))  # the mask does something
+    torch.testing.assert_close(cog_attention(q, k, v, causal=causal, doc_ids=DOC_IDS), out, rtol=0, atol=0)
+    w = cog_attention_weights(q, k, causal=causal, doc_ids=DOC_IDS)
+    torch.testing.assert_close(w.abs().sum(-1), torch.ones(2, 3, 11, dtype=torch.float64))  # still L1-normalised
+    # the last Tq queries against all keys: the last Tq rows (query i has the id of key Tk - Tq + i)
+    for Tq in (1, 4):
+        part = cog_attention_reference(q[:, :, -Tq:], k, v, causal=causal, doc_ids=DOC_IDS)
+        torch.testing.assert_close(part, out[:, :, -Tq:], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("doc_ids,message", [
+    (lambda: [[0] * 6], "must be a torch.Tensor"),
+    (lambda: torch.zeros(1, 6), "integer tensor"),
+    (lambda: torch.zeros(1, 6, dtype=torch.bool), "integer tensor"),
+    (lambda: torch.zeros(1, 5, dtype=torch.long), r"shape \(B, Tk\) = \(1, 6\)"),
+    (lambda: torch.zeros(6, dtype=torch.long), r"shape \(B, Tk\)"),
+    (lambda: torch.zeros(1, 6, dtype=torch.long, device="meta"), "on q's device"),
+    (lambda: torch.tensor([[0, 0, 1, 1, 0, 2]]), "non-decreasing"),
+])
+def test_bad_doc_ids_name_the_problem(doc_ids, message):
+    q = torch.randn(1, 2, 6, 8)
+    for attention in (cog_attention_reference, cog_attention):
+        with pytest.raises(ValueError, match=message):
+            attention(q, q, q, causal=True, doc_ids=doc_ids())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_softmax_attention_with_doc_ids(causal):
+    q, k, v = randn(2, 2, 4, 8, seed=33), randn(2, 2, 11, 8, seed=34), randn(2, 2, 11, 8, seed=35)
+    s = q @ k.transpose(-2, -1) / math.sqrt(8)
+    visible = (DOC_IDS[:, -4:, None] == DOC_IDS[:, None, :])[:, None] & (causal_mask(4, 11) if causal else True)
+    want = torch.softmax(s.masked_fill(~visible, float("-inf")), -1) @ v
+    torch.testing.assert_close(softmax_attention(q, k, v, causal, DOC_IDS), want)
+
+
+def test_document_ids_open_a_document_at_each_start_token():
+    idx = torch.tensor([[5, 9, 1, 7, 7, 1, 1, 3], [1, 2, 3, 4, 5, 6, 7, 8]])
+    assert model_module.document_ids(idx, 1).tolist() == [[0, 0, 1, 1, 1, 2, 3, 3], [1, 1, 1, 1, 1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("attn", ["cog", "softmax"])
+def test_packed_batch_gives_each_document_its_logits_alone(attn):
+    torch.manual_seed(0)
+    model = Cogformer(tiny_lm_config(attn=attn, n_layer=4)).double().eval()
+    start = 0  # the document-start token (end-of-text, or BOS)
+    docs = [[0] + torch.randint(1, 64, (n,)).tolist() for n in (6, 9, 3)]
+    packed = torch.tensor([[7, 8] + sum(docs, [])])  # the tail of an earlier document, then three whole ones
+    doc_ids = model_module.document_ids(packed, start)
+    logits, _ = model(packed, doc_ids=doc_ids)
+    unmasked, _ = model(packed)
+    at = 2
+    for doc in docs:
+        alone, _ = model(torch.tensor([doc]))
+        # RoPE is relative, so only the float32 angle tables' rounding moves the logits of a shifted document
+        torch.testing.assert_close(logits[:, at:at + len(doc)], alone, rtol=1e-5, atol=1e-5)
+        at += len(doc)
+    assert (unmasked[:, 2 + 7:] - logits[:, 2 + 7:]).abs().max() > 1e-2  # without the mask the documents mix
+    # a KV cache with ids for every position so far gives the same logits
+    cache = model.new_cache()
+    pieces = [model(packed[:, :10], cache=cache, doc_ids=doc_ids[:, :10])[0]]
+    pieces += [model(packed[:, t:t + 1], cache=cache, doc_ids=doc_ids[:, :t + 1])[0] for t in range(10, packed.size(1))]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), logits, rtol=1e-10, atol=1e-10)
+
+
+# -----------------------------------------------------------------------------
 # the models
 
 def tiny_lm_config(**overrides):

@@ -6,6 +6,8 @@ Train a Cogformer language model (arXiv 2411.07176) the way nanoGPT trains GPT-2
     python train_lm.py --preset=demo                           # a small Cogformer on Python's own sources, CPU
     python train_lm.py --preset=demo --attn=softmax            # the Transformer baseline
     python train_lm.py --preset=demo --resume                  # continue from out_dir/ckpt.pt, bit for bit
+    python train_lm.py --preset=1b --doc_mask                  # a 1.0B Cogformer, attention within documents
+    python train_lm.py --init_from=cog_ckpt_100.00_Bi.pt --data_dir=data/redpajama_llama2   # fine-tune theirs
 
 Any field of TrainConfig is a --key=value override. Data folders come from data/prepare_lm.py.
 """
@@ -27,7 +29,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.prepare_lm import prepare_pystdlib
-from model import Cogformer, CogformerConfig, configure_adamw
+from model import (Cogformer, CogformerConfig, authors_to_nanocog, configure_adamw, document_ids,
+                   load_weights_file)
 from train_utils import (Dtype, MetricsLog, SlowRun, StopNow, StopRequest, agree_on_step, autocast_context,
                          check_at_least, check_betas, check_finite, check_out_dir, gather_generator_states,
                          learning_rate, load_checkpoint, make_grad_scaler, make_out_dir, micro_steps_per_process,
@@ -50,6 +53,8 @@ class TrainConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     attn: Literal["cog", "softmax"] = "cog"  # softmax: the Transformer baseline
+    init_from: str = ""  # the authors' released checkpoint to fine-tune or continue (its architecture wins)
+    doc_mask: bool = False  # attend only within a document (packed documents; a new one at each BOS, else end-of-text)
     # optimisation (our choices, the paper does not say): 16 x 2048 x 16 = 524,288 tokens per step
     batch_size: int = 16  # micro-batch per GPU
     grad_accum: int = 16  # micro-batches per step over all GPUs together (divided by the number of GPUs)
@@ -81,6 +86,16 @@ PRESETS = {
     "demo": dict(data_dir="data/pystdlib", block_size=128, n_layer=4, n_head=4, n_embd=128, ffn_hidden=384,
                  batch_size=32, grad_accum=1, max_iters=400, learning_rate=3e-3, min_lr=3e-4, warmup_iters=20,
                  out_dir="out/demo_lm", eval_interval=100, eval_iters=10, log_interval=10),
+    # The paper's later versions scale to 1B-3B parameters without publishing the configurations: these are OUR
+    # choices. The 141M model's shape (SwiGLU 3x the width, softmax in the first and last layer; head dim 64, or
+    # 128 as Llama's from 1B on) at depths and widths like OLMo-1B's, with GPT-3's learning rate and tokens per step
+    # for the nearest size (760M: 2.5e-4, 0.5M tokens; 1.3B and 2.7B: 2e-4 and 1.6e-4, 1M tokens). Parameters with
+    # Llama-2's 32,000 tokens (GPT-2's 50,304 add 2 x 18,304 x width): 593.2M, 1,003.6M and 2,890.3M.
+    "600m": dict(n_layer=24, n_head=20, n_embd=1280, ffn_hidden=3840, learning_rate=2.5e-4, min_lr=2.5e-5),
+    "1b": dict(n_layer=16, n_head=16, n_embd=2048, ffn_hidden=6144, batch_size=8, grad_accum=64, max_iters=95_367,
+               learning_rate=2e-4, min_lr=2e-5),
+    "3b": dict(n_layer=32, n_head=20, n_embd=2560, ffn_hidden=7680, batch_size=4, grad_accum=128, max_iters=95_367,
+               learning_rate=1.6e-4, min_lr=1.6e-5),
 }
 
 
@@ -164,6 +179,23 @@ def main(argv=None):
         config.vocab_size = model_config.vocab_size
         if master:
             print(f"resuming from {ckpt_path} at iteration {checkpoint['iter']}")
+    released = None  # the authors' weights, converted, for --init_from (a resumed run has its own)
+    if config.init_from and checkpoint is None:
+        if meta["tokenizer"] != "llama2":
+            raise SystemExit(f"error: the authors' models read Llama-2 tokens; {config.data_dir} holds "
+                             f"{meta['tokenizer']} tokens (prepare it with data/prepare_lm.py --tokenizer=llama2)")
+        try:
+            released_config, released = authors_to_nanocog(load_weights_file(config.init_from))
+        except ValueError as err:
+            raise SystemExit(f"error: --init_from={config.init_from}: {err}") from None
+        model_config = dataclasses.replace(released_config, block_size=config.block_size)
+        if dataclasses.asdict(model_config) != dataclasses.asdict(pick_fields(config, CogformerConfig)) and master:
+            print(f"note: the model's architecture comes from {config.init_from}, not from the command line")
+        for f in dataclasses.fields(CogformerConfig):  # the printed and saved config say what is trained
+            setattr(config, f.name, getattr(model_config, f.name))
+        if model_config.vocab_size < meta["vocab_size"]:
+            raise SystemExit(f"error: {config.init_from} has {model_config.vocab_size} tokens, the dataset "
+                             f"{meta['vocab_size']}")
     if master:
         print(f"training a Cogformer on {config.data_dir} ({meta['tokenizer']} tokens); config:")
         print_config(config)
@@ -174,7 +206,11 @@ def main(argv=None):
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    model = Cogformer(model_config).to(device)
+    model = Cogformer(model_config)
+    if released is not None:
+        model.load_state_dict(released)
+        released = None  # free the memory
+    model = model.to(device)
     optimizer = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
                                 device.split(":")[0])
     scaler = make_grad_scaler(device, config.dtype)
@@ -204,6 +240,12 @@ def main(argv=None):
     if ddp:
         model = DDP(model, device_ids=[device] if device.startswith("cuda") else None)
 
+    doc_start = meta["eot_token"] if meta.get("bos_token") is None else meta["bos_token"]
+
+    def doc_ids(x):
+        """--doc_mask: the document id of every token of the batch, for attention within documents only."""
+        return document_ids(x, doc_start) if config.doc_mask else None
+
     @torch.no_grad()
     def estimate_loss():
         """Mean loss over eval_iters batches of each split; the same batches at every evaluation."""
@@ -216,7 +258,7 @@ def main(argv=None):
                 stop.poll()
                 x, y = get_batch(config.data_dir, split, config.batch_size, config.block_size, gen, device)
                 with ctx:
-                    _, loss = eval_model(x, y)
+                    _, loss = eval_model(x, y, doc_ids=doc_ids(x))
                 losses[i] = loss.item()
             out[split] = losses.mean().item()
         eval_model.train()
@@ -280,7 +322,7 @@ def main(argv=None):
                 sync = model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext()
                 with sync:
                     with ctx:
-                        _, loss = model(x, y)
+                        _, loss = model(x, y, doc_ids=doc_ids(x))
                     if micro < grad_accum - 1:  # fetch the next batch while the GPU works on this one
                         x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, data_gen,
                                          device)

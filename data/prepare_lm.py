@@ -14,7 +14,10 @@ token after every document, and meta.json says how they were made (tokenizer, vo
 - pystdlib: the .py sources of this Python's standard library (no tests, no site-packages, no generated tables),
   byte-level: ~10 MB, no network, deterministic.
 Tokenizers: gpt2 (tiktoken, end-of-text 50256) or bytes (UTF-8 bytes, vocab 256; byte 0 is end-of-text: NUL never
-occurs in real text and is dropped if it does).
+occurs in real text and is dropped if it does), or llama2: Llama-2's 32,000-token sentencepiece vocabulary, the one
+the paper's authors trained with. Each document is then <s> text </s> (BOS 1, EOS 2), as their evaluation feeds text
+after BOS. --tokenizer_path says where it is: a folder or hub id (transformers' AutoTokenizer; the default is the
+gated meta-llama/Llama-2-7b-hf) or a tokenizer.model file (sentencepiece).
 --max_tokens (default 1B, about the whole RedPajama sample, 2 GB on disk) caps train + val; each source file gets a
 share proportional to its size, so a small budget still mixes every source. Every round(1/val_fraction)-th document
 (evenly spaced) goes to val. Output is written to temporary files and renamed at the end; a folder that already holds a
@@ -32,21 +35,26 @@ import sysconfig
 from collections import deque
 from contextlib import ExitStack
 from itertools import islice
+from types import SimpleNamespace
 
 import numpy as np
 from tqdm import tqdm
 
 REDPAJAMA_SAMPLE = "hf://datasets/togethercomputer/RedPajama-Data-1T-Sample/*.jsonl"
 RECIPE_KEYS = ("source", "tokenizer", "max_tokens", "val_fraction")  # equal recipes make equal datasets
+LLAMA2_HUB = "meta-llama/Llama-2-7b-hf"  # the Llama-2 tokenizer's home on the hub (gated: licence and token needed)
 PYSTDLIB_SKIP = {"site-packages", "test", "tests", "idle_test", "__pycache__", "encodings", "pydoc_data"}
 
 
 class Tokenizer:
-    """GPT-2 BPE through tiktoken, or bytes. encode() never emits the end-of-text token; documents add it."""
+    """GPT-2 BPE through tiktoken, bytes, or Llama-2's sentencepiece vocabulary. encode() never emits the end-of-text
+    (or BOS) token; documents add them. bos is None for tokenizers without one (gpt2, bytes)."""
 
-    def __init__(self, name):
-        self.name = name
-        if name == "gpt2":
+    def __init__(self, name, path=""):
+        self.name, self.path, self.bos = name, path, None
+        if name == "llama2":
+            self.enc, self.vocab_size, self.bos, self.eot = load_llama2(path or LLAMA2_HUB)
+        elif name == "gpt2":
             import tiktoken
             try:
                 self.enc = tiktoken.get_encoding("gpt2")
@@ -57,9 +65,16 @@ class Tokenizer:
         elif name == "bytes":
             self.enc, self.vocab_size, self.eot = None, 256, 0
         else:
-            raise SystemExit(f"error: unknown tokenizer {name!r} (choose gpt2 or bytes)")
+            raise SystemExit(f"error: unknown tokenizer {name!r} (choose gpt2, bytes or llama2)")
+
+    @property
+    def doc_start(self):
+        """The token a document starts after: BOS, or else end-of-text (which ends the document before it)."""
+        return self.eot if self.bos is None else self.bos
 
     def encode(self, text):
+        if self.name == "llama2":
+            return self.enc.encode(text)
         if self.enc is not None:
             return self.enc.encode_ordinary(text)
         return list(text.replace("\0", "").encode("utf-8"))
@@ -71,8 +86,38 @@ class Tokenizer:
         return "<|endoftext|>".join(p.decode("utf-8", errors="replace") for p in parts)
 
     def encode_document(self, text):
-        """The document's ids followed by end-of-text, as uint16."""
-        return np.array(self.encode(text) + [self.eot], dtype=np.uint16)
+        """The document's ids followed by end-of-text (after BOS if the tokenizer has one), as uint16."""
+        return np.array([self.bos] * (self.bos is not None) + self.encode(text) + [self.eot], dtype=np.uint16)
+
+
+def load_llama2(path):
+    """(encoding, vocab size, BOS id, EOS id) of the Llama-2 tokenizer at path: a sentencepiece *.model file, or a
+    folder or hub id for transformers' AutoTokenizer (Llama-2's tokenizer.json). encode never adds BOS or EOS, and
+    decode drops them."""
+    try:
+        if path.endswith(".model"):
+            import sentencepiece
+            sp = sentencepiece.SentencePieceProcessor(model_file=path)
+            enc = SimpleNamespace(encode=sp.encode, decode=sp.decode)
+            vocab_size, bos, eos = sp.get_piece_size(), sp.bos_id(), sp.eos_id()
+        else:
+            # our worker processes are the parallelism: no tokenizer threads, which would make forking unsafe
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(path)
+            enc = SimpleNamespace(encode=lambda text: tok.encode(text, add_special_tokens=False),
+                                  decode=lambda ids: tok.decode(ids, skip_special_tokens=True))
+            vocab_size, bos, eos = len(tok), tok.bos_token_id, tok.eos_token_id
+    except ImportError as err:
+        raise SystemExit(f"error: the llama2 tokenizer needs {err.name}: pip install transformers (for a folder or hub "
+                         "id), or pip install sentencepiece (for a tokenizer.model file)") from None
+    except Exception as err:  # a missing file, no network, no access to the gated hub repository
+        raise SystemExit(f"error: cannot load the Llama-2 tokenizer from {path} ({type(err).__name__}: {err}). "
+                         "Point --tokenizer_path at a local copy: a folder with tokenizer.json or tokenizer.model, "
+                         "or the tokenizer.model file itself") from None
+    if bos is None or bos < 0 or eos is None or eos < 0:
+        raise SystemExit(f"error: the tokenizer at {path} has no BOS or EOS token: not Llama-2's")
+    return enc, vocab_size, bos, eos
 
 
 # -----------------------------------------------------------------------------
@@ -163,10 +208,10 @@ def prepare_pystdlib(out_dir, num_proc=1):
 _worker_tokenizer = None
 
 
-def _init_worker(name):
+def _init_worker(name, path):
     global _worker_tokenizer
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the pool
-    _worker_tokenizer = Tokenizer(name)
+    _worker_tokenizer = Tokenizer(name, path)
 
 
 def _encode_batch(texts):
@@ -223,7 +268,8 @@ def write_tokens(sources, tokenizer, paths, max_tokens, val_fraction, num_proc):
         pool = None
         if num_proc > 1:  # spawned, not forked: a fork copies locks that other threads (torch's, tqdm's) hold
             spawn = multiprocessing.get_context("spawn")
-            pool = stack.enter_context(spawn.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.name,)))
+            pool = stack.enter_context(spawn.Pool(num_proc, initializer=_init_worker,
+                                                  initargs=(tokenizer.name, tokenizer.path)))
         files = {split: stack.enter_context(open(paths[split], "wb")) for split in ("train", "val")}
         # progress in bytes of the sources (a token budget is often far more than the files hold)
         bar = stack.enter_context(tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenising"))
@@ -252,7 +298,7 @@ def write_tokens(sources, tokenizer, paths, max_tokens, val_fraction, num_proc):
     return counts
 
 
-def prepare(sources, out_dir, source, tokenizer_name, max_tokens, val_fraction, num_proc):
+def prepare(sources, out_dir, source, tokenizer_name, max_tokens, val_fraction, num_proc, tokenizer_path=""):
     """Tokenise the documents of sources into out_dir and return its meta; nothing to do if it is there already."""
     recipe = {"source": source, "tokenizer": tokenizer_name, "max_tokens": max_tokens, "val_fraction": val_fraction}
     meta = existing_recipe(out_dir, recipe)
@@ -262,14 +308,15 @@ def prepare(sources, out_dir, source, tokenizer_name, max_tokens, val_fraction, 
         return meta
     if not 0 < val_fraction < 1:
         raise SystemExit(f"error: val_fraction must be in (0, 1), got {val_fraction}")
-    tokenizer = Tokenizer(tokenizer_name)
+    tokenizer = Tokenizer(tokenizer_name, tokenizer_path)
     os.makedirs(out_dir, exist_ok=True)
     final = {name: os.path.join(out_dir, f"{name}.bin") for name in ("train", "val")}
     final["meta"] = os.path.join(out_dir, "meta.json")
     tmp = {name: f"{path}.tmp.{os.getpid()}" for name, path in final.items()}
     try:
         counts = write_tokens(sources, tokenizer, tmp, max_tokens, val_fraction, num_proc)
-        meta = {**recipe, "vocab_size": tokenizer.vocab_size, "eot_token": tokenizer.eot, "dtype": "uint16",
+        meta = {**recipe, "vocab_size": tokenizer.vocab_size, "eot_token": tokenizer.eot, "bos_token": tokenizer.bos,
+                "dtype": "uint16",
                 **counts, "files": len(sources)}
         with open(tmp["meta"], "w") as f:
             json.dump(meta, f, indent=2)
@@ -295,7 +342,9 @@ def main(argv=None):
     parser.add_argument("--files", help="local .jsonl/.txt files: a glob, or several comma-separated")
     parser.add_argument("--source", default=REDPAJAMA_SAMPLE, help="redpajama: data_files for datasets' json builder")
     parser.add_argument("--out_dir", help="default: data/<dataset>")
-    parser.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "bytes"])
+    parser.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "bytes", "llama2"])
+    parser.add_argument("--tokenizer_path", default="", help=f"llama2: a folder, hub id or tokenizer.model file "
+                        f"(default {LLAMA2_HUB})")
     parser.add_argument("--max_tokens", type=token_count, default=1_000_000_000,
                         help="token budget for train + val, 0 for no limit (default 1e9)")
     parser.add_argument("--val_fraction", type=float, default=0.005, help="fraction of documents held out")
@@ -327,7 +376,8 @@ def main(argv=None):
         sources, source = hub_sources(data_files), f"redpajama: {args.source}"
     else:
         sources, source = local_sources(args.files), f"files: {args.files}"
-    return prepare(sources, out_dir, source, args.tokenizer, max_tokens, args.val_fraction, args.num_proc)
+    return prepare(sources, out_dir, source, args.tokenizer, max_tokens, args.val_fraction, args.num_proc,
+                   args.tokenizer_path)
 
 
 if __name__ == "__main__":
