@@ -7,6 +7,7 @@ On a GPU, forward and forward+backward at a fixed number of tokens per batch (B 
     python bench.py                                  # the full table (T = 1024 ... 16384, head dims 64 and 128)
     python bench.py --seqlens=1024,4096 --head_dims=64 --modes=fwd_bwd --masks=causal    # a quick run
     python bench.py --deterministic                  # Cog with the two-pass (bit-reproducible) backward
+    python bench.py --doc_len=512 --masks=causal      # also Cog with document masks (packed documents of ~512)
 
 Without a GPU, what the H100/H200 would run: every kernel and tile that autotuning can pick, compiled for sm_90 by
 Triton's own compiler and ptxas (registers, spills, shared memory, wgmma widths, mma.sync fallbacks, and the SASS
@@ -14,6 +15,7 @@ instruction count of each loop body), for the Cog kernels and their softmax twin
 
     python bench.py --sm90                           # bf16, head dims 64 and 128
     python bench.py --sm90 --dtype=fp16 --head_dims=32,256
+    python bench.py --sm90 --docs                    # the document-masked kernels
 
 The softmax twin is cog_kernel.py's kernels with its two Cog-specific helpers swapped for softmax's (the logits
 themselves instead of |s|; the weights p instead of sign(s) * p): same code, same tiles, same autotuning. The twin is
@@ -47,7 +49,8 @@ try:  # torch >= 2.3
 except ImportError:
     flash_only = contextlib.nullcontext
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-KERNELS = {"fwd": "_cog_fwd", "bwd": "_cog_bwd", "dkdv": "_cog_bwd", "dq": "_cog_bwd_dq"}  # jit functions, by TILES kind
+# the jit function of each TILES kind
+KERNELS = {"fwd": "_cog_fwd", "bwd": "_cog_bwd", "dkdv": "_cog_bwd", "dq": "_cog_bwd_dq"}
 
 # -----------------------------------------------------------------------------
 # the softmax twin
@@ -63,7 +66,7 @@ def _weights(qk, p, qk_scale, FP16: tl.constexpr, OUT: tl.constexpr):
 
 def softmax_twin():
     """cog_kernel's kernels rebuilt over a copy of its globals in which _magnitude and _signed_weights are softmax's:
-    a namespace with the twin's autotuned kernels (fwd, bwd, dq) and its forward and backward functions."""
+    a namespace with the twin's autotuned kernels (tuned, by TILES kind) and its forward and backward functions."""
     if cog_kernel.triton is None:
         raise RuntimeError("the softmax twin needs Triton")
     scope = dict(vars(cog_kernel))
@@ -76,9 +79,10 @@ def softmax_twin():
         copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
         copy.__annotations__, copy.__doc__ = fn.__annotations__, fn.__doc__  # the tl.constexpr marks live there
         scope[name] = cog_kernel._jit(copy)
-    twin = types.SimpleNamespace(**{kind: cog_kernel._autotune(kind)(scope[name]) for kind, name in KERNELS.items()})
-    twin.forward = lambda q, k, v, causal, scale: cog_kernel.attention_forward(q, k, v, causal, scale, kernel=twin.fwd)
-    twin.backward = lambda *args: cog_kernel.attention_backward(*args, kernels=(twin.bwd, twin.dkdv, twin.dq))
+    twin = types.SimpleNamespace(tuned={kind: cog_kernel._autotune(kind)(scope[name])
+                                        for kind, name in KERNELS.items()})
+    twin.forward = lambda q, k, v, causal, scale: cog_kernel.attention_forward(q, k, v, causal, scale, tuned=twin.tuned)
+    twin.backward = lambda *args: cog_kernel.attention_backward(*args, tuned=twin.tuned)
     twin.scope = scope  # the plain jit functions, for the compile report
     return twin
 
@@ -126,7 +130,7 @@ def str_list(choices):
     return parse
 
 
-IMPLS = ["cog", "twin", "sdpa", "reference"]
+IMPLS = ["cog", "twin", "sdpa", "reference", "cog_docs"]
 
 
 def parse_args(argv=None):
@@ -136,19 +140,39 @@ def parse_args(argv=None):
     p.add_argument("--head_dims", type=int_list, default=[64, 128], help="comma-separated D")
     p.add_argument("--modes", type=str_list(["fwd", "fwd_bwd"]), default=["fwd", "fwd_bwd"], help="fwd,fwd_bwd")
     p.add_argument("--masks", type=str_list(["full", "causal"]), default=["full", "causal"], help="full,causal")
-    p.add_argument("--impls", type=str_list(IMPLS), default=IMPLS, help=",".join(IMPLS))
+    p.add_argument("--impls", type=str_list(IMPLS), default=IMPLS[:4], help=",".join(IMPLS))
     p.add_argument("--tokens", type=int, default=16384, help="B * T (B = tokens // T, at least 1)")
     p.add_argument("--width", type=int, default=2048, help="H * D (H = width // D)")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--deterministic", action="store_true", help="time the two-pass backward of cog (and twin)")
+    p.add_argument("--docs", action="store_true", help="--sm90: report the document-masked kernels")
+    p.add_argument("--doc_len", type=int, default=0, help="also time cog_docs: Cog with document masks, packed "
+                   "documents of random lengths averaging this many tokens")
     p.add_argument("--warmup", type=int, default=25, help="warmup time in ms for triton.testing.do_bench")
     p.add_argument("--rep", type=int, default=100, help="measurement time in ms for triton.testing.do_bench")
     return p.parse_args(argv)
 
 
+def packed_documents(B, T, mean_len, device, seed=0):
+    """(B, T) document ids: documents of random lengths (exponentially distributed, mean mean_len) packed end to end."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.rand(B, T, generator=g) < 1.0 / mean_len
+    return torch.cumsum(starts, dim=1).to(device)
+
+
 def attention_functions(args):
     twin = softmax_twin()
+    docs = {}  # (B, T) -> doc ids, made once per shape
+
+    def cog_docs(q, k, v, causal):
+        shape = (q.size(0), q.size(2))
+        if shape not in docs:
+            docs[shape] = packed_documents(*shape, args.doc_len, q.device)
+        ids = docs[shape]
+        return cog_attention_triton(q, k, v, causal=causal, deterministic=args.deterministic, doc_ids=ids)
+
     return {
+        "cog_docs": cog_docs,
         "cog": lambda q, k, v, causal: cog_attention_triton(q, k, v, causal=causal, deterministic=args.deterministic),
         "twin": lambda q, k, v, causal: softmax_attention_twin(q, k, v, causal, twin=twin,
                                                                deterministic=args.deterministic),
@@ -194,7 +218,7 @@ def timings(args):
     import triton
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, "
           f"B*T = {args.tokens}, H*D = {args.width}, deterministic backward: {args.deterministic}\n")
-    ratios = [("cog/sdpa", "cog", "sdpa"), ("cog/twin", "cog", "twin")]
+    ratios = [("cog/sdpa", "cog", "sdpa"), ("cog/twin", "cog", "twin"), ("cog_docs/cog", "cog_docs", "cog")]
     ratios = [r for r in ratios if r[1] in args.impls and r[2] in args.impls]
     print("| mode | mask | D | T | B x H | " + " | ".join(f"{i} TFLOP/s" for i in args.impls) + " | "
           + " | ".join(name for name, _, _ in ratios) + " | " + " | ".join(f"{i} MiB" for i in args.impls) + " |")
@@ -241,6 +265,8 @@ def compile_sm90(jit, constants, num_warps, num_stages, dtype):
             continue
         if name in ("LSE", "DELTA", "ACC_DQ"):
             signature[name] = "*fp32"
+        elif name == "DOCS":
+            signature[name] = "*i32"
         elif name in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ"):
             signature[name] = "*" + dtype
         elif "scale" in name:
@@ -285,9 +311,9 @@ def loop_sizes(sass):
     return sizes
 
 
-def steady_loop(kind, loops):
-    """The loop over blocks every row sees (no mask): the forward's and dQ pass's first, the backward's last."""
-    return loops[-1] if kind in ("bwd", "dkdv") else loops[0]
+def steady_loop(kind, loops, docs=False):
+    """The loop over blocks every row sees (no mask): the first, but the backward's last without document masks."""
+    return loops[-1] if kind in ("bwd", "dkdv") and not docs else loops[0]
 
 
 def sm90_report(args):
@@ -297,13 +323,15 @@ def sm90_report(args):
     itemsize = 2 if dtype in ("bf16", "fp16") else 4
     twin = softmax_twin()
     limit = 227 * 1024  # H100/H200 shared memory per block
-    print(f"# sm_90a compile report, {dtype}: every (kernel, head dim, causal, tile) that autotuning can pick")
+    variant = ", document-masked kernels" if args.docs else ""
+    print(f"# sm_90a compile report, {dtype}{variant}: every (kernel, head dim, causal, tile) that autotuning can pick")
     print("# tile = BLOCK_M,BLOCK_N,warps,stages; loops = SASS instructions per loop body (Cog | softmax twin); "
           "ratio = Cog / twin on the unmasked loop\n")
     print("| kernel | D | causal | tile | regs | spill B | smem KB (est.) | wgmma N | mma.sync | serialized | "
           "Cog loops | twin loops | ratio |")
     print("|---" * 13 + "|")
-    labels = {"fwd": "_cog_fwd", "bwd": "_cog_bwd (one pass)", "dkdv": "_cog_bwd (two-pass dK, dV)", "dq": "_cog_bwd_dq"}
+    labels = {"fwd": "_cog_fwd", "bwd": "_cog_bwd (one pass)", "dkdv": "_cog_bwd (two-pass dK, dV)",
+              "dq": "_cog_bwd_dq"}
     for kind, label in labels.items():
         for D in args.head_dims:
             block_d = padded_head_dim(D)
@@ -312,12 +340,14 @@ def sm90_report(args):
                     est = shared_memory_bytes(kind, m, n, s, block_d, itemsize)
                     if est > limit:
                         continue
-                    constants = dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_M=m, BLOCK_N=n)
+                    constants = dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_M=m, BLOCK_N=n, DOC_MASK=args.docs)
+                    if not args.docs:
+                        constants["DOCS"] = None
                     if kind == "dkdv":
                         constants["ACC_DQ"] = None
                     cog = compile_sm90(jit_function(getattr(cog_kernel, KERNELS[kind])), constants, w, s, dtype)
                     plain = compile_sm90(twin.scope[KERNELS[kind]], constants, w, s, dtype)
-                    ratio = steady_loop(kind, cog["loops"]) / steady_loop(kind, plain["loops"])
+                    ratio = steady_loop(kind, cog["loops"], args.docs) / steady_loop(kind, plain["loops"], args.docs)
                     print(f"| {label} | {D} | {int(causal)} | {m},{n},{w},{s} | {cog['regs']} | {cog['spills']} | "
                           f"{cog['shared_kb']:.0f} ({est / 1024:.0f}) | {','.join(map(str, cog['wgmma_n']))} | "
                           f"{cog['mma_sync']} | {'yes' if cog['serialized'] else 'no'} | "
@@ -330,6 +360,8 @@ def jit_function(kernel):  # an autotuned kernel's jit function
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.doc_len and "cog_docs" not in args.impls:
+        args.impls.append("cog_docs")
     sm90_report(args) if args.sm90 else timings(args)
 
 

@@ -25,6 +25,7 @@ import functools
 import math
 import os
 import types
+from typing import Optional
 
 import torch
 
@@ -74,10 +75,14 @@ def check_doc_ids(doc_ids, B, Tk, device):
                          f"got {tuple(doc_ids.shape)}")
     if doc_ids.device != device:
         raise ValueError(f"cog attention: doc_ids must be on q's device {device}, got {doc_ids.device}")
-    # a data-dependent check: skipped while torch.compile traces (it would break the graph)
-    if not torch.compiler.is_compiling() and Tk > 1 and bool((doc_ids[:, 1:] < doc_ids[:, :-1]).any()):
-        raise ValueError("cog attention: doc_ids must be non-decreasing along the sequence (packed documents), "
-                         "but they decrease somewhere")
+    if torch.compiler.is_compiling() or Tk < 2:  # a data-dependent check would break torch.compile's graph
+        return
+    ordered = (doc_ids[:, 1:] >= doc_ids[:, :-1]).all()
+    message = "cog attention: doc_ids must be non-decreasing along the sequence (packed documents)"
+    if doc_ids.is_cuda:  # checked on the GPU without waiting for it (reading the answer would stall every layer)
+        torch._assert_async(ordered, message)
+    elif not ordered:
+        raise ValueError(message + ", but they decrease somewhere")
 
 
 def causal_mask(Tq, Tk, device=None):
@@ -195,16 +200,18 @@ def padded_head_dim(D):
     return max(16, 1 << (D - 1).bit_length())
 
 
-def _autotune(kind):
+def _autotune(kind, docs=False):
     """Autotune over TILES[kind] on a GPU (keyed on head dim, causal and lengths rounded up to powers of two, so a
-    KV-cache decode does not re-tune every step); one fixed config in the interpreter."""
+    KV-cache decode does not re-tune every step); one fixed config in the interpreter. docs: the document-masked
+    variant (its configs set the kernel's DOC_MASK, so each variant compiles and tunes on its own)."""
     def wrap(fn):
         if triton is None:
             return fn
         if _INTERPRET:  # it runs programs one by one: few, big blocks are fastest (test_kernel.py swaps in small ones)
-            return triton.autotune([triton.Config({"BLOCK_M": 64, "BLOCK_N": 64})], key=[])(fn)
+            return triton.autotune([triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "DOC_MASK": docs})], key=[])(fn)
         shapes = sorted({shape for by_dim in TILES[kind].values() for shape in by_dim})
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "DOC_MASK": docs}, num_warps=w, num_stages=s)
+                   for m, n, w, s in shapes]
         prune = functools.partial(_prune_configs, kind=kind)
         return triton.autotune(configs, key=["HEAD_DIM", "CAUSAL", "LEN_Q", "LEN_K"],
                                prune_configs_by={"early_config_prune": prune}, pre_hook=_zero_dq_sum)(fn)
@@ -330,8 +337,24 @@ def _copysign_min(x, p):
 
 
 @_jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, rows, lo, hi, Tk, off, qk_scale, wscale_shift,
-               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, FP16: tl.constexpr):
+def _doc_of(DOCS, pos, Tk):
+    """The document of each key position in pos (-1 outside [0, Tk)): the position where it starts, which names it."""
+    return tl.load(DOCS + pos, mask=(pos >= 0) & (pos < Tk), other=-1).to(tl.int32)
+
+
+@_jit
+def _doc_span(DOCS, first, last, Tk):
+    """Where the document of key position first starts, where that of last ends (exclusive), and whether they are one
+    document. DOCS holds two rows of Tk: each position's document start, then its end."""
+    start = tl.load(DOCS + first).to(tl.int32)
+    end = tl.load(DOCS + Tk + last).to(tl.int32)
+    return start, end, start == tl.load(DOCS + last).to(tl.int32)
+
+
+@_jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, DOCS, doc_rows, rows, lo, hi, Tk, off, qk_scale, wscale_shift,
+               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, FP16: tl.constexpr,
+               DOC_MASK: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         k = K.load([start_n, 0])
         v = V.load([start_n, 0])
@@ -339,8 +362,13 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, rows, lo, hi, Tk, off, qk_scale, wscale_s
         a = _magnitude(qk)
         if MASK:
             cols = start_n + tl.arange(0, BLOCK_N)
-            a = tl.where(_visible(rows[:, None], cols[None, :], Tk, off, CAUSAL), a, float("-inf"))  # after abs
+            visible = _visible(rows[:, None], cols[None, :], Tk, off, CAUSAL)
+            if DOC_MASK:
+                visible = visible & (doc_rows[:, None] == _doc_of(DOCS, cols, Tk)[None, :])
+            a = tl.where(visible, a, float("-inf"))  # after abs
         m_new = tl.maximum(m_i, tl.max(a, 1) * qk_scale)
+        if MASK and DOC_MASK:  # a row may see no key yet (its document starts later): keep 2^(-inf - -inf) from NaN
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(a * qk_scale - (m_new + wscale_shift)[:, None])  # F * 2^(|s2| - m')
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -349,13 +377,27 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, rows, lo, hi, Tk, off, qk_scale, wscale_s
     return acc, l_i, m_i
 
 
-@_autotune("fwd")
 @_jit
-def _cog_fwd(Q, K, V, O, LSE, qk_scale, wscale_shift,
+def _query_block_keys(DOCS, start_m, Tq, Tk, off, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """With document masks, the keys of query rows [start_m, start_m + BLOCK_M): [lo, full_lo) and [back, hi) in
+    masked blocks, [full_lo, full) seen by every row (only when all the rows are in one document); blocks of other
+    documents are skipped."""
+    full, hi = _key_blocks(start_m, Tk, off, CAUSAL, BLOCK_M, BLOCK_N)
+    doc_lo, doc_hi, one_doc = _doc_span(DOCS, start_m + off, tl.minimum(start_m + BLOCK_M, Tq) - 1 + off, Tk)
+    lo, hi = doc_lo // BLOCK_N * BLOCK_N, tl.minimum(hi, doc_hi)
+    full_lo = tl.where(one_doc, (doc_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo)
+    full = tl.where(one_doc, tl.minimum(full, doc_hi // BLOCK_N * BLOCK_N), lo)
+    return lo, full_lo, full, tl.maximum(full, full_lo), hi
+
+
+@_jit
+def _cog_fwd(Q, K, V, O, LSE, DOCS, qk_scale, wscale_shift,
              stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
              stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
              H, Tq, Tk, LEN_Q, LEN_K,
-             HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             DOC_MASK: tl.constexpr):
     BLOCK_D: tl.constexpr = _padded(HEAD_DIM)
     FP16: tl.constexpr = Q.dtype.element_ty == tl.float16
     block, bh = _block_and_head(tl.cdiv(Tq, BLOCK_M), CAUSAL)
@@ -367,15 +409,27 @@ def _cog_fwd(Q, K, V, O, LSE, qk_scale, wscale_shift,
     rows = start_m + tl.arange(0, BLOCK_M)
     q = Q.load([start_m, 0])
     off = Tk - Tq
-    full, hi = _key_blocks(start_m, Tk, off, CAUSAL, BLOCK_M, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # unmasked blocks first: every row sees key 0, so the first block processed gives each row a finite max (no NaN)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, rows, 0, full, Tk, off, qk_scale, wscale_shift,
-                               BLOCK_N, CAUSAL, False, FP16)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, rows, full, hi, Tk, off, qk_scale, wscale_shift,
-                               BLOCK_N, CAUSAL, True, FP16)
+    if DOC_MASK:
+        DOCS += (bh // H).to(tl.int64) * 2 * Tk
+        # query i sits at key position i + off (rows past the end take the last one's: finite, and never stored)
+        doc_rows = _doc_of(DOCS, tl.minimum(rows, Tq - 1) + off, Tk)
+        lo, full_lo, full, back, hi = _query_block_keys(DOCS, start_m, Tq, Tk, off, CAUSAL, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, DOCS, doc_rows, rows, full_lo, full, Tk, off, qk_scale,
+                                   wscale_shift, BLOCK_N, CAUSAL, False, FP16, True)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, DOCS, doc_rows, rows, lo, full_lo, Tk, off, qk_scale,
+                                   wscale_shift, BLOCK_N, CAUSAL, True, FP16, True)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, DOCS, doc_rows, rows, back, hi, Tk, off, qk_scale,
+                                   wscale_shift, BLOCK_N, CAUSAL, True, FP16, True)
+    else:
+        full, hi = _key_blocks(start_m, Tk, off, CAUSAL, BLOCK_M, BLOCK_N)
+        # unmasked blocks first: every row sees key 0, so the first block gives each row a finite max (no NaN)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, DOCS, rows, rows, 0, full, Tk, off, qk_scale,
+                                   wscale_shift, BLOCK_N, CAUSAL, False, FP16, False)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, DOCS, rows, rows, full, hi, Tk, off, qk_scale,
+                                   wscale_shift, BLOCK_N, CAUSAL, True, FP16, False)
     O.store([start_m, 0], (acc / l_i[:, None]).to(O.dtype))
     # l_i is F * l, so log2(l) = log2(l_i) + wscale_shift
     tl.store(LSE + bh.to(tl.int64) * Tq + rows, m_i + wscale_shift + tl.math.log2(l_i), mask=rows < Tq)
@@ -395,9 +449,9 @@ def _cog_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_db, str
 
 
 @_jit
-def _bwd_inner(dk, dv, k, v, Q, DO, ACC_DQ, LSE, DELTA, cols, lo, hi, Tq, Tk, off, qk_scale, wscale_shift,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
-               MASK: tl.constexpr, FP16: tl.constexpr):
+def _bwd_inner(dk, dv, k, v, Q, DO, ACC_DQ, LSE, DELTA, DOCS, doc_cols, cols, lo, hi, Tq, Tk, off, qk_scale,
+               wscale_shift, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+               CAUSAL: tl.constexpr, MASK: tl.constexpr, FP16: tl.constexpr, DOC_MASK: tl.constexpr):
     """Over query blocks [lo, hi): dK and dV of this key block, and (if ACC_DQ is a buffer) dQ added atomically."""
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -407,7 +461,10 @@ def _bwd_inner(dk, dv, k, v, Q, DO, ACC_DQ, LSE, DELTA, cols, lo, hi, Tq, Tk, of
         qkT = tl.dot(k, tl.trans(q))  # (BLOCK_N, BLOCK_M): transposed, so dK and dV come out of plain dots
         aT = _magnitude(qkT)
         if MASK:
-            aT = tl.where(_visible(rows[None, :], cols[:, None], Tk, off, CAUSAL), aT, float("-inf"))
+            visible = _visible(rows[None, :], cols[:, None], Tk, off, CAUSAL)
+            if DOC_MASK:
+                visible = visible & (_doc_of(DOCS, rows + off, Tk)[None, :] == doc_cols[:, None])
+            aT = tl.where(visible, aT, float("-inf"))
         pT = tl.math.exp2(aT * qk_scale - lse[None, :])  # F * P^T
         wT = _signed_weights(qkT, pT, qk_scale, FP16, tl.float32)
         dv += tl.dot(wT.to(do.dtype), do)
@@ -427,11 +484,12 @@ def _bwd_inner(dk, dv, k, v, Q, DO, ACC_DQ, LSE, DELTA, cols, lo, hi, Tq, Tk, of
 
 
 @_jit
-def _cog_bwd(Q, K, V, DO, DK, DV, ACC_DQ, LSE, DELTA, qk_scale, wscale_shift, grad_scale,
+def _cog_bwd(Q, K, V, DO, DK, DV, ACC_DQ, LSE, DELTA, DOCS, qk_scale, wscale_shift, grad_scale,
              stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
              stride_db, stride_dh, stride_dt, stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
              H, Tq, Tk, LEN_Q, LEN_K,
-             HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             DOC_MASK: tl.constexpr):
     """One program per key block: dK and dV; dQ too, added atomically to the fp32 (B, H, Tq, HEAD_DIM) buffer ACC_DQ,
     unless ACC_DQ is None (the deterministic backward, which runs _cog_bwd_dq after this)."""
     BLOCK_D: tl.constexpr = _padded(HEAD_DIM)
@@ -454,24 +512,39 @@ def _cog_bwd(Q, K, V, DO, DK, DV, ACC_DQ, LSE, DELTA, qk_scale, wscale_shift, gr
         mid = lo + (tl.maximum(start_n + BLOCK_N - 1 - off - lo, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dk, dv = _bwd_inner(dk, dv, k, v, Q, DO, ACC_DQ, LSE, DELTA, cols, lo, mid, Tq, Tk, off, qk_scale, wscale_shift,
-                        HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, True, FP16)
-    dk, dv = _bwd_inner(dk, dv, k, v, Q, DO, ACC_DQ, LSE, DELTA, cols, mid, Tq, Tq, Tk, off, qk_scale, wscale_shift,
-                        HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, False, FP16)
+    if DOC_MASK:  # and only the queries of these keys' documents: [lo, front) and [back, hi) masked, [mid, mid_hi) not
+        DOCS += (bh // H).to(tl.int64) * 2 * Tk
+        doc_cols = _doc_of(DOCS, cols, Tk)
+        doc_lo, doc_hi, one_doc = _doc_span(DOCS, start_n, tl.minimum(start_n + BLOCK_N, Tk) - 1, Tk)
+        lo, hi = tl.maximum(lo, doc_lo - off), tl.minimum(Tq, doc_hi - off)
+        if CAUSAL:
+            mid = lo + (tl.maximum(start_n + BLOCK_N - 1 - off - lo, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        else:
+            mid = lo
+        mid_hi = tl.where(one_doc, lo + tl.maximum(hi - lo, 0) // BLOCK_M * BLOCK_M, lo)
+        front = tl.minimum(mid, hi)
+        dk, dv = _bwd_inner(dk, dv, k, v, Q, DO, ACC_DQ, LSE, DELTA, DOCS, doc_cols, cols, mid, mid_hi, Tq, Tk, off,
+                            qk_scale, wscale_shift, HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, False, FP16, True)
+        dk, dv = _bwd_inner(dk, dv, k, v, Q, DO, ACC_DQ, LSE, DELTA, DOCS, doc_cols, cols, lo, front, Tq, Tk, off,
+                            qk_scale, wscale_shift, HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, True, FP16, True)
+        dk, dv = _bwd_inner(dk, dv, k, v, Q, DO, ACC_DQ, LSE, DELTA, DOCS, doc_cols, cols, tl.maximum(front, mid_hi),
+                            hi, Tq, Tk, off, qk_scale, wscale_shift, HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, True, FP16,
+                            True)
+    else:
+        dk, dv = _bwd_inner(dk, dv, k, v, Q, DO, ACC_DQ, LSE, DELTA, DOCS, cols, cols, lo, mid, Tq, Tk, off,
+                            qk_scale, wscale_shift, HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, True, FP16, False)
+        dk, dv = _bwd_inner(dk, dv, k, v, Q, DO, ACC_DQ, LSE, DELTA, DOCS, cols, cols, mid, Tq, Tq, Tk, off,
+                            qk_scale, wscale_shift, HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, False, FP16, False)
     DK = _matrix(DK, bh, H, stride_dkb, stride_dkh, Tk, stride_dkt, BLOCK_N, HEAD_DIM, BLOCK_D)
     DV = _matrix(DV, bh, H, stride_dvb, stride_dvh, Tk, stride_dvt, BLOCK_N, HEAD_DIM, BLOCK_D)
     DK.store([start_n, 0], (dk * grad_scale).to(DK.dtype))  # grad_scale = scale / F
     DV.store([start_n, 0], (dv * tl.math.exp2(wscale_shift)).to(DV.dtype))  # 1 / F
 
 
-# one kernel, two autotuners: the one-pass and the two-pass backward keep their own tuning (and shared memory) apart
-_cog_bwd_one_pass = _autotune("bwd")(_cog_bwd)
-_cog_bwd_dkdv = _autotune("dkdv")(_cog_bwd)
-
-
 @_jit
-def _dq_inner(dq, q, do, lse, delta, K, V, rows, lo, hi, Tk, off, qk_scale,
-              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, FP16: tl.constexpr):
+def _dq_inner(dq, q, do, lse, delta, K, V, DOCS, doc_rows, rows, lo, hi, Tk, off, qk_scale,
+              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, FP16: tl.constexpr,
+              DOC_MASK: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         k = K.load([start_n, 0])
         v = V.load([start_n, 0])
@@ -479,7 +552,10 @@ def _dq_inner(dq, q, do, lse, delta, K, V, rows, lo, hi, Tk, off, qk_scale,
         a = _magnitude(qk)
         if MASK:
             cols = start_n + tl.arange(0, BLOCK_N)
-            a = tl.where(_visible(rows[:, None], cols[None, :], Tk, off, CAUSAL), a, float("-inf"))
+            visible = _visible(rows[:, None], cols[None, :], Tk, off, CAUSAL)
+            if DOC_MASK:
+                visible = visible & (doc_rows[:, None] == _doc_of(DOCS, cols, Tk)[None, :])
+            a = tl.where(visible, a, float("-inf"))
         p = tl.math.exp2(a * qk_scale - lse[:, None])  # F * P
         w = _signed_weights(qk, p, qk_scale, FP16, tl.float32)
         dp = tl.dot(do, tl.trans(v))
@@ -488,13 +564,13 @@ def _dq_inner(dq, q, do, lse, delta, K, V, rows, lo, hi, Tk, off, qk_scale,
     return dq
 
 
-@_autotune("dq")
 @_jit
-def _cog_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, wscale_shift, grad_scale,
+def _cog_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, DOCS, qk_scale, wscale_shift, grad_scale,
                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                 stride_db, stride_dh, stride_dt, stride_dqb, stride_dqh, stride_dqt,
                 H, Tq, Tk, LEN_Q, LEN_K,
-                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                DOC_MASK: tl.constexpr):
     """The deterministic backward's dQ pass: one program per query block walks over the key blocks."""
     BLOCK_D: tl.constexpr = _padded(HEAD_DIM)
     FP16: tl.constexpr = Q.dtype.element_ty == tl.float16
@@ -508,12 +584,44 @@ def _cog_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, wscale_shift, grad_scale,
     lse = tl.load(LSE + bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=0.0) + wscale_shift
     delta = tl.load(DELTA + bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=0.0)
     off = Tk - Tq
-    full, hi = _key_blocks(start_m, Tk, off, CAUSAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _dq_inner(dq, q, do, lse, delta, K, V, rows, 0, full, Tk, off, qk_scale, BLOCK_N, CAUSAL, False, FP16)
-    dq = _dq_inner(dq, q, do, lse, delta, K, V, rows, full, hi, Tk, off, qk_scale, BLOCK_N, CAUSAL, True, FP16)
+    if DOC_MASK:
+        DOCS += (bh // H).to(tl.int64) * 2 * Tk
+        doc_rows = _doc_of(DOCS, tl.minimum(rows, Tq - 1) + off, Tk)
+        lo, full_lo, full, back, hi = _query_block_keys(DOCS, start_m, Tq, Tk, off, CAUSAL, BLOCK_M, BLOCK_N)
+        dq = _dq_inner(dq, q, do, lse, delta, K, V, DOCS, doc_rows, rows, full_lo, full, Tk, off, qk_scale,
+                       BLOCK_N, CAUSAL, False, FP16, True)
+        dq = _dq_inner(dq, q, do, lse, delta, K, V, DOCS, doc_rows, rows, lo, full_lo, Tk, off, qk_scale,
+                       BLOCK_N, CAUSAL, True, FP16, True)
+        dq = _dq_inner(dq, q, do, lse, delta, K, V, DOCS, doc_rows, rows, back, hi, Tk, off, qk_scale,
+                       BLOCK_N, CAUSAL, True, FP16, True)
+    else:
+        full, hi = _key_blocks(start_m, Tk, off, CAUSAL, BLOCK_M, BLOCK_N)
+        dq = _dq_inner(dq, q, do, lse, delta, K, V, DOCS, rows, rows, 0, full, Tk, off, qk_scale,
+                       BLOCK_N, CAUSAL, False, FP16, False)
+        dq = _dq_inner(dq, q, do, lse, delta, K, V, DOCS, rows, rows, full, hi, Tk, off, qk_scale,
+                       BLOCK_N, CAUSAL, True, FP16, False)
     DQ = _matrix(DQ, bh, H, stride_dqb, stride_dqh, Tq, stride_dqt, BLOCK_M, HEAD_DIM, BLOCK_D)
     DQ.store([start_m, 0], (dq * grad_scale).to(DQ.dtype))
+
+
+# One jit kernel, several autotuners: each variant keeps its own tuning (and shared-memory needs) apart. The two-pass
+# backward's first kernel is _cog_bwd without the dQ buffer; the document-masked ones have DOC_MASK in their configs.
+_fwd = _autotune("fwd")(_cog_fwd)
+_fwd_docs = _autotune("fwd", docs=True)(_cog_fwd)
+_bwd_one_pass = _autotune("bwd")(_cog_bwd)
+_bwd_one_pass_docs = _autotune("bwd", docs=True)(_cog_bwd)
+_bwd_dkdv = _autotune("dkdv")(_cog_bwd)
+_bwd_dkdv_docs = _autotune("dkdv", docs=True)(_cog_bwd)
+_dq_pass = _autotune("dq")(_cog_bwd_dq)
+_dq_pass_docs = _autotune("dq", docs=True)(_cog_bwd_dq)
+
+
+def kernels(docs=False):
+    """The autotuned kernels of one variant, by TILES kind."""
+    if docs:
+        return dict(fwd=_fwd_docs, bwd=_bwd_one_pass_docs, dkdv=_bwd_dkdv_docs, dq=_dq_pass_docs)
+    return dict(fwd=_fwd, bwd=_bwd_one_pass, dkdv=_bwd_dkdv, dq=_dq_pass)
 
 
 # --- launchers, wrapped as torch custom ops: opaque to torch.compile (no graph break), autograd through the backward op
@@ -566,9 +674,18 @@ def _weight_shift(dtype, scale):
     return min(max(SIGN_BITS + math.log2(scale * LOG2E), 0.0), 64.0)
 
 
-def attention_forward(q, k, v, causal, scale, kernel=None):
-    """o and lse (base 2) of Cog attention through the forward kernel (kernel: a twin of it, for bench.py)."""
-    kernel = kernel or _cog_fwd
+def document_table(doc_ids):
+    """(B, 2, Tk) int32 for the kernels: where each key's document starts (which also names the document), and where
+    it ends (exclusive). doc_ids: (B, Tk), non-decreasing along each row."""
+    ids = doc_ids.contiguous()
+    starts, ends = torch.searchsorted(ids, ids), torch.searchsorted(ids, ids, right=True)
+    return torch.stack([starts, ends], dim=1).to(torch.int32).contiguous()
+
+
+def attention_forward(q, k, v, causal, scale, docs=None, tuned=None):
+    """o and lse (base 2) of Cog attention through the forward kernel; docs: a document_table; tuned: the kernels()
+    to use (bench.py passes a softmax twin's)."""
+    kernel = (tuned or kernels(docs is not None))["fwd"]
     (B, H, Tq, D), Tk = q.shape, k.size(2)
     q, k, v = _tma_ready(q), _tma_ready(k), _tma_ready(v)
     o = q.new_empty(q.shape)  # (B, H, Tq, D)
@@ -576,14 +693,14 @@ def attention_forward(q, k, v, causal, scale, kernel=None):
     if o.numel() > 0:
         with _on_device(q):
             kernel[lambda META: _blocks(Tq, META["BLOCK_M"], B, H)](
-                q, k, v, o, lse, scale * LOG2E, _weight_shift(q.dtype, scale), *_strides(q, k, v, o), H, Tq, Tk,
-                *_lengths(Tq, Tk), HEAD_DIM=D, CAUSAL=causal)
+                q, k, v, o, lse, docs, scale * LOG2E, _weight_shift(q.dtype, scale), *_strides(q, k, v, o), H, Tq,
+                Tk, *_lengths(Tq, Tk), HEAD_DIM=D, CAUSAL=causal)
     return o, lse
 
 
-def attention_backward(do, q, k, v, o, lse, causal, scale, deterministic, kernels=None):
+def attention_backward(do, q, k, v, o, lse, causal, scale, deterministic, docs=None, tuned=None):
     """dq, dk, dv through the backward kernels: one pass with atomic dQ adds, or two passes if deterministic."""
-    one_pass, dkdv, dq_pass = kernels or (_cog_bwd_one_pass, _cog_bwd_dkdv, _cog_bwd_dq)
+    tuned = tuned or kernels(docs is not None)
     (B, H, Tq, D), Tk = q.shape, k.size(2)
     do, q, k, v, o = (_tma_ready(t) for t in (do, q, k, v, o))
     dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
@@ -598,14 +715,14 @@ def attention_backward(do, q, k, v, o, lse, causal, scale, deterministic, kernel
     meta = dict(HEAD_DIM=D, CAUSAL=causal)
     with _on_device(q):
         _cog_bwd_delta[_blocks(Tq, 64, B, H)](o, do, delta, *_strides(o, do), H, Tq, HEAD_DIM=D, BLOCK_M=64)
-        (dkdv if two_pass else one_pass)[lambda META: _blocks(Tk, META["BLOCK_N"], B, H)](
-            q, k, v, do, dk, dv, dq_sum, lse, delta, scale * LOG2E, wscale_shift, grad_scale,
+        tuned["dkdv" if two_pass else "bwd"][lambda META: _blocks(Tk, META["BLOCK_N"], B, H)](
+            q, k, v, do, dk, dv, dq_sum, lse, delta, docs, scale * LOG2E, wscale_shift, grad_scale,
             *_strides(q, k, v, do, dk, dv), H, Tq, Tk, *_lengths(Tq, Tk), **meta)
         if two_pass:
             dq = q.new_empty(q.shape)
-            dq_pass[lambda META: _blocks(Tq, META["BLOCK_M"], B, H)](
-                q, k, v, do, dq, lse, delta, scale * LOG2E, wscale_shift, grad_scale, *_strides(q, k, v, do, dq),
-                H, Tq, Tk, *_lengths(Tq, Tk), **meta)
+            tuned["dq"][lambda META: _blocks(Tq, META["BLOCK_M"], B, H)](
+                q, k, v, do, dq, lse, delta, docs, scale * LOG2E, wscale_shift, grad_scale,
+                *_strides(q, k, v, do, dq), H, Tq, Tk, *_lengths(Tq, Tk), **meta)
         else:
             dq = (dq_sum * grad_scale).to(q.dtype)
     return dq, dk, dv
@@ -613,45 +730,46 @@ def attention_backward(do, q, k, v, o, lse, causal, scale, deterministic, kernel
 
 @torch.library.custom_op("nanocog::cog_attention_fwd", mutates_args=())
 def _cog_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                       deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, causal, scale)
+                       deterministic: bool, docs: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, causal, scale, docs)
 
 
 @_cog_attention_fwd.register_fake
-def _(q, k, v, causal, scale, deterministic):
+def _(q, k, v, causal, scale, deterministic, docs):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("nanocog::cog_attention_bwd", mutates_args=())
 def _cog_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                       lse: torch.Tensor, causal: bool, scale: float,
-                       deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(do, q, k, v, o, lse, causal, scale, deterministic)
+                       lse: torch.Tensor, causal: bool, scale: float, deterministic: bool,
+                       docs: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(do, q, k, v, o, lse, causal, scale, deterministic, docs)
 
 
 @_cog_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, causal, scale, deterministic):
+def _(do, q, k, v, o, lse, causal, scale, deterministic, docs):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, ctx.causal, ctx.scale, ctx.deterministic = inputs
-    ctx.save_for_backward(q, k, v, *output)
+    q, k, v, ctx.causal, ctx.scale, ctx.deterministic, docs = inputs
+    ctx.save_for_backward(q, k, v, *output, docs)
 
 
 def _backward(ctx, do, dlse):  # lse is an internal output: its gradient is ignored
-    dq, dk, dv = _cog_attention_bwd(do, *ctx.saved_tensors, ctx.causal, ctx.scale, ctx.deterministic)
-    return dq, dk, dv, None, None, None
+    q, k, v, o, lse, docs = ctx.saved_tensors
+    dq, dk, dv = _cog_attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.deterministic, docs)
+    return dq, dk, dv, None, None, None, None
 
 
 _cog_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def cog_attention_triton(q, k, v, causal=False, scale=None, deterministic=None):
+def cog_attention_triton(q, k, v, causal=False, scale=None, deterministic=None, doc_ids=None):
     """The fused kernel: (B, H, Tq, D) in q's dtype; fp16, bf16 (GPU only) or fp32, any head dim up to 256.
     deterministic: a bit-reproducible backward (two passes, no atomic adds; slower); None follows
-    torch.are_deterministic_algorithms_enabled()."""
-    check_attention_inputs(q, k, v)
+    torch.are_deterministic_algorithms_enabled(). doc_ids: see cog_attention."""
+    check_attention_inputs(q, k, v, doc_ids)
     D = q.size(-1)
     if triton is None:
         raise ValueError("cog_attention_triton: Triton is not installed (use cog_attention_reference)")
@@ -671,14 +789,15 @@ def cog_attention_triton(q, k, v, causal=False, scale=None, deterministic=None):
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     if scale == 0:  # every logit is 0, so every weight is sign(0) * p = 0
-        return cog_attention_reference(q, k, v, causal, scale)
+        return cog_attention_reference(q, k, v, causal, scale, doc_ids)
     if scale < 0:  # the kernels need c > 0 (sign(s) = sign(q . k)): move the sign into q, exactly
         q, scale = -q, -scale
     # the tensor descriptors need rows of a 16-byte multiple: pad with zero columns, which add nothing to q . k
     pad = -D % (16 // q.element_size())
     if pad:
         q, k, v = (torch.nn.functional.pad(t, (0, pad)) for t in (q, k, v))
-    o = _cog_attention_fwd(q, k, v, bool(causal), scale, bool(deterministic))[0]
+    docs = None if doc_ids is None else document_table(doc_ids)
+    o = _cog_attention_fwd(q, k, v, bool(causal), scale, bool(deterministic), docs)[0]
     return o[..., :D] if pad else o
 
 
@@ -696,8 +815,8 @@ def cog_attention(q, k, v, causal=False, scale=None, deterministic=None, doc_ids
     """Cog attention for the model: (B, H, Tq, D) in q's dtype. The fused kernel where it applies, else the reference.
     deterministic: see cog_attention_triton (the reference is always deterministic).
     doc_ids (B, Tk): per-key document ids of packed sequences (query i has id doc_ids[:, Tk - Tq + i]); a query sees
-    only keys of its own document. For now they always go through the reference."""
+    only keys of its own document; the kernel skips the blocks of other documents."""
     check_attention_inputs(q, k, v, doc_ids)
-    if doc_ids is None and _use_triton(q):
-        return cog_attention_triton(q, k, v, causal, scale, deterministic)
+    if _use_triton(q):
+        return cog_attention_triton(q, k, v, causal, scale, deterministic, doc_ids)
     return cog_attention_reference(q, k, v, causal, scale, doc_ids)

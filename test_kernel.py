@@ -42,15 +42,16 @@ def kernel_runs_here():
 @contextlib.contextmanager
 def blocks(block_m, block_n):
     """Run the kernels with one fixed block shape (the interpreter's default 64 x 64 would cover small T in one block)."""
-    kernels = (cog_kernel._cog_fwd, cog_kernel._cog_bwd_one_pass, cog_kernel._cog_bwd_dkdv, cog_kernel._cog_bwd_dq)
-    saved = [kern.configs for kern in kernels]
+    tuners = [k for variant in (False, True) for k in cog_kernel.kernels(variant).values()]
+    saved = [tuner.configs for tuner in tuners]
     try:
-        for kern in kernels:
-            kern.configs = [cog_kernel.triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n})]
+        for tuner in tuners:
+            tuner.configs = [cog_kernel.triton.Config({**tuner.configs[0].kwargs, "BLOCK_M": block_m,
+                                                       "BLOCK_N": block_n})]
         yield
     finally:
-        for kern, configs in zip(kernels, saved):
-            kern.configs = configs
+        for tuner, configs in zip(tuners, saved):
+            tuner.configs = configs
 
 
 @pytest.fixture(autouse=True)
@@ -198,7 +199,7 @@ def test_deterministic_backward(causal, monkeypatch):
     """deterministic=True runs the two-pass backward (the dQ pass, no atomic adds): the same gradients as the one-pass
     backward and the reference; torch.use_deterministic_algorithms switches it on by default."""
     passes = []
-    monkeypatch.setattr(cog_kernel, "_cog_bwd_dq", spy_on(cog_kernel._cog_bwd_dq, passes))
+    monkeypatch.setattr(cog_kernel, "_dq_pass", spy_on(cog_kernel._dq_pass, passes))
     q, k, v, do = make_inputs(2, 1, 27, 35, 32, torch.float32)
     one_pass = run(cog_attention_triton, q, k, v, do, causal=causal)
     assert passes == []
@@ -256,6 +257,55 @@ def test_softmax_twin_is_softmax(causal):
         assert max_err(x, ref) < 1e-4, name
 
 
+def packed_doc_ids(B, T, lengths, seed=0):
+    """(B, T) document ids of packed sequences: row 0 cut into the given document lengths, the others at random."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))]
+    for _ in range(B - 1):
+        starts = torch.zeros(T, dtype=torch.bool)
+        starts[torch.randint(1, T, (3,), generator=g)] = True
+        rows.append(torch.cumsum(starts, 0) + 7)  # ids needn't start at 0 or be consecutive
+    return torch.stack(rows).to(DEVICE)
+
+
+@cpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["one-pass", "two-pass"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("Tq,Tk,lengths,dtype", [
+    (50, 50, [7, 20, 3, 20], torch.float32),  # documents that cross tile edges (the tests' tiles are 16 x 32)
+    (64, 64, [32, 1, 31], torch.float16),  # a boundary on a tile edge, a document of one token
+    (13, 45, [20, 12, 13], torch.float32),  # Tq < Tk: the queries are the last 13 positions
+    (40, 40, [40], torch.float32),  # one document: the same as no mask
+])
+def test_document_mask_matches_reference(Tq, Tk, lengths, dtype, causal, deterministic):
+    """With doc_ids, a query sees only its own document's keys: the kernel (which skips the other documents' blocks
+    and masks the rest) against the reference, forward and all three gradients."""
+    q, k, v, do = make_inputs(2, 2, Tq, Tk, 16, dtype)
+    doc_ids = packed_doc_ids(2, Tk, lengths)
+    check(q, k, v, do, TOL[dtype], causal=causal, deterministic=deterministic, doc_ids=doc_ids)
+
+
+@cpu
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["one-pass", "two-pass"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("poisoned", [0, 1], ids=["first-NaN", "second-NaN"])
+def test_document_mask_skips_other_documents(poisoned, causal, deterministic):
+    """Blocks wholly in other documents are skipped, not just masked: one of two 64-token documents has NaN keys,
+    values and queries, and with 64 x 64 tiles nothing of it may reach the other document's output or gradients (a
+    masked tile still multiplies its values: NaN would get through)."""
+    q, k, v, do = make_inputs(1, 2, 128, 128, 16, torch.float32)
+    bad, good = slice(64 * poisoned, 64 * poisoned + 64), slice(64 - 64 * poisoned, 128 - 64 * poisoned)
+    for t in (q, k, v):
+        t[:, :, bad] = float("nan")
+    doc_ids = torch.repeat_interleave(torch.arange(2), 64)[None]
+    with blocks(64, 64):
+        got = run(cog_attention_triton, q, k, v, do, causal=causal, deterministic=deterministic, doc_ids=doc_ids)
+    want = reference64(*(t[:, :, good] for t in (q, k, v, do)), causal=causal)  # the other document alone
+    for name, x, ref in zip(("o", "dq", "dk", "dv"), got, want):
+        assert max_err(x[:, :, good], ref) < TOL[torch.float32], name
+
+
 @cpu
 def test_torch_compile_cpu():
     """The custom ops trace with fake tensors and autograd: fullgraph compile (aot_eager on CPU) matches eager."""
@@ -271,8 +321,8 @@ def test_torch_compile_cpu():
 
 
 def test_models_with_kernel_match_models_with_reference(monkeypatch):
-    """Cogformer and UViC give the same outputs, parameter gradients and KV-cache generations with the kernel
-    (cog_attention routes to it here) as with the reference."""
+    """Cogformer (also with document masks) and UViC give the same outputs, parameter gradients and KV-cache
+    generations with the kernel (cog_attention routes to it here) as with the reference."""
     import model as model_module
 
     def run(make_model, inputs, loss_of):
@@ -287,7 +337,9 @@ def test_models_with_kernel_match_models_with_reference(monkeypatch):
     uvic_config = model_module.UViCConfig(img_size=8, patch_size=2, embed_dim=32, depth=3, num_heads=2)
     idx = torch.randint(0, 50, (2, 37), device=DEVICE)  # 37: not a multiple of any block size
     x, t = torch.randn(2, 3, 8, 8, device=DEVICE), torch.tensor([3.0, 700.0], device=DEVICE)
+    doc_ids = model_module.document_ids(torch.randint(0, 3, (2, 37), device=DEVICE), start_token=0)
     cases = [(lambda: model_module.Cogformer(lm_config), (idx,), lambda m, idx: m(idx)[0]),
+             (lambda: model_module.Cogformer(lm_config), (idx,), lambda m, idx: m(idx, doc_ids=doc_ids)[0]),
              (lambda: model_module.UViC(uvic_config), (x, t), lambda m, x, t: m(x, t))]
     calls = []
     kernel = cog_kernel.cog_attention_triton
@@ -367,9 +419,9 @@ def test_bf16_refused_in_interpreter():
 def test_dispatcher(monkeypatch):
     calls = []
 
-    def spy(q, k, v, causal=False, scale=None, deterministic=None):
+    def spy(q, k, v, causal=False, scale=None, deterministic=None, doc_ids=None):
         calls.append(q.dtype)
-        return cog_attention_reference(q, k, v, causal, scale)
+        return cog_attention_reference(q, k, v, causal, scale, doc_ids)
 
     monkeypatch.setattr(cog_kernel, "cog_attention_triton", spy)
     q, k, v, _ = make_inputs(1, 2, 5, 5, 16, torch.float32)
@@ -404,7 +456,8 @@ def test_gpu_matches_reference(B, H, Tq, Tk, D, dtype, causal):
 
 
 def gpu_check(q, k, v, do, **kw):
-    got, want = run(cog_attention_triton, q, k, v, do, **kw), reference64(q, k, v, do, causal=kw.get("causal", False))
+    got = run(cog_attention_triton, q, k, v, do, **kw)
+    want = reference64(q, k, v, do, causal=kw.get("causal", False), doc_ids=kw.get("doc_ids"))
     assert got[0].dtype == q.dtype
     for name, x, ref in zip(("o", "dq", "dk", "dv"), got, want):
         assert torch.isfinite(x).all(), name
@@ -429,6 +482,16 @@ def test_gpu_deterministic_backward_is_bitwise_reproducible(dtype):
     for name, x, y in zip(("o", "dq", "dk", "dv"), first, second):
         assert torch.equal(x, y), name
     gpu_check(q, k, v, do, causal=True, deterministic=False)  # the atomic one-pass backward
+
+
+@gpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["one-pass", "two-pass"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_document_mask(dtype, causal, deterministic):
+    q, k, v, do = make_inputs(2, 4, 2048, 2048, 128, dtype)
+    gpu_check(q, k, v, do, causal=causal, deterministic=deterministic,
+              doc_ids=packed_doc_ids(2, 2048, [700, 1, 300, 1047]))
 
 
 @gpu
