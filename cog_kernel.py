@@ -653,7 +653,8 @@ def _check_gpu(device):
     torch's allocator), and GPUs older than sm_86 lack min.xorsign.abs. One process, one GPU architecture: Triton
     refuses to launch a kernel compiled under another value of XORSIGN."""
     global XORSIGN
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+    # (on the current device, which _on_device makes the tensors')
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     if torch.cuda.get_device_capability(device) < (8, 6):
         XORSIGN = tl.constexpr(False)
 
