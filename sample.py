@@ -3,15 +3,22 @@ Sample from a trained checkpoint: text from an LM (train_lm.py), images from a d
 
     python sample.py --out_dir=out/demo_lm --start="def " --num_samples=3 --max_new_tokens=300
     python sample.py --out_dir=out/lm --start=FILE:prompt.txt --temperature=0.8 --top_k=200
+    python sample.py --out_dir=out/demo_t2i --prompt="a yellow square" --prompt="a green circle"
+    python sample.py --out_dir=out/coco --prompts=captions.txt --cfg_scale=1
+    python sample.py --init_from=cog_nnet_ema.pth --prompt="a red bus on a street"   # the authors' U-ViC
+    python sample.py --out_dir=out/coco --fid --num_samples=30000                      # the paper's FID protocol
 
-The checkpoint's "kind" picks the branch; an LM checkpoint carries its tokenizer in its dataset metadata.
+The checkpoint's "kind" picks the branch; an LM checkpoint carries its tokenizer in its dataset metadata. A
+text-to-image model (or --init_from's file, told apart by its content) draws one image per prompt with DPM-Solver++.
 """
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 from train_utils import autocast_context, load_checkpoint, parse_config, resolve_device, resolve_dtype
 
@@ -38,6 +45,15 @@ class SampleConfig:
     batch_size: int = 500  # images sampled at once
     fid: bool = False  # also measure FID against CIFAR-10's training set (pytorch-fid's Inception features)
     data_dir: str = "data/cifar10"  # CIFAR-10 and its cached FID statistics, for --fid
+    # text-to-image models (MS-COCO, the shapes demo): DPM-Solver++ with classifier-free guidance
+    prompt: str = ""  # a caption to draw; repeat --prompt=... for several
+    prompts: str = ""  # a text file with one caption per line
+    cfg_scale: float = 1.0  # guidance: cond + cfg_scale * (cond - uncond); 0: none; the paper's FID uses 1
+    init_from: str = ""  # the authors' released MS-COCO U-ViC / U-ViT weights (nnet_ema.pth) instead of out_dir's
+    attn: str = ""  # with --init_from: cog or softmax; "": read from the file's path (cog_nnet_ema.pth is Cog)
+    vae: str = ""  # MS-COCO: the autoencoder that decodes; "": the one the features were prepared with, or SD v1's
+    text_encoder: str = ""  # MS-COCO: the CLIP text encoder of --prompt; "": likewise, or CLIP ViT-L/14
+    fid_stats: str = ""  # MS-COCO --fid: an .npz with val2014's mu and sigma (U-ViT's file); "": computed, cached
 
 
 PRESETS = {"default": {}}
@@ -65,15 +81,33 @@ def sample_text(checkpoint, config):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    prompts = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--prompt=")]  # --prompt may repeat
     config = parse_config(SampleConfig, PRESETS, argv, default_preset="default")
     config.device = resolve_device(config.device)
     config.dtype = resolve_dtype(config.dtype, config.device)
     torch.manual_seed(config.seed)
+    if config.init_from:  # the authors' released files, told apart by their content
+        from model import UViC, load_weights_file
+        try:
+            content = load_weights_file(config.init_from)
+            if isinstance(content, dict) and "patch_embed.proj.weight" in content:  # U-ViT's text-to-image network
+                return sample_text_to_image(UViC.from_authors(config.init_from, attn=config.attn or None),
+                                            AUTHORS_T2I_RECIPE, config, prompts)
+        except ValueError as err:
+            raise SystemExit(f"error: --init_from: {err}") from None
+        raise SystemExit(f"error: --init_from={config.init_from} is not one of the authors' files: a U-ViT / U-ViC "
+                         "state dict (nnet_ema.pth, with patch_embed.proj.weight)")
     checkpoint = load_checkpoint(os.path.join(config.out_dir, "ckpt.pt"), map_location=config.device)
     if checkpoint["kind"] == "lm":
         sample_text(checkpoint, config)
+    elif checkpoint["kind"] == "diffusion" and checkpoint["model_config"].get("num_clip_token", 0):
+        from model import UViC, UViCConfig
+        model = UViC(UViCConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["ema" if config.use_ema else "model"])
+        return sample_text_to_image(model, checkpoint["config"], config, prompts)
     elif checkpoint["kind"] == "diffusion":
-        sample_images(checkpoint, config)
+        return sample_images(checkpoint, config)
     else:
         raise SystemExit(f"error: unknown checkpoint kind {checkpoint['kind']!r}")
 
@@ -118,6 +152,117 @@ def sample_images(checkpoint, config):
         print(f"FID {fid:.2f}: {num_samples} samples ({config.sampler}, {steps} steps) against CIFAR-10 train")
         return fid
 
+
+# -----------------------------------------------------------------------------
+# text-to-image
+
+# how the authors' MS-COCO networks were trained (U-ViT's recipe), for --init_from
+AUTHORS_T2I_RECIPE = {"dataset": "coco", "noise_schedule": "sd", "prediction": "eps", "latent_scale": 0.23010,
+                      "data_dir": "data/coco"}
+
+
+def read_prompts(config, prompts):
+    """The --prompt values and the lines of the --prompts file, cycled (or cut) to --num_samples."""
+    if config.prompts:
+        try:
+            with open(config.prompts, encoding="utf-8") as f:
+                prompts = prompts + [line.strip() for line in f if line.strip()]
+        except OSError as err:
+            raise SystemExit(f"error: --prompts={config.prompts}: {err}") from None
+    return [prompts[i % len(prompts)] for i in range(config.num_samples or len(prompts))] if prompts else []
+
+
+def coco_pieces(recipe, config, data_dir, prompts):
+    """MS-COCO: (texts, a function (start, n) -> their CLIP features, the empty caption's features, a latent decoder).
+    --fid draws for the prepared val captions (with their stored features); otherwise for the prompts, through CLIP."""
+    from data.prepare_coco import (DEFAULT_TEXT_ENCODER, DEFAULT_VAE, CocoFeatures, decode_latents, encode_captions,
+                                   load_prepared_vae, load_text_encoder, load_vae, read_meta)
+    prepared = os.path.exists(os.path.join(data_dir, "meta.json"))
+    if config.fid:
+        val = CocoFeatures(data_dir, "val")
+        ids = val.sample_caption_ids(0, config.num_samples or 30_000)
+        texts, empty = val.caption_texts(ids), torch.from_numpy(val.empty_context.astype("float32"))
+
+        def features(start, n):
+            return val.caption_features(ids[start:start + n])
+    else:
+        if not prompts:
+            raise SystemExit("error: give what to draw: --prompt=\"a red bus on a street\" (repeatable) or "
+                             "--prompts=FILE, or --fid for MS-COCO val captions")
+        name = config.text_encoder or (read_meta(data_dir)["text_encoder"] if prepared else DEFAULT_TEXT_ENCODER)
+        text_encoder, _ = load_text_encoder(name, config.device)
+        texts, empty = prompts, encode_captions(text_encoder, [""], config.device)[0]
+
+        def features(start, n):
+            return encode_captions(text_encoder, texts[start:start + n], config.device)
+    if prepared:
+        vae = load_prepared_vae(read_meta(data_dir), config.device, config.vae or None)
+    else:
+        vae, _ = load_vae(config.vae or DEFAULT_VAE, config.device)
+    return texts, features, empty, lambda z: decode_latents(vae, z, recipe["latent_scale"])
+
+
+def sample_text_to_image(model, recipe, config, prompts):
+    """One image per prompt (cycled to --num_samples), drawn with DPM-Solver++ and classifier-free guidance and
+    decoded to pixels, as a captioned grid (at most 64 shown). The shapes demo also scores whether each sample shows
+    its prompt's colour and shape. MS-COCO --fid: FID of num_samples images drawn for val captions against val2014
+    (data_dir: the prepare_coco.py folder; left at its default, the training run's or data/coco)."""
+    import diffusion
+    from train_diffusion import DEMO_PROMPTS, demo_caption_features, demo_prompt_features, parse_demo_prompt
+    model.eval().to(config.device)
+    schedule = diffusion.get_schedule(recipe.get("noise_schedule", "vp"))
+    data_dir = recipe["data_dir"] if config.data_dir == SampleConfig.data_dir else config.data_dir
+    steps, demo = config.steps or 50, recipe["dataset"] == "shapes_t2i"
+    if config.fid and demo:
+        raise SystemExit("error: --fid compares with MS-COCO val2014; this model draws the shapes demo")
+    if config.sampler != "dpm":
+        raise SystemExit(f"error: text-to-image models sample with DPM-Solver++ only (got --sampler={config.sampler})")
+    if demo:  # without prompts: every prompt of the demo, four times
+        texts = read_prompts(config, prompts if prompts or config.prompts else DEMO_PROMPTS * 4)
+
+        def features(start, n):
+            return demo_prompt_features(texts[start:start + n])
+        empty, decode = demo_caption_features(None, None)[0], lambda x: x.clamp(-1, 1)
+    else:
+        texts, features, empty, decode = coco_pieces(recipe, config, data_dir, read_prompts(config, prompts))
+    if config.fid:  # fail before sampling, not after: the Inception weights and the reference statistics
+        from data.prepare_coco import read_fid_stats, val_fid_stats
+        inception = diffusion.load_inception(config.device)
+        ref_mu, ref_sigma = read_fid_stats(config.fid_stats) if config.fid_stats else \
+            val_fid_stats(data_dir, inception, config.device)
+    n, size = len(texts), model.config.img_size
+    print(f"drawing {n} images for {len(set(texts))} captions: DPM-Solver++, {steps} steps, guidance scale "
+          f"{config.cfg_scale}, seed {config.seed}")
+    batches = (features(start, min(config.batch_size, n - start)) for start in range(0, n, config.batch_size))
+    samples = diffusion.generate_guided(model, batches, empty.unsqueeze(0), config.cfg_scale,
+                                        (model.config.in_chans, size, size), steps, config.seed, config.device,
+                                        schedule, recipe.get("prediction", "eps"),
+                                        autocast_context(config.device, config.dtype), progress=n <= config.batch_size)
+    kept, fid_features = [], []  # with --fid, only the first 64 images are kept (for the grid)
+    for x in tqdm(samples, total=-(-n // config.batch_size), desc="batches", disable=n <= config.batch_size):
+        images = decode(x).cpu()
+        if not config.fid or sum(map(len, kept)) < 64:
+            kept.append(images)
+        if config.fid:
+            fid_features.append(diffusion.inception_features(inception, diffusion.to_uint8(images), config.device))
+    images = torch.cat(kept)
+    folder = "." if config.init_from else config.out_dir
+    output = config.output or os.path.join(folder, f"samples_t2i_cfg{config.cfg_scale:g}.png")
+    diffusion.save_captioned_grid(images[:64], texts[:64], output)
+    print(f"wrote {output}")
+    if demo:  # scored by code: the colour and shape of each sample against its prompt
+        from train_diffusion import score_shapes
+        kind, color = (torch.tensor(v) for v in zip(*map(parse_demo_prompt, texts)))
+        matches, iou = score_shapes(images, kind, color)
+        print(f"{int(matches.sum())} of {n} samples ({matches.float().mean().item():.1%}) match their prompt's colour "
+              f"and shape; mean IoU with the best-fitting shape {iou.mean().item():.3f}")
+        return matches.float().mean().item()
+    if config.fid:
+        import numpy as np
+        fid = diffusion.frechet_distance(*diffusion.feature_stats(np.concatenate(fid_features)), ref_mu, ref_sigma)
+        print(f"FID {fid:.2f}: {n} samples (DPM-Solver++, {steps} steps, guidance {config.cfg_scale}) against "
+              "MS-COCO val2014")
+        return fid
 
 if __name__ == "__main__":
     main()
