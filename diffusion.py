@@ -7,6 +7,10 @@ VP-SDE (Song et al. 2021), beta(t) linear from 0.1 to 20 over t in [0, 1]:
 The network eps(x_t, t * 999) predicts the noise; the score is -eps / sigma_t. (Or it predicts v, see PREDICTIONS.)
 Samplers: Euler-Maruyama on the reverse SDE (the paper's FID protocol, 1000 steps) and multistep DPM-Solver-2
 (Lu et al. 2022, ~50 steps, deterministic). FID: pytorch-fid's Inception pool3 features against CIFAR-10 train stats.
+
+Text-to-image (U-ViT's MS-COCO recipe): discrete-time DDPM with Stable Diffusion's betas (DiscreteSchedule), the network
+given the caption's features as context, classifier-free guidance (guided noise = cond + scale * (cond - uncond)) and
+multistep DPM-Solver++ (Lu et al. 2022b, the data-prediction form) for sampling.
 """
 
 import math
@@ -59,6 +63,69 @@ def t_of_log_snr(lam):
     return 2 * c / (0.5 * BETA_0 + torch.sqrt(0.25 * BETA_0 ** 2 + (BETA_1 - BETA_0) * c))
 
 
+# -----------------------------------------------------------------------------
+# noise schedules, as the loss, the noise predictor and DPM-Solver++ use them: a time t in (0, 1], the marginal
+# x_t = alpha_t x0 + sigma_t eps, and the timestep the network is given
+
+
+class VPSchedule:
+    """U-ViT's CIFAR-10 schedule: the VP-SDE above; training draws t ~ U(T_MIN, 1); the network sees t * 999."""
+    t_end = T_END
+
+    def alpha_sigma(self, t):
+        return alpha_sigma(t)
+
+    def sample_t(self, n, generator, device):
+        return T_MIN + (1 - T_MIN) * torch.rand(n, generator=generator, device=device)
+
+    def timestep(self, t):
+        return 999 * t
+
+
+class DiscreteSchedule:
+    """U-ViT's MS-COCO schedule: discrete-time DDPM with Stable Diffusion's betas, linear in sqrt(beta) from 0.00085 to
+    0.012 over N = 1000 steps. x_n = sqrt(abar_n) x0 + sqrt(1 - abar_n) eps with abar_n = prod_{i <= n} (1 - beta_i);
+    training draws n uniformly from 1..N and gives the network n. Step n is time t = n / N, and between steps log alpha
+    is interpolated linearly (DPM-Solver's NoiseScheduleVP('discrete')), so an ODE solver sees a continuous schedule
+    and gives the network the fractional step t * N."""
+
+    def __init__(self, beta_start=0.00085, beta_end=0.012, num_steps=1000):
+        self.N = num_steps
+        self.betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=torch.float64) ** 2
+        self.log_alphas = 0.5 * torch.cumsum(torch.log1p(-self.betas), 0)  # log sqrt(abar_n) for n = 1..N
+        self.t_end = 1 / num_steps  # step 1, where U-ViT's DPM-Solver stops
+
+    def log_alpha(self, t):
+        """log alpha_t, exact at t = n / N and linear in t between (constant below t = 1 / N); float64."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        table = self.log_alphas.to(t.device)
+        pos = (t * self.N - 1).clamp(0, self.N - 1)  # a fractional index into the table
+        lo = pos.floor().long().clamp(max=self.N - 2)
+        frac = pos - lo
+        return table[lo] * (1 - frac) + table[lo + 1] * frac
+
+    def alpha_sigma(self, t):
+        la = self.log_alpha(t)
+        return torch.exp(la), torch.sqrt(-torch.expm1(2 * la))
+
+    def sample_t(self, n, generator, device):
+        steps = torch.randint(1, self.N + 1, (n,), generator=generator, device=device)
+        return steps.double() / self.N
+
+    def timestep(self, t):
+        return t * self.N
+
+
+VP, SD = VPSchedule(), DiscreteSchedule()
+SCHEDULES = {"vp": VP, "sd": SD}  # the names train_diffusion.py's --noise_schedule takes
+
+
+def get_schedule(name):
+    if name not in SCHEDULES:
+        raise ValueError(f"noise_schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
+    return SCHEDULES[name]
+
+
 def check_prediction(prediction):
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
@@ -69,15 +136,18 @@ def checkpoint_prediction(checkpoint):
     return checkpoint["config"].get("prediction", "eps")
 
 
-def diffusion_loss(model, x0, generator, prediction="eps"):
-    """U-ViT's training loss: t ~ U(T_MIN, 1), x_t = alpha_t x0 + sigma_t eps, MSE of the network's noise prediction.
+def diffusion_loss(model, x0, generator, prediction="eps", schedule=None, context=None):
+    """U-ViT's training loss: t from the schedule (VP: t ~ U(T_MIN, 1)), x_t = alpha_t x0 + sigma_t eps, MSE of the
+    network's noise prediction; context: the text features of a text-to-image model (B, L, D).
     prediction="v": the MSE of v = alpha_t eps - sigma_t x0 instead (Salimans & Ho 2022)."""
     check_prediction(prediction)
+    schedule = schedule or VP
     B = x0.size(0)
-    t = T_MIN + (1 - T_MIN) * torch.rand(B, generator=generator, device=x0.device)
+    t = schedule.sample_t(B, generator, x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-    alpha, sigma = (a.view(B, 1, 1, 1) for a in alpha_sigma(t))
-    out = model(alpha * x0 + sigma * noise, t * 999)
+    alpha, sigma = (a.to(x0.dtype).view(B, 1, 1, 1) for a in schedule.alpha_sigma(t))
+    xt, timesteps = alpha * x0 + sigma * noise, schedule.timestep(t).float()
+    out = model(xt, timesteps) if context is None else model(xt, timesteps, context)
     target = noise if prediction == "eps" else alpha * noise - sigma * x0
     return F.mse_loss(out.float(), target)
 
@@ -95,17 +165,30 @@ def ema_update(ema, model, decay):
 # samplers: eps_fn(x, t) is the noise prediction at time t in [0, 1] (a Python float)
 
 
-def noise_predictor(model, ctx=nullcontext(), prediction="eps"):
-    """Wrap a U-ViC as eps_fn: a batch-wide time t becomes U-ViT's timestep t * 999; the output is float32.
-    A v-predicting model's output is turned into the noise: eps = sigma_t x_t + alpha_t v (as alpha^2 + sigma^2 = 1)."""
+def noise_predictor(model, ctx=nullcontext(), prediction="eps", schedule=None, context=None, empty_context=None,
+                    cfg_scale=0.0):
+    """Wrap a U-ViC as eps_fn: a batch-wide time t becomes the network's timestep (t * 999 for the VP-SDE, t * 1000
+    for the discrete schedule); the output is float32. A v-predicting model's output is turned into the noise:
+    eps = sigma_t x_t + alpha_t v (as alpha^2 + sigma^2 = 1).
+    A text-to-image model gets context (B, L, D); with cfg_scale != 0 also the empty caption's features empty_context
+    (1, L, D), and the prediction is classifier-free guided: cond + cfg_scale * (cond - uncond), both from one batch."""
     check_prediction(prediction)
+    schedule = schedule or VP
 
     def eps_fn(x, t):
+        timesteps = torch.full((x.size(0),), schedule.timestep(t), device=x.device)
         with ctx:
-            out = model(x, torch.full((x.size(0),), 999.0 * t, device=x.device)).float()
+            if context is None:
+                out = model(x, timesteps).float()
+            elif cfg_scale == 0:
+                out = model(x, timesteps, context).float()
+            else:
+                both = torch.cat([context, empty_context.expand_as(context)])
+                cond, uncond = model(torch.cat([x, x]), torch.cat([timesteps, timesteps]), both).float().chunk(2)
+                out = cond + cfg_scale * (cond - uncond)
         if prediction == "eps":
             return out
-        alpha, sigma = (a.item() for a in alpha_sigma(torch.as_tensor(t, dtype=torch.float64)))
+        alpha, sigma = (a.item() for a in schedule.alpha_sigma(torch.as_tensor(t, dtype=torch.float64)))
         return sigma * x + alpha * out
     return eps_fn
 
@@ -156,10 +239,47 @@ def sample_dpm(eps_fn, x, steps, skip="logSNR", progress=False):
 
 
 @torch.no_grad()
-def generate(eps_fn, num_samples, shape, sampler, steps, seed, device, batch_size=256, progress=False):
-    """num_samples images (N, C, H, W) in [-1, 1], in batches; the same seed gives the same images."""
-    if sampler not in ("em", "dpm"):
-        raise ValueError(f"sampler must be 'em' or 'dpm', got {sampler!r}")
+def sample_dpm_pp(eps_fn, x, steps, schedule, order=2, progress=False):
+    """Multistep DPM-Solver++ (Lu et al. 2022b), the data-prediction form U-ViT samples MS-COCO with, from t = 1 to
+    schedule.t_end in steps uniform in t (DPM-Solver's choice for discrete schedules). With the data prediction
+    x0 = (x - sigma eps) / alpha and h = lambda_t - lambda_s > 0, the exact solution of the probability-flow ODE is
+        x_t = (sigma_t / sigma_s) x_s + sigma_t * int_{lambda_s}^{lambda_t} e^{lambda} x0(lambda) d lambda.
+    Order 1 (x0 constant, = DDIM):  x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x0_s.
+    Order 2 ("2M") uses x0_s + (x0_s - x0_prev) / (2r) instead, r = h_prev / h: a line through the last two x0s.
+    (U-ViT's own runs used DPM-Solver's singlestep order-3 variant; 2M is the form its authors advise with guidance.)"""
+    ts = torch.linspace(1.0, schedule.t_end, steps + 1, dtype=torch.float64)
+    alphas, sigmas = schedule.alpha_sigma(ts)
+    lams = torch.log(alphas / sigmas)
+    x0_prev, h_prev = None, None
+    for i in tqdm(range(steps), desc="dpm++", disable=not progress, leave=False):
+        x0 = (x - sigmas[i].item() * eps_fn(x, ts[i].item())) / alphas[i].item()
+        h = (lams[i + 1] - lams[i]).item()
+        d = x0 if order == 1 or x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)
+        x = (sigmas[i + 1] / sigmas[i]).item() * x - alphas[i + 1].item() * math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+@torch.no_grad()
+def generate_guided(model, context_batches, empty_context, cfg_scale, shape, steps, seed, device, schedule,
+                    prediction="eps", ctx=nullcontext(), progress=False):
+    """Text-to-image samples, one per row of each (n, L, D) context batch that context_batches yields: DPM-Solver++ on
+    the classifier-free guided noise prediction. Yields the samples (n, *shape) batch by batch (latents for MS-COCO:
+    the caller decodes them); the same seed and batches give the same samples."""
+    generator = torch.Generator(device).manual_seed(seed)
+    for context in context_batches:
+        context = context.to(device)
+        x = torch.randn((context.size(0), *shape), generator=generator, device=device)
+        eps_fn = noise_predictor(model, ctx, prediction, schedule, context, empty_context.to(device), cfg_scale)
+        yield sample_dpm_pp(eps_fn, x, steps, schedule, progress=progress)
+
+
+@torch.no_grad()
+def generate(eps_fn, num_samples, shape, sampler, steps, seed, device, batch_size=256, progress=False, schedule=None):
+    """num_samples images (N, C, H, W) in [-1, 1], in batches; the same seed gives the same images.
+    "em" and "dpm" integrate the VP-SDE; "dpm++" (DPM-Solver++) follows any schedule, the discrete one too."""
+    if sampler not in ("em", "dpm", "dpm++"):
+        raise ValueError(f"sampler must be 'em', 'dpm' or 'dpm++', got {sampler!r}")
     generator = torch.Generator(device).manual_seed(seed)
     out = []
     batches = range(0, num_samples, batch_size)
@@ -169,8 +289,10 @@ def generate(eps_fn, num_samples, shape, sampler, steps, seed, device, batch_siz
         inner = progress and len(batches) == 1
         if sampler == "em":
             x = sample_em(eps_fn, x, steps, generator, inner)
-        else:
+        elif sampler == "dpm":
             x = sample_dpm(eps_fn, x, steps, progress=inner)
+        else:
+            x = sample_dpm_pp(eps_fn, x, steps, schedule or VP, progress=inner)
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)
 
@@ -186,6 +308,28 @@ def save_grid(images, path, min_size=64):
     scale = max(1, min_size // images.size(-1))
     images = images.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
     save_image(make_grid((images + 1) / 2, nrow=math.ceil(math.sqrt(images.size(0))), padding=2), path)
+
+
+def save_captioned_grid(images, captions, path, min_size=128, lines=3):
+    """A grid PNG of images in [-1, 1], each with its caption written underneath (wrapped, at most `lines` lines);
+    small images are scaled up (nearest) to at least min_size pixels."""
+    import textwrap
+    from PIL import Image, ImageDraw, ImageFont
+    scale = max(1, min_size // images.size(-1))
+    pixels = to_uint8(images).repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
+    pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (N, S, S, 3)
+    size, pad, line_height, char_width = pixels.shape[1], 4, 12, 6  # the default bitmap font: ~6 x 11 pixels
+    cols = math.ceil(math.sqrt(len(pixels)))
+    rows = math.ceil(len(pixels) / cols)
+    cell_w, cell_h = size + pad, size + lines * line_height + pad
+    canvas = Image.new("RGB", (cols * cell_w + pad, rows * cell_h + pad), "white")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    for i, (image, caption) in enumerate(zip(pixels, captions)):
+        x, y = pad + (i % cols) * cell_w, pad + (i // cols) * cell_h
+        canvas.paste(Image.fromarray(image), (x, y))
+        for j, line in enumerate(textwrap.wrap(caption, max(8, size // char_width))[:lines]):
+            draw.text((x, y + size + 1 + j * line_height), line, fill="black", font=font)
+    canvas.save(path)
 
 
 # -----------------------------------------------------------------------------

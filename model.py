@@ -5,7 +5,7 @@ The two networks of the Cog attention paper (arXiv 2411.07176), in one readable 
    With attn="cog" the first and the last layer keep softmax attention and every other layer uses Cog attention,
    w = sign(s) * softmax(|s|); attn="softmax" is the Transformer baseline.
 2) UViC: U-ViT (Bao et al., "All are Worth Words") for diffusion, with Cog attention in all blocks but the
-   first in-block and the last out-block.
+   first in-block and the last out-block; unconditional (CIFAR-10) or text-to-image (MS-COCO, CLIP context tokens).
 
 Cog attention itself lives in cog_kernel.py (reference and fused Triton kernel); softmax layers use PyTorch's
 scaled_dot_product_attention.
@@ -13,6 +13,7 @@ scaled_dot_product_attention.
 
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -299,14 +300,16 @@ AUTHORS_CONFIG_KEYS = ("vocab_size", "n_layers", "max_seq_length", "dim", "n_hea
 
 
 def load_weights_file(path):
-    """torch.load a released checkpoint without running code from it (weights_only): plain values and tensors only."""
+    """What a torch.save file holds (a released checkpoint, a state dict), read with weights_only=True: tensors and
+    plain containers only, so no code from the file runs."""
     if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint file at {path}")
+        raise ValueError(f"no checkpoint file at {path} (no such file)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError for anything but tensors and plain values
-        raise ValueError(f"{path}: not a plain checkpoint of tensors and values, refused to load it "
-                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    except Exception as err:  # not a torch file, truncated, or pickled objects other than tensors and plain values
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"cannot read {path}: not a plain checkpoint of tensors and values, refused to load it "
+                         f"({type(err).__name__}: {first_line})") from None
 
 
 def is_authors_lm(checkpoint):
@@ -403,6 +406,8 @@ class UViCConfig:
     num_heads: int = 8
     mlp_ratio: float = 4.0
     attn: str = "cog"  # "cog": softmax in the first in-block and the last out-block, Cog elsewhere; "softmax": U-ViT
+    clip_dim: int = 768  # width of the text features (CLIP ViT-L/14's last hidden state)
+    num_clip_token: int = 0  # text tokens per caption: 77 for MS-COCO; 0 = unconditional (no context_embed)
 
     def __post_init__(self):
         check_attn(self.attn)
@@ -412,6 +417,8 @@ class UViCConfig:
             raise ValueError(f"img_size ({self.img_size}) must be divisible by patch_size ({self.patch_size})")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.num_clip_token < 0 or self.clip_dim < 1:
+            raise ValueError(f"need num_clip_token >= 0 and clip_dim >= 1, got {self.num_clip_token}, {self.clip_dim}")
 
     def block_kinds(self):
         """The attention kind of each block in order: in-blocks, mid-block, out-blocks."""
@@ -432,7 +439,7 @@ def timestep_embedding(t, dim, max_period=10000):
 
 
 class SelfAttention(nn.Module):
-    """Bidirectional attention over the time token and the patch tokens; no qkv bias, as in U-ViT."""
+    """Bidirectional attention over the time token, any text tokens and the patch tokens; no qkv bias, as in U-ViT."""
 
     def __init__(self, dim, num_heads, kind):
         super().__init__()
@@ -480,8 +487,10 @@ class UViC(nn.Module):
         num_patches = (c.img_size // c.patch_size) ** 2
         kinds = c.block_kinds()
         n_in = c.depth // 2
+        self.extras = 1 + c.num_clip_token  # tokens before the patches: time, then the caption's (text-to-image)
         self.patch_embed = nn.Conv2d(c.in_chans, c.embed_dim, kernel_size=c.patch_size, stride=c.patch_size)
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, c.embed_dim))  # the time token, then patches
+        self.context_embed = nn.Linear(c.clip_dim, c.embed_dim) if c.num_clip_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + num_patches, c.embed_dim))
         self.in_blocks = nn.ModuleList([ViTBlock(c, kinds[i]) for i in range(n_in)])
         self.mid_block = ViTBlock(c, kinds[n_in])
         self.out_blocks = nn.ModuleList([ViTBlock(c, kinds[n_in + 1 + i], skip=True) for i in range(n_in)])
@@ -513,11 +522,16 @@ class UViC(nn.Module):
         x = x.view(B, h, h, p, p, c)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(B, c, h * p, h * p)
 
-    def forward(self, x, t):
-        """x: (B, C, H, W) noisy images; t: (B,) timesteps as U-ViT feeds them (continuous t * 999) -> noise."""
+    def forward(self, x, t, context=None):
+        """x: (B, C, H, W) noisy images; t: (B,) timesteps as U-ViT feeds them (t * 999, or the discrete step n);
+        context: (B, num_clip_token, clip_dim) text features of a text-to-image model -> the prediction (B, C, H, W)."""
+        if (context is None) != (self.context_embed is None):
+            need = "needs context (B, num_clip_token, clip_dim)" if context is None else "takes no context"
+            raise ValueError(f"this U-ViC (num_clip_token={self.config.num_clip_token}) {need}")
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, L, D)
         time_token = timestep_embedding(t, self.config.embed_dim).to(x.dtype).unsqueeze(1)  # (B, 1, D)
-        x = torch.cat([time_token, x], dim=1) + self.pos_embed
+        prefix = [time_token] if context is None else [time_token, self.context_embed(context)]  # (B, 77, D)
+        x = torch.cat([*prefix, x], dim=1) + self.pos_embed
         skips = []
         for block in self.in_blocks:
             x = block(x)
@@ -525,5 +539,85 @@ class UViC(nn.Module):
         x = self.mid_block(x)
         for block in self.out_blocks:
             x = block(x, skips.pop())
-        x = self.decoder_pred(self.norm(x))[:, 1:]  # drop the time token: (B, L, p*p*C)
+        x = self.decoder_pred(self.norm(x))[:, self.extras:]  # drop the time and text tokens: (B, L, p*p*C)
         return self.final_conv(self.unpatchify(x))
+
+    # -------------------------------------------------------------------------
+    # the authors' released checkpoints: state dicts of U-ViT's libs/uvit_t2i.py network (nnet_ema.pth)
+
+    @classmethod
+    def from_authors(cls, path, attn=None, num_clip_token=77, num_heads=None):
+        """A U-ViC or U-ViT loaded from a state dict saved by U-ViT's (or the authors') code. The architecture is read
+        from the tensors' shapes, except what they cannot tell: the attention kind (attn, or else the file's name:
+        "cog", "np" or "uvic" in it means Cog, "uvit" or "vanilla" softmax), the number of text tokens (77, CLIP's)
+        and the heads (default: 64 wide, as in U-ViT-S/2's 8 heads of 512). Every tensor must be used."""
+        state = load_state_dict_file(path)
+        attn = attn or attn_from_name(path)
+        config = UViCConfig(**authors_architecture(state, num_clip_token, num_heads), attn=attn)
+        model = cls(config)
+        shapes = {name: t.shape for name, t in model.state_dict().items()}
+        theirs = {authors_name(name): name for name in shapes}
+        unused, missing = sorted(set(state) - set(theirs)), sorted(set(theirs) - set(state))
+        if unused or missing:
+            raise ValueError(f"{path} does not match a U-ViT of {config}: unused tensors {unused[:6]}, "
+                             f"missing tensors {missing[:6]}")
+        for their_name, our_name in theirs.items():
+            if state[their_name].shape != shapes[our_name]:
+                raise ValueError(f"{path}: {their_name} has shape {tuple(state[their_name].shape)}, "
+                                 f"expected {tuple(shapes[our_name])}")
+        model.load_state_dict({our_name: state[their_name] for their_name, our_name in theirs.items()})
+        return model
+
+
+# our parameter names -> U-ViT's, where they differ: U-ViT wraps the patch convolution in PatchEmbed.proj, uses timm's
+# Mlp (fc1, fc2) and calls the closing 3x3 convolution final_layer
+AUTHORS_RENAMES = (("patch_embed.", "patch_embed.proj."), (".mlp.0.", ".mlp.fc1."), (".mlp.2.", ".mlp.fc2."),
+                   ("final_conv.", "final_layer."))
+
+
+def authors_name(name):
+    for ours, theirs in AUTHORS_RENAMES:
+        if name.startswith(ours) or (ours.startswith(".") and ours in name):
+            return name.replace(ours, theirs, 1)
+    return name
+
+
+def load_state_dict_file(path):
+    """A flat {name: tensor} dict from a torch.save file."""
+    state = load_weights_file(path)
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict (a flat dict of tensors, as nnet_ema.pth is)")
+    return state
+
+
+def authors_architecture(state, num_clip_token, num_heads):
+    """UViCConfig fields read from the shapes of a U-ViT state dict."""
+    for key in ("pos_embed", "patch_embed.proj.weight", "in_blocks.0.mlp.fc1.weight"):
+        if key not in state:
+            raise ValueError(f"not a U-ViT state dict: no {key!r} (its keys start {sorted(state)[:4]})")
+    embed_dim, in_chans, patch_size, _ = state["patch_embed.proj.weight"].shape
+    num_in = len({k.split(".")[1] for k in state if k.startswith("in_blocks.")})
+    if "context_embed.weight" not in state:
+        num_clip_token = 0
+    num_patches = state["pos_embed"].shape[1] - 1 - num_clip_token
+    side = math.isqrt(max(num_patches, 0))
+    if side * side != num_patches or side == 0:
+        raise ValueError(f"pos_embed holds {state['pos_embed'].shape[1]} tokens: not 1 + {num_clip_token} text tokens "
+                         "+ a square of patches")
+    return dict(img_size=side * patch_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                depth=2 * num_in + 1, num_heads=num_heads or max(1, embed_dim // 64),
+                mlp_ratio=state["in_blocks.0.mlp.fc1.weight"].shape[0] / embed_dim, num_clip_token=num_clip_token,
+                clip_dim=state["context_embed.weight"].shape[1] if num_clip_token else 768)
+
+
+def attn_from_name(path):
+    """The attention kind a checkpoint's path names, nearest folder first: the authors call their U-ViC's file
+    cog_nnet_ema.pth and its config mscoco_uvit_small_np_0_last ("np": negative weights); U-ViT's are softmax."""
+    for part in reversed(os.path.normpath(os.path.abspath(path)).split(os.sep)):
+        words = set(re.split(r"[^a-z0-9]+", part.lower()))
+        if words & {"cog", "np", "uvic"}:
+            return "cog"
+        if words & {"uvit", "vanilla", "softmax"}:
+            return "softmax"
+    raise ValueError(f"cannot tell from its path whether {path} is a U-ViC (Cog) or a U-ViT (softmax): "
+                     "say which (attn='cog' or 'softmax'; --attn on the command line)")

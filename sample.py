@@ -4,10 +4,16 @@ Sample from a trained checkpoint: text from an LM (train_lm.py), images from a d
     python sample.py --out_dir=out/demo_lm --start="def " --num_samples=3 --max_new_tokens=300
     python sample.py --out_dir=out/lm --start=FILE:prompt.txt --temperature=0.8 --top_k=200
     python sample.py --init_from=cog_ckpt_100.00_Bi.pt --tokenizer_path=llama-2-tokenizer/ --start="The meaning of"
+    python sample.py --out_dir=out/demo_t2i --prompt="a yellow square" --prompt="a green circle"
+    python sample.py --out_dir=out/coco --prompts=captions.txt --cfg_scale=1
+    python sample.py --init_from=cog_nnet_ema.pth --prompt="a red bus on a street"   # the authors' U-ViC
+    python sample.py --out_dir=out/coco --fid --num_samples=30000                      # the paper's FID protocol
 
-The checkpoint's "kind" picks the branch; an LM checkpoint carries its tokenizer in its dataset metadata.
---init_from=FILE reads a released checkpoint instead, told apart by its content: the authors' LM format (a dict with
-model_cfg and model: Cogformer.from_authors, Llama-2 tokenizer, the prompt after BOS as in their evaluation).
+The checkpoint's "kind" picks the branch; an LM checkpoint carries its tokenizer in its dataset metadata. A
+text-to-image model draws one image per prompt with DPM-Solver++. --init_from=FILE reads a released checkpoint
+instead, told apart by its content: the authors' LM format (a dict with model_cfg and model: Cogformer.from_authors,
+Llama-2 tokenizer, the prompt after BOS as in their evaluation) or a U-ViT / U-ViC text-to-image state dict
+(nnet_ema.pth: UViC.from_authors). Flags for another kind of model than the one sampled are errors.
 """
 
 import os
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 from train_utils import (Dtype, autocast_context, check_at_least, cli_keys, field_docs, load_checkpoint, parse_config,
                          require, resolve_device, resolve_dtype, run_script)
@@ -25,7 +32,7 @@ from train_utils import (Dtype, autocast_context, check_at_least, cli_keys, fiel
 class SampleConfig:
     # shared by both kinds
     out_dir: str = "out/demo_lm"  # the folder holding ckpt.pt
-    init_from: str = ""  # a released checkpoint file instead (the authors' LM format); out_dir is then not read
+    init_from: str = ""  # a released checkpoint instead of out_dir's: the authors' LM or MS-COCO U-ViC / U-ViT
     num_samples: Optional[int] = None  # none: 3 texts, or a grid of 64 images
     seed: int = 1337
     device: str = "auto"
@@ -45,6 +52,14 @@ class SampleConfig:
     batch_size: int = 500  # images sampled at once
     fid: bool = False  # also measure FID against CIFAR-10's training set (pytorch-fid's Inception features)
     data_dir: str = "data/cifar10"  # CIFAR-10 and its cached FID statistics, for --fid
+    # text-to-image models (MS-COCO, the shapes demo): DPM-Solver++ with classifier-free guidance
+    prompt: str = ""  # a caption to draw; repeat --prompt=... for several
+    prompts: str = ""  # a text file with one caption per line
+    cfg_scale: float = 1.0  # guidance: cond + cfg_scale * (cond - uncond); 0: none; the paper's FID uses 1
+    attn: str = ""  # with --init_from: cog or softmax; "": read from the file's path (cog_nnet_ema.pth is Cog)
+    vae: str = ""  # MS-COCO: the autoencoder that decodes; "": the one the features were prepared with, or SD v1's
+    text_encoder: str = ""  # MS-COCO: the CLIP text encoder of --prompt; "": likewise, or CLIP ViT-L/14
+    fid_stats: str = ""  # MS-COCO --fid: an .npz with val2014's mu and sigma (U-ViT's file); "": computed, cached
 
 
 def sample_text(model, tokenizer_name, config):
@@ -91,21 +106,28 @@ def check_config(config, given):
         require(config.output.lower().endswith(".png"), f"--output={config.output}: the grid is a PNG: name it .png")
 
 
-def flags_for_the_other_kind(given, kind):
-    """The given flags that apply only to the other kind of checkpoint: the ones under SampleConfig's "language
-    models" or "diffusion models" heading."""
-    other = "diffusion models" if kind == "lm" else "language models"
-    return sorted(k for k in given if field_docs(SampleConfig).get(k, ("", ""))[0].startswith(other))
+# the kinds of model each heading's fields of SampleConfig are for
+FLAG_KINDS = {"language models": ("lm",), "diffusion models": ("diffusion", "text-to-image"),
+              "text-to-image models": ("text-to-image",)}
 
 
-def refuse_flags_of_the_other_kind(given, kind, path):
-    wrong = flags_for_the_other_kind(given, kind)
-    require(not wrong, f"{', '.join('--' + k for k in wrong)}: for {'diffusion' if kind == 'lm' else 'language'} "
-            f"models only, and {path} is a {'language' if kind == 'lm' else 'diffusion'} model's checkpoint")
+def flags_for_other_kinds(given, kind):
+    """{flag: the heading it stands under in SampleConfig} for the given flags that do not apply to this kind."""
+    headings = {name: heading for name, (heading, _) in field_docs(SampleConfig).items()}
+    return {k: h for k in sorted(given) for h, kinds in FLAG_KINDS.items()
+            if headings.get(k, "").startswith(h) and kind not in kinds}
+
+
+def refuse_flags_of_other_kinds(given, kind, path):
+    wrong = flags_for_other_kinds(given, kind)
+    name = {"lm": "a language model's", "diffusion": "a diffusion model's", "text-to-image": "a text-to-image model's"}
+    require(not wrong, f"{', '.join('--' + k for k in wrong)}: for {' and '.join(sorted(set(wrong.values())))} only, "
+            f"and {path} is {name[kind]} checkpoint")
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    prompts = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--prompt=")]  # --prompt may repeat
     config = parse_config(SampleConfig, None, argv)
     given = cli_keys(argv)
     check_config(config, given)
@@ -113,34 +135,46 @@ def main(argv=None):
     config.dtype = resolve_dtype(config.dtype, config.device)
     torch.manual_seed(config.seed)
     if config.init_from:
-        return sample_released(config, given)
+        return sample_released(config, given, prompts)
     ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
     checkpoint = load_checkpoint(ckpt_path, map_location=config.device)
     kind = checkpoint.get("kind")
     require(kind in ("lm", "diffusion"), f"{ckpt_path} is not a checkpoint of train_lm.py or train_diffusion.py "
             f"(kind {kind!r})")
-    refuse_flags_of_the_other_kind(given, kind, ckpt_path)
+    if kind == "diffusion" and checkpoint.get("model_config", {}).get("num_clip_token", 0):
+        kind = "text-to-image"
+    refuse_flags_of_other_kinds(given, kind, ckpt_path)
     if kind == "lm":
         from model import Cogformer, CogformerConfig
         model = Cogformer(CogformerConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
         sample_text(model, checkpoint["meta"]["tokenizer"], config)
+    elif kind == "text-to-image":
+        from model import UViC, UViCConfig
+        model = UViC(UViCConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["ema" if config.use_ema else "model"])
+        return sample_text_to_image(model, checkpoint["config"], config, prompts)
     else:
         return sample_images(checkpoint, config)
 
 
-def sample_released(config, given):
+def sample_released(config, given, prompts):
     """Sample from a released checkpoint file, recognised by its content (loaded without running code from it)."""
-    from model import Cogformer, is_authors_lm, load_weights_file
+    from model import Cogformer, UViC, is_authors_lm, load_weights_file
     try:
-        checkpoint = load_weights_file(config.init_from)
-        if is_authors_lm(checkpoint):  # the authors' Cogformer / Transformer LM
-            refuse_flags_of_the_other_kind(given, "lm", config.init_from)
-            return sample_text(Cogformer.from_authors(checkpoint), "llama2", config)
+        content = load_weights_file(config.init_from)
+        if is_authors_lm(content):  # the authors' Cogformer / Transformer LM
+            refuse_flags_of_other_kinds(given, "lm", config.init_from)
+            return sample_text(Cogformer.from_authors(content), "llama2", config)
+        if isinstance(content, dict) and "patch_embed.proj.weight" in content:  # U-ViT's text-to-image network
+            refuse_flags_of_other_kinds(given, "text-to-image", config.init_from)
+            return sample_text_to_image(UViC.from_authors(config.init_from, attn=config.attn or None),
+                                        AUTHORS_T2I_RECIPE, config, prompts)
     except ValueError as err:
-        raise SystemExit(f"error: --init_from={config.init_from}: {err}") from None
-    raise SystemExit(f"error: --init_from={config.init_from}: not a released format sample.py knows "
-                     "(the authors' LM checkpoints hold 'model_cfg' and 'model')")
+        raise SystemExit(f"error: --init_from: {err}") from None
+    raise SystemExit(f"error: --init_from={config.init_from} is not one of the authors' files that sample.py knows: "
+                     "their LM checkpoints hold 'model_cfg' and 'model'; their U-ViT / U-ViC state dicts (nnet_ema.pth) "
+                     "hold 'patch_embed.proj.weight'")
 
 
 # -----------------------------------------------------------------------------
@@ -183,6 +217,117 @@ def sample_images(checkpoint, config):
         print(f"FID {fid:.2f}: {num_samples} samples ({config.sampler}, {steps} steps) against CIFAR-10 train")
         return fid
 
+
+# -----------------------------------------------------------------------------
+# text-to-image
+
+# how the authors' MS-COCO networks were trained (U-ViT's recipe), for --init_from
+AUTHORS_T2I_RECIPE = {"dataset": "coco", "noise_schedule": "sd", "prediction": "eps", "latent_scale": 0.23010,
+                      "data_dir": "data/coco"}
+
+
+def read_prompts(config, prompts):
+    """The --prompt values and the lines of the --prompts file, cycled (or cut) to --num_samples."""
+    if config.prompts:
+        try:
+            with open(config.prompts, encoding="utf-8") as f:
+                prompts = prompts + [line.strip() for line in f if line.strip()]
+        except OSError as err:
+            raise SystemExit(f"error: --prompts={config.prompts}: {err}") from None
+    return [prompts[i % len(prompts)] for i in range(config.num_samples or len(prompts))] if prompts else []
+
+
+def coco_pieces(recipe, config, data_dir, prompts):
+    """MS-COCO: (texts, a function (start, n) -> their CLIP features, the empty caption's features, a latent decoder).
+    --fid draws for the prepared val captions (with their stored features); otherwise for the prompts, through CLIP."""
+    from data.prepare_coco import (DEFAULT_TEXT_ENCODER, DEFAULT_VAE, CocoFeatures, decode_latents, encode_captions,
+                                   load_prepared_vae, load_text_encoder, load_vae, read_meta)
+    prepared = os.path.exists(os.path.join(data_dir, "meta.json"))
+    if config.fid:
+        val = CocoFeatures(data_dir, "val")
+        ids = val.sample_caption_ids(0, config.num_samples or 30_000)
+        texts, empty = val.caption_texts(ids), torch.from_numpy(val.empty_context.astype("float32"))
+
+        def features(start, n):
+            return val.caption_features(ids[start:start + n])
+    else:
+        if not prompts:
+            raise SystemExit("error: give what to draw: --prompt=\"a red bus on a street\" (repeatable) or "
+                             "--prompts=FILE, or --fid for MS-COCO val captions")
+        name = config.text_encoder or (read_meta(data_dir)["text_encoder"] if prepared else DEFAULT_TEXT_ENCODER)
+        text_encoder, _ = load_text_encoder(name, config.device)
+        texts, empty = prompts, encode_captions(text_encoder, [""], config.device)[0]
+
+        def features(start, n):
+            return encode_captions(text_encoder, texts[start:start + n], config.device)
+    if prepared:
+        vae = load_prepared_vae(read_meta(data_dir), config.device, config.vae or None)
+    else:
+        vae, _ = load_vae(config.vae or DEFAULT_VAE, config.device)
+    return texts, features, empty, lambda z: decode_latents(vae, z, recipe["latent_scale"])
+
+
+def sample_text_to_image(model, recipe, config, prompts):
+    """One image per prompt (cycled to --num_samples), drawn with DPM-Solver++ and classifier-free guidance and
+    decoded to pixels, as a captioned grid (at most 64 shown). The shapes demo also scores whether each sample shows
+    its prompt's colour and shape. MS-COCO --fid: FID of num_samples images drawn for val captions against val2014
+    (data_dir: the prepare_coco.py folder; left at its default, the training run's or data/coco)."""
+    import diffusion
+    from train_diffusion import DEMO_PROMPTS, demo_caption_features, demo_prompt_features, parse_demo_prompt
+    model.eval().to(config.device)
+    schedule = diffusion.get_schedule(recipe.get("noise_schedule", "vp"))
+    data_dir = recipe["data_dir"] if config.data_dir == SampleConfig.data_dir else config.data_dir
+    steps, demo = config.steps or 50, recipe["dataset"] == "shapes_t2i"
+    if config.fid and demo:
+        raise SystemExit("error: --fid compares with MS-COCO val2014; this model draws the shapes demo")
+    if config.sampler != "dpm":
+        raise SystemExit(f"error: text-to-image models sample with DPM-Solver++ only (got --sampler={config.sampler})")
+    if demo:  # without prompts: every prompt of the demo, four times
+        texts = read_prompts(config, prompts if prompts or config.prompts else DEMO_PROMPTS * 4)
+
+        def features(start, n):
+            return demo_prompt_features(texts[start:start + n])
+        empty, decode = demo_caption_features(None, None)[0], lambda x: x.clamp(-1, 1)
+    else:
+        texts, features, empty, decode = coco_pieces(recipe, config, data_dir, read_prompts(config, prompts))
+    if config.fid:  # fail before sampling, not after: the Inception weights and the reference statistics
+        from data.prepare_coco import read_fid_stats, val_fid_stats
+        inception = diffusion.load_inception(config.device)
+        ref_mu, ref_sigma = read_fid_stats(config.fid_stats) if config.fid_stats else \
+            val_fid_stats(data_dir, inception, config.device)
+    n, size = len(texts), model.config.img_size
+    print(f"drawing {n} images for {len(set(texts))} captions: DPM-Solver++, {steps} steps, guidance scale "
+          f"{config.cfg_scale}, seed {config.seed}")
+    batches = (features(start, min(config.batch_size, n - start)) for start in range(0, n, config.batch_size))
+    samples = diffusion.generate_guided(model, batches, empty.unsqueeze(0), config.cfg_scale,
+                                        (model.config.in_chans, size, size), steps, config.seed, config.device,
+                                        schedule, recipe.get("prediction", "eps"),
+                                        autocast_context(config.device, config.dtype), progress=n <= config.batch_size)
+    kept, fid_features = [], []  # with --fid, only the first 64 images are kept (for the grid)
+    for x in tqdm(samples, total=-(-n // config.batch_size), desc="batches", disable=n <= config.batch_size):
+        images = decode(x).cpu()
+        if not config.fid or sum(map(len, kept)) < 64:
+            kept.append(images)
+        if config.fid:
+            fid_features.append(diffusion.inception_features(inception, diffusion.to_uint8(images), config.device))
+    images = torch.cat(kept)
+    folder = "." if config.init_from else config.out_dir
+    output = config.output or os.path.join(folder, f"samples_t2i_cfg{config.cfg_scale:g}.png")
+    diffusion.save_captioned_grid(images[:64], texts[:64], output)
+    print(f"wrote {output}")
+    if demo:  # scored by code: the colour and shape of each sample against its prompt
+        from train_diffusion import score_shapes
+        kind, color = (torch.tensor(v) for v in zip(*map(parse_demo_prompt, texts)))
+        matches, iou = score_shapes(images, kind, color)
+        print(f"{int(matches.sum())} of {n} samples ({matches.float().mean().item():.1%}) match their prompt's colour "
+              f"and shape; mean IoU with the best-fitting shape {iou.mean().item():.3f}")
+        return matches.float().mean().item()
+    if config.fid:
+        import numpy as np
+        fid = diffusion.frechet_distance(*diffusion.feature_stats(np.concatenate(fid_features)), ref_mu, ref_sigma)
+        print(f"FID {fid:.2f}: {n} samples (DPM-Solver++, {steps} steps, guidance {config.cfg_scale}) against "
+              "MS-COCO val2014")
+        return fid
 
 if __name__ == "__main__":
     run_script(main)

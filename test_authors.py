@@ -310,7 +310,7 @@ def test_sample_from_the_authors_checkpoint(tmp_path, llama_dir, capsys):
     with pytest.raises(SystemExit, match="the bytes tokenizer has 256 tokens, the model only 128"):
         sample.main([f"--init_from={path}", "--tokenizer=bytes", "--device=cpu"])
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    with pytest.raises(SystemExit, match="not a released format sample.py knows"):
+    with pytest.raises(SystemExit, match="is not one of the authors. files that sample.py knows"):
         sample.main([f"--init_from={tmp_path / 'other.pt'}", "--device=cpu"])
 
 

@@ -355,6 +355,15 @@ def test_sample_refuses_flags_for_the_other_kind_of_model(tmp_path):
     with pytest.raises(SystemExit, match=r"--sampler: for diffusion models only, and .* is a language model's"):
         sample.main([f"--out_dir={tmp_path / 'lm'}", "--sampler=em"])
     assert sorted(os.listdir(tmp_path / "diffusion")) == ["ckpt.pt"]  # no grid written
+    os.makedirs(tmp_path / "t2i")
+    torch.save({"kind": "diffusion", "model_config": {"num_clip_token": 3}}, tmp_path / "t2i" / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"--start: for language models only, and .* is a text-to-image model's"):
+        sample.main([f"--out_dir={tmp_path / 't2i'}", "--start=def "])
+    with pytest.raises(SystemExit, match=r"--cfg_scale, --prompt: for text-to-image models only, and .* is a "
+                                         r"diffusion model's"):
+        sample.main([f"--out_dir={tmp_path / 'diffusion'}", "--prompt=a red circle", "--cfg_scale=2"])
+    with pytest.raises(SystemExit, match=r"--prompt: for text-to-image models only, and .* is a language model's"):
+        sample.main([f"--out_dir={tmp_path / 'lm'}", "--prompt=a red circle"])
     torch.save({"kind": "mystery"}, tmp_path / "lm" / "ckpt.pt")
     with pytest.raises(SystemExit, match="is not a checkpoint of train_lm.py or train_diffusion.py"):
         sample.main([f"--out_dir={tmp_path / 'lm'}"])

@@ -1,15 +1,19 @@
 """
-Train a U-ViC (U-ViT with Cog attention, arXiv 2411.07176) as U-ViT trains its CIFAR-10 model.
+Train a U-ViC (U-ViT with Cog attention, arXiv 2411.07176) as U-ViT trains its CIFAR-10 and MS-COCO models.
 
     python train_diffusion.py --compile                        # the paper's 44M U-ViC on CIFAR-10, one GPU
     torchrun --standalone --nproc_per_node=4 train_diffusion.py --compile --batch_size=32 --grad_accum=4
     python train_diffusion.py --preset=demo                    # a small U-ViC on coloured shapes, CPU, 6.5-10.5 min
     python train_diffusion.py --preset=demo --attn=softmax     # the U-ViT baseline
     python train_diffusion.py --preset=demo --resume           # continue from out_dir/ckpt.pt, bit for bit
+    python train_diffusion.py --preset=demo_t2i                # text-to-image on captioned shapes, CPU, ~6 min
+    python train_diffusion.py --preset=coco --compile          # text-to-image on MS-COCO (data/prepare_coco.py first)
+    python train_diffusion.py --preset=coco --init_from=cog_nnet_ema.pth   # fine-tune the authors' released U-ViC
 
 Any field of TrainConfig is a --key=value override. Every eval_interval iterations: a checkpoint, the EMA model's
-loss on held-out images (fixed t and noise), and out_dir/samples_XXXXXX.png drawn by the EMA model with DPM-Solver.
-Sample and measure FID afterwards with sample.py.
+loss on held-out images (fixed t and noise), and out_dir/samples_XXXXXX.png drawn by the EMA model with DPM-Solver
+(text-to-image: DPM-Solver++ with guidance, captioned; the shapes demo also scores whether each sample matches its
+prompt). Sample and measure FID afterwards with sample.py.
 """
 
 import copy
@@ -22,10 +26,11 @@ from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from diffusion import (check_prediction, checkpoint_prediction, diffusion_loss, ema_update, generate, load_cifar10,
-                       noise_predictor, save_grid)
+from diffusion import (check_prediction, checkpoint_prediction, diffusion_loss, ema_update, generate, generate_guided,
+                       get_schedule, load_cifar10, noise_predictor, save_captioned_grid, save_grid)
 from model import UViC, UViCConfig, configure_adamw
 from train_utils import (Dtype, MetricsLog, SlowRun, StopNow, StopRequest, agree_on_step, autocast_context,
                          check_at_least, check_betas, check_finite, check_out_dir, gather_generator_states,
@@ -40,6 +45,13 @@ class TrainConfig:
     preset: str = "paper"
     dataset: str = "cifar10"  # or "shapes": coloured circles, squares and triangles drawn on the fly (offline)
     data_dir: str = "data/cifar10"  # CIFAR-10 is downloaded here by torchvision on first use
+    # text-to-image: dataset "coco" (data/prepare_coco.py's features in data_dir) or "shapes_t2i" (captioned shapes)
+    num_clip_token: int = 0  # text tokens per caption (77 for MS-COCO's CLIP features); 0: unconditional
+    clip_dim: int = 768  # width of the text features
+    p_uncond: float = 0.1  # classifier-free guidance training: the caption is replaced by the empty one this often
+    cfg_scale: float = 1.0  # guidance of the eval grids: cond + cfg_scale * (cond - uncond)
+    latent_scale: float = 0.23010  # MS-COCO: Stable Diffusion latents times this have about unit variance (U-ViT's)
+    init_from: str = ""  # start from the authors' released weights (a U-ViT / U-ViC state dict, nnet_ema.pth)
     # model: the names of UViCConfig; the defaults are U-ViT-S/2 (44M parameters)
     img_size: int = 32
     patch_size: int = 2
@@ -50,6 +62,7 @@ class TrainConfig:
     mlp_ratio: float = 4.0
     attn: Literal["cog", "softmax"] = "cog"  # softmax: the U-ViT baseline
     prediction: str = "eps"  # what the network predicts: "eps", the noise (U-ViT), or "v" (see diffusion.PREDICTIONS)
+    noise_schedule: str = "vp"  # "vp": the VP-SDE (U-ViT's CIFAR-10); "sd": discrete DDPM with SD's betas (MS-COCO)
     # optimisation: U-ViT's CIFAR-10 recipe (batch 128, AdamW, 2500 warmup steps then constant, EMA 0.9999)
     batch_size: int = 128  # micro-batch per GPU
     grad_accum: int = 1  # micro-batches per step over all GPUs together (divided by the number of GPUs)
@@ -87,6 +100,19 @@ PRESETS = {
                  batch_size=64, max_iters=9000, learning_rate=2e-3, min_lr=1e-4, warmup_iters=100, beta1=0.9,
                  beta2=0.99, weight_decay=0.0, ema_decay=0.99, out_dir="out/demo_diffusion", eval_interval=1000,
                  eval_iters=4, grid_size=64, sample_steps=25, log_interval=100),
+    # U-ViT's MS-COCO recipe (PAPER.md): 4x32x32 SD latents, 77 CLIP tokens, discrete DDPM with SD's betas, noise
+    # prediction, p_uncond 0.1, AdamW (0.9, 0.9), 5000 warmup steps, batch 256, 1M steps; bf16 autocast on GPUs
+    "coco": dict(dataset="coco", data_dir="data/coco", img_size=32, in_chans=4, num_clip_token=77, clip_dim=768,
+                 noise_schedule="sd", beta1=0.9, beta2=0.9, batch_size=256, max_iters=1_000_000, warmup_iters=5000,
+                 out_dir="out/coco", grid_size=16),
+    # the demo's shapes with captions ("a red circle"): each word a one-hot vector in place of CLIP's features, through
+    # the same context tokens, discrete schedule, guidance training and DPM-Solver++ as MS-COCO; otherwise the demo's
+    # network and optimiser. Captions make it easy: 3000 iterations draw crisp shapes that match their prompt
+    "demo_t2i": dict(dataset="shapes_t2i", img_size=16, patch_size=4, embed_dim=96, depth=5, num_heads=4,
+                     num_clip_token=3, clip_dim=9, noise_schedule="sd", prediction="v", batch_size=64,
+                     max_iters=3000, learning_rate=2e-3, min_lr=1e-4, warmup_iters=100, beta1=0.9, beta2=0.99,
+                     weight_decay=0.0, ema_decay=0.99, out_dir="out/demo_t2i", eval_interval=500, eval_iters=4,
+                     grid_size=48, sample_steps=25, log_interval=100),
 }
 
 # -----------------------------------------------------------------------------
@@ -96,21 +122,90 @@ COLORS = torch.tensor([[0.90, 0.15, 0.15], [0.15, 0.75, 0.20], [0.20, 0.35, 0.95
 BACKGROUND = 0.1  # dark grey
 
 
-def shapes_batch(n, size, generator, device):
-    """n images (n, 3, size, size) in [-1, 1]: one circle, square or triangle in red, green, blue or yellow,
-    centred, of a random size, on a plain background. (Centred because the demo's small U-ViC, given shapes at random
-    places as well, still drew ragged blobs after the same training; centred, it draws the shapes.)"""
-    kind = torch.randint(3, (n, 1, 1), generator=generator, device=device)
-    color = COLORS.to(device)[torch.randint(len(COLORS), (n,), generator=generator, device=device)]  # (n, 3)
-    r = size * (0.3 + 0.12 * torch.rand((n, 1, 1), generator=generator, device=device))  # half the width
-    offset = torch.arange(size, device=device) + 0.5 - size / 2  # pixel centres from the image centre
+COLOR_NAMES = ("red", "green", "blue", "yellow")  # the rows of COLORS
+SHAPE_NAMES = ("circle", "square", "triangle")  # kind 0, 1 and 2
+R_MIN, R_MAX = 0.3, 0.42  # half the width of a shape, as a fraction of the image
+
+
+def shape_masks(kind, r, size):
+    """Boolean masks (n, size, size) of centred shapes: kind (n,) in 0..2 and half-widths r (n,) in pixels."""
+    kind, r = kind.view(-1, 1, 1), r.view(-1, 1, 1)
+    offset = torch.arange(size, device=r.device) + 0.5 - size / 2  # pixel centres from the image centre
     dx, dy = offset.view(1, 1, size), offset.view(1, size, 1)  # broadcast with r: masks are (n, size, size)
     circle = dx ** 2 + dy ** 2 <= r ** 2
     square = (dx.abs() <= 0.85 * r) & (dy.abs() <= 0.85 * r)
     triangle = (dy.abs() <= r) & (dx.abs() <= (dy + r) / 2)  # apex up, base 2r wide
-    mask = torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle)).unsqueeze(1)  # (n, 1, s, s)
-    images = torch.where(mask, color.view(n, 3, 1, 1), torch.tensor(BACKGROUND, device=device))
-    return images * 2 - 1
+    return torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle))
+
+
+def captioned_shapes_batch(n, size, generator, device):
+    """n images (n, 3, size, size) in [-1, 1]: one circle, square or triangle in red, green, blue or yellow,
+    centred, of a random size, on a plain background; and what they show, kind (n,) and color (n,). (Centred because
+    the demo's small U-ViC, given shapes at random places as well, still drew ragged blobs after the same training;
+    centred, it draws the shapes.)"""
+    kind = torch.randint(3, (n,), generator=generator, device=device)
+    color = torch.randint(len(COLORS), (n,), generator=generator, device=device)
+    r = size * (R_MIN + (R_MAX - R_MIN) * torch.rand((n,), generator=generator, device=device))  # half the width
+    mask = shape_masks(kind, r, size).unsqueeze(1)  # (n, 1, s, s)
+    images = torch.where(mask, COLORS.to(device)[color].view(n, 3, 1, 1), torch.tensor(BACKGROUND, device=device))
+    return images * 2 - 1, kind, color
+
+
+def shapes_batch(n, size, generator, device):
+    return captioned_shapes_batch(n, size, generator, device)[0]
+
+
+# the demo's captions, "a <colour> <shape>", each word a one-hot vector (a stand-in for CLIP's features); the empty
+# caption, for guidance, is three blanks
+DEMO_WORDS = ("", "a", *COLOR_NAMES, *SHAPE_NAMES)
+DATASETS = ("cifar10", "shapes", "shapes_t2i", "coco")
+DEMO_PROMPTS = [f"a {c} {k}" for k in SHAPE_NAMES for c in COLOR_NAMES]
+
+
+def parse_demo_prompt(prompt):
+    """(kind, color) of "a <colour> <shape>"; a clear error for anything else."""
+    words = prompt.split()
+    if len(words) != 3 or words[0] != "a" or words[1] not in COLOR_NAMES or words[2] not in SHAPE_NAMES:
+        raise SystemExit(f"error: the shapes demo draws \"a <colour> <shape>\" with a colour from "
+                         f"{', '.join(COLOR_NAMES)} and a shape from {', '.join(SHAPE_NAMES)}; got {prompt!r}")
+    return SHAPE_NAMES.index(words[2]), COLOR_NAMES.index(words[1])
+
+
+def demo_caption_features(kind, color):
+    """One-hot word features (n, 3, len(DEMO_WORDS)) of "a <colour> <shape>"; kind or color None: the empty caption."""
+    if kind is None:
+        return F.one_hot(torch.zeros(1, 3, dtype=torch.long), len(DEMO_WORDS)).float()
+    ids = torch.stack([torch.ones_like(kind), DEMO_WORDS.index(COLOR_NAMES[0]) + color,
+                       DEMO_WORDS.index(SHAPE_NAMES[0]) + kind], dim=1)
+    return F.one_hot(ids, len(DEMO_WORDS)).float()
+
+
+def demo_prompt_features(prompts, device="cpu"):
+    kind, color = (torch.tensor(v, device=device) for v in zip(*map(parse_demo_prompt, prompts)))
+    return demo_caption_features(kind, color)
+
+
+def score_shapes(images, kind, color, threshold=0.6, min_iou=0.5):
+    """Does each image (n, 3, s, s) in [-1, 1] show its prompt's shape (kind) in its colour? The foreground is every
+    pixel further than threshold from the background; its mean colour must be nearest to the prompt's colour, and
+    among templates of the three shapes at every size the data uses, the prompt's shape must overlap the foreground
+    best, with an intersection over union of at least min_iou (so a shapeless blob does not count).
+    Returns the matches (n,) bool and the best IoU (n,)."""
+    n, size = images.size(0), images.size(-1)
+    palette = COLORS.to(images.device) * 2 - 1  # (4, 3)
+    foreground = (images - (BACKGROUND * 2 - 1)).norm(dim=1) > threshold  # (n, s, s)
+    area = foreground.sum((1, 2)).clamp(min=1)
+    mean_color = (images * foreground.unsqueeze(1)).sum((2, 3)) / area.unsqueeze(1)  # (n, 3)
+    seen_color = torch.cdist(mean_color, palette).argmin(1)
+    radii = size * torch.linspace(R_MIN, R_MAX, 13, device=images.device)
+    kinds = torch.arange(3, device=images.device).repeat_interleave(len(radii))
+    templates = shape_masks(kinds, radii.repeat(3), size)  # (3 * 13, s, s)
+    inter = (foreground.unsqueeze(1) & templates).sum((2, 3))  # (n, 39)
+    union = (foreground.unsqueeze(1) | templates).sum((2, 3))
+    iou = (inter / union).view(n, 3, len(radii)).amax(2)  # best size per shape: (n, 3)
+    best_iou, seen_kind = iou.max(1)
+    matches = (seen_color == color) & (seen_kind == kind) & (best_iou >= min_iou) & foreground.any(dim=(1, 2))
+    return matches, best_iou
 
 
 def get_batch(data, config, batch_size, generator, device):
@@ -123,12 +218,50 @@ def get_batch(data, config, batch_size, generator, device):
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
+def get_t2i_batch(data, config, batch_size, generator, device, empty_context, p_uncond):
+    """(x0, context) for text-to-image: shapes with their captions' word features, or MS-COCO latents (drawn from the
+    stored mean and variance, then scaled, as U-ViT does) with the CLIP features of one of their captions. Each caption
+    is replaced by the empty caption with probability p_uncond (classifier-free guidance training)."""
+    if data is None:
+        x0, kind, color = captioned_shapes_batch(batch_size, config.img_size, generator, device)
+        context = demo_caption_features(kind, color)
+    else:
+        ix = torch.randint(len(data), (batch_size,), generator=generator, device=device)
+        u = torch.rand(batch_size, generator=generator, device=device)
+        moments, context = (t.to(device) for t in data.read(ix.tolist(), u.tolist()))
+        mean, logvar = moments.chunk(2, dim=1)
+        noise = torch.randn(mean.shape, generator=generator, device=device)
+        x0 = (mean + torch.exp(0.5 * logvar) * noise) * config.latent_scale
+    drop = torch.rand(batch_size, generator=generator, device=device) < p_uncond
+    return x0, torch.where(drop.view(-1, 1, 1), empty_context, context)
+
+
+def t2i_grid_prompts(val_data, config, device):
+    """The eval grid's captions and their features: every demo prompt in turn, or the first MS-COCO val captions."""
+    if val_data is None:
+        prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(config.grid_size)]
+        return prompts, demo_prompt_features(prompts, device)
+    caption_ids = val_data.sample_caption_ids(0, config.grid_size)
+    return val_data.caption_texts(caption_ids), val_data.caption_features(caption_ids).to(device)
+
+
 def load_data(config, device, master, ddp):
-    """(train, val) uint8 image tensors on the device, or (None, None) for the shapes."""
-    if config.dataset == "shapes":
+    """(train, val): uint8 image tensors on the device (CIFAR-10), memory-mapped MS-COCO features, or (None, None)
+    for the shapes."""
+    if config.dataset in ("shapes", "shapes_t2i"):
         return None, None
+    if config.dataset == "coco":
+        from data.prepare_coco import CocoFeatures
+        train, val = CocoFeatures(config.data_dir, "train"), CocoFeatures(config.data_dir, "val")
+        latent, context = train.meta["latent_shape"], train.meta["context_shape"]
+        if latent != [config.in_chans, config.img_size, config.img_size] or context != [config.num_clip_token,
+                                                                                       config.clip_dim]:
+            raise SystemExit(f"error: {config.data_dir} holds latents {latent} and text features {context}; the model "
+                             f"expects in_chans={config.in_chans}, img_size={config.img_size}, num_clip_token="
+                             f"{config.num_clip_token}, clip_dim={config.clip_dim}: set those to match")
+        return train, val
     if config.dataset != "cifar10":
-        raise SystemExit(f"error: --dataset must be cifar10 or shapes, got {config.dataset!r}")
+        raise SystemExit(f"error: --dataset must be cifar10, shapes, coco or shapes_t2i, got {config.dataset!r}")
     if (config.img_size, config.in_chans) != (32, 3):
         raise SystemExit(f"error: CIFAR-10 images are 3x32x32; got img_size={config.img_size}, in_chans={config.in_chans}")
     if ddp and not master:  # the master downloads first, the others then read its files
@@ -139,10 +272,40 @@ def load_data(config, device, master, ddp):
     return train, val
 
 
+def authors_weights(path, model_config):
+    """The authors' released U-ViT / U-ViC at path (a state dict in U-ViT's names) in ours, checked against the run's
+    network; the run's --attn says which attention the weights are used with."""
+    try:
+        authors = UViC.from_authors(path, attn=model_config.attn, num_clip_token=model_config.num_clip_token,
+                                    num_heads=model_config.num_heads)
+    except ValueError as err:
+        raise SystemExit(f"error: --init_from: {err}") from None
+    theirs, ours = dataclasses.asdict(authors.config), dataclasses.asdict(model_config)
+    differ = [f"{k}={theirs[k]!r} (this run: {ours[k]!r})" for k in ours if theirs[k] != ours[k]]
+    if differ:
+        raise SystemExit(f"error: --init_from={path} holds another network: {', '.join(differ)}")
+    return authors.state_dict()
+
+
+def grid_decoder(config, data):
+    """Samples -> pixels for the eval grids: the shapes are pixels already; MS-COCO latents go through the autoencoder
+    the features were prepared with (where diffusers or the autoencoder is missing, training goes on without grids)."""
+    if data is None:
+        return lambda x: x.clamp(-1, 1)
+    from data.prepare_coco import decode_latents, load_prepared_vae
+    try:
+        vae = load_prepared_vae(data.meta, config.device)
+    except SystemExit as err:
+        print(f"note: training without sample grids: {err}")
+        return None
+    return lambda z: decode_latents(vae, z, config.latent_scale)
+
+
 def check_config(config):
     """Values that cannot work end the run here, before anything is downloaded or written."""
     try:
         check_prediction(config.prediction)
+        schedule = get_schedule(config.noise_schedule)
     except ValueError as err:
         raise SystemExit(f"error: --{err}") from None
     check_at_least(config, 1, "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "batch_size",
@@ -151,8 +314,15 @@ def check_config(config):
                    "grad_clip")
     check_betas(config)
     require(0 <= config.ema_decay <= 1, f"--ema_decay={config.ema_decay}: must be in [0, 1]")
-    require(config.dataset != "shapes" or config.in_chans == 3,
+    require(config.dataset in DATASETS, f"--dataset={config.dataset}: choose from {', '.join(DATASETS)}")
+    require(not config.dataset.startswith("shapes") or config.in_chans == 3,
             f"--in_chans={config.in_chans}: the shapes are RGB images, in_chans must be 3")
+    text_to_image = config.dataset in ("coco", "shapes_t2i")
+    require(text_to_image == (config.num_clip_token > 0),
+            f"--dataset={config.dataset} needs {'a' if text_to_image else 'no'} text-conditioned model: set "
+            f"--num_clip_token (now {config.num_clip_token}) accordingly")
+    require(config.dataset != "shapes_t2i" or (config.num_clip_token, config.clip_dim) == (3, len(DEMO_WORDS)),
+            f"the shapes' captions are 3 one-hot words: --num_clip_token=3 --clip_dim={len(DEMO_WORDS)}")
     check_out_dir(config.out_dir)
     pick_fields(config, UViCConfig)  # the model's own checks: patches tile the image, ...
     resolve_dtype(config.dtype, "cpu")
@@ -161,6 +331,8 @@ def check_config(config):
 def main(argv=None):
     config = parse_config(TrainConfig, PRESETS, argv)
     check_config(config)
+    schedule = get_schedule(config.noise_schedule)
+    text_to_image = config.dataset in ("coco", "shapes_t2i")
     ddp, rank, world_size, device = setup_distributed(resolve_device(config.device))
     master = rank == 0
     config.device, config.dtype = device, resolve_dtype(config.dtype, device)
@@ -179,6 +351,10 @@ def main(argv=None):
         if trained_on != config.prediction:
             raise SystemExit(f"error: {ckpt_path} was trained with --prediction={trained_on}; "
                              f"resume with the same (got --prediction={config.prediction})")
+        trained_on = checkpoint["config"].get("noise_schedule", "vp")
+        if trained_on != config.noise_schedule:
+            raise SystemExit(f"error: {ckpt_path} was trained with --noise_schedule={trained_on}; "
+                             f"resume with the same (got --noise_schedule={config.noise_schedule})")
         if dataclasses.asdict(model_config) != checkpoint["model_config"] and master:
             print("note: resuming with the checkpoint's model config, not the command line's")
         model_config = UViCConfig(**checkpoint["model_config"])
@@ -195,6 +371,8 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     model = UViC(model_config).to(device)
+    if config.init_from and checkpoint is None:  # the authors' released weights; the EMA starts from them too
+        model.load_state_dict(authors_weights(config.init_from, model_config))
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # float32 always; this is the model that samples
     optimizer = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
                                 device.split(":")[0])
@@ -225,18 +403,51 @@ def main(argv=None):
     if ddp:
         model = DDP(model, device_ids=[device] if device.startswith("cuda") else None)
     shape = (model_config.in_chans, model_config.img_size, model_config.img_size)
+    empty_context, decode = None, None  # text-to-image: the empty caption's features; latents -> pixels for grids
+    if text_to_image:
+        empty_context = demo_caption_features(None, None) if train_data is None else \
+            torch.from_numpy(train_data.empty_context.astype("float32")).unsqueeze(0)
+        empty_context = empty_context.to(device)
+        decode = grid_decoder(config, train_data) if master else None
+
+    def draw_batch(data, generator, p_uncond):
+        """(x0, context), context None for an unconditional model."""
+        if text_to_image:
+            return get_t2i_batch(data, config, config.batch_size, generator, device, empty_context, p_uncond)
+        return get_batch(data, config, config.batch_size, generator, device), None
 
     @torch.no_grad()
     def estimate_val_loss():
-        """The EMA model's mean loss on eval_iters held-out batches with the same t and noise at every evaluation."""
+        """The EMA model's mean loss on eval_iters held-out batches with the same t and noise at every evaluation
+        (text-to-image: always with the caption)."""
         val_gen = torch.Generator(device).manual_seed(config.seed + 100_000)
         losses = []
         for _ in range(config.eval_iters):
             stop.poll()
-            x0 = get_batch(val_data, config, config.batch_size, val_gen, device)
+            x0, context = draw_batch(val_data, val_gen, 0.0)
             with ctx:
-                losses.append(diffusion_loss(ema, x0, val_gen, config.prediction).item())
+                losses.append(diffusion_loss(ema, x0, val_gen, config.prediction, schedule, context).item())
         return sum(losses) / len(losses)
+
+    def draw_t2i_grid(grid_path):
+        """The grid's prompts drawn by the EMA model with guidance, captioned. For the shapes, the share of samples
+        that match their prompt, with guidance and without."""
+        prompts, context = t2i_grid_prompts(val_data, config, device)
+
+        def draw(scale):
+            stop.poll()
+            return next(generate_guided(ema, [context], empty_context, scale, shape, config.sample_steps, config.seed,
+                                        device, schedule, config.prediction, ctx))
+        samples = draw(config.cfg_scale)
+        if decode is not None:
+            save_captioned_grid(decode(samples), prompts, grid_path)
+        if val_data is not None:
+            return {}
+        kind, color = (torch.tensor(v, device=device) for v in zip(*map(parse_demo_prompt, prompts)))
+
+        def share_matching(samples):
+            return score_shapes(samples.clamp(-1, 1), kind, color)[0].float().mean().item()
+        return {"match": share_matching(samples), "match_unguided": share_matching(draw(0.0))}
 
     def save(it):
         """Every rank's generator state is gathered; the master writes out_dir/ckpt.pt atomically. eval_done: whether
@@ -253,14 +464,23 @@ def main(argv=None):
         """Val loss and a sample grid from the EMA model (the same starting noise every time)."""
         if master:
             val_loss = estimate_val_loss()
-            eps_fn = noise_predictor(ema, ctx, config.prediction)
-            images = generate(lambda x, t: stop.poll() or eps_fn(x, t),  # a stop request ends it within a step
-                              config.grid_size, shape, "dpm", config.sample_steps, config.seed, device,
-                              batch_size=config.grid_size)
             grid_path = os.path.join(config.out_dir, f"samples_{it:06d}.png")
-            save_grid(images, grid_path)
-            print(f"eval at iter {it}: val loss (EMA) {val_loss:.4f}; samples in {grid_path}")
-            log.write(iter=it, images=it * images_per_iter, val_loss=val_loss)
+            metrics = {}
+            if text_to_image:
+                metrics = draw_t2i_grid(grid_path)
+            else:
+                eps_fn = noise_predictor(ema, ctx, config.prediction, schedule)
+                images = generate(lambda x, t: stop.poll() or eps_fn(x, t),  # a stop request ends it within a step
+                                  config.grid_size, shape, "dpm" if config.noise_schedule == "vp" else "dpm++",
+                                  config.sample_steps, config.seed, device, batch_size=config.grid_size,
+                                  schedule=schedule)
+                save_grid(images, grid_path)
+            note = ""
+            if "match" in metrics:
+                note = (f"; match their prompt: {metrics['match']:.0%} guided (cfg {config.cfg_scale}), "
+                        f"{metrics['match_unguided']:.0%} unguided")
+            print(f"eval at iter {it}: val loss (EMA) {val_loss:.4f}; samples in {grid_path}{note}")
+            log.write(iter=it, images=it * images_per_iter, val_loss=val_loss, **metrics)
 
     def plot():
         plot_loss_curve(log.path, os.path.join(config.out_dir, "loss.png"),
@@ -298,11 +518,11 @@ def main(argv=None):
             loss_sum = torch.zeros((), device=device)
             for micro in range(grad_accum):
                 stop.poll()
-                x0 = get_batch(train_data, config, config.batch_size, gen, device)
+                x0, context = draw_batch(train_data, gen, config.p_uncond)
                 sync = model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext()
                 with sync:
                     with ctx:
-                        loss = diffusion_loss(model, x0, gen, config.prediction)
+                        loss = diffusion_loss(model, x0, gen, config.prediction, schedule, context)
                     scaler.scale(loss / grad_accum).backward()
                 loss_sum += loss.detach()
             loss_value, stop_now = agree_on_step(loss_sum, grad_accum, stop, ddp, world_size)
