@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cog_kernel import cog_attention, document_mask
+from cog_kernel import causal_mask, cog_attention, document_mask
 
 ATTN_KINDS = ("cog", "softmax")
 
@@ -36,17 +36,14 @@ def softmax_attention(q, k, v, causal, doc_ids=None):
     if doc_ids is not None:  # a boolean mask, (B, 1, Tq, Tk): SDPA then picks a kernel that takes one
         mask = document_mask(doc_ids, Tq)
         if causal:
-            i = torch.arange(Tq, device=q.device)[:, None]
-            mask = mask & (torch.arange(Tk, device=q.device)[None, :] <= i + (Tk - Tq))
+            mask = mask & causal_mask(Tq, Tk, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if not causal or Tq == 1:  # one new query at the end of the cache sees every key
         return F.scaled_dot_product_attention(q, k, v)
     if Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     # SDPA's is_causal aligns the mask to the top-left corner; we want it aligned to the end
-    i = torch.arange(Tq, device=q.device)[:, None]
-    j = torch.arange(Tk, device=q.device)[None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=j <= i + (Tk - Tq))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(Tq, Tk, q.device))
 
 
 def attend(kind, q, k, v, causal, doc_ids=None):

@@ -305,7 +305,7 @@ def check_config(config):
     """Values that cannot work end the run here, before anything is downloaded or written."""
     try:
         check_prediction(config.prediction)
-        schedule = get_schedule(config.noise_schedule)
+        get_schedule(config.noise_schedule)
     except ValueError as err:
         raise SystemExit(f"error: --{err}") from None
     check_at_least(config, 1, "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "batch_size",

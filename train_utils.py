@@ -568,17 +568,6 @@ def load_plain(path, map_location):
         raise DamagedFile(str(err).splitlines()[0].partition(". This is an internal")[0]) from None
 
 
-def safe_load(path, map_location="cpu"):
-    """A weight or checkpoint file from anywhere (--init_from, the authors' checkpoints), loaded without running code
-    from it; a clear message when it is missing, damaged or asks for more than tensors and plain values."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no file at {path}")
-    try:
-        return load_plain(path, map_location)
-    except DamagedFile as err:
-        raise SystemExit(f"error: {path} cannot be read: it is damaged or not a PyTorch file ({err})") from None
-
-
 def load_checkpoint(path, map_location="cpu"):
     """A checkpoint that save_checkpoint wrote, loaded safely (load_plain). When it is missing or damaged and the
     previous one is beside it, the message says how to continue from that one."""
