@@ -120,6 +120,14 @@ def int_list(s):
     return [int(x) for x in s.split(",")]
 
 
+def head_dims(s):
+    dims = int_list(s)
+    bad = [d for d in dims if not 1 <= d <= cog_kernel.MAX_HEAD_DIM]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad}: head dims run from 1 to {cog_kernel.MAX_HEAD_DIM}")
+    return dims
+
+
 def str_list(choices):
     def parse(s):
         items = s.split(",")
@@ -137,7 +145,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sm90", action="store_true", help="compile reports for sm_90 (no GPU needed) instead of timings")
     p.add_argument("--seqlens", type=int_list, default=[1024, 2048, 4096, 8192, 16384], help="comma-separated T")
-    p.add_argument("--head_dims", type=int_list, default=[64, 128], help="comma-separated D")
+    p.add_argument("--head_dims", type=head_dims, default=[64, 128], help="comma-separated D, 1 to 256")
     p.add_argument("--modes", type=str_list(["fwd", "fwd_bwd"]), default=["fwd", "fwd_bwd"], help="fwd,fwd_bwd")
     p.add_argument("--masks", type=str_list(["full", "causal"]), default=["full", "causal"], help="full,causal")
     p.add_argument("--impls", type=str_list(IMPLS), default=IMPLS[:4], help=",".join(IMPLS))
