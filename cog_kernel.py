@@ -193,6 +193,7 @@ TILES = {
            128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)], 256: [(64, 64, 4, 2)]},
 }
 TILES["dkdv"] = TILES["bwd"]  # the two-pass backward's first kernel: the one-pass kernel without dQ
+FALLBACK_TILE = (32, 32, 4, 1)  # where none of the listed tiles fits in shared memory (fp32 inputs at head dim 128+)
 
 
 def padded_head_dim(D):
@@ -209,7 +210,7 @@ def _autotune(kind, docs=False):
             return fn
         if _INTERPRET:  # it runs programs one by one: few, big blocks are fastest (test_kernel.py swaps in small ones)
             return triton.autotune([triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "DOC_MASK": docs})], key=[])(fn)
-        shapes = sorted({shape for by_dim in TILES[kind].values() for shape in by_dim})
+        shapes = sorted({shape for by_dim in TILES[kind].values() for shape in by_dim} | {FALLBACK_TILE})
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "DOC_MASK": docs}, num_warps=w, num_stages=s)
                    for m, n, w, s in shapes]
         prune = functools.partial(_prune_configs, kind=kind)
@@ -239,15 +240,15 @@ def shared_memory_bytes(kind, block_m, block_n, num_stages, block_d, itemsize):
 
 
 def _prune_configs(configs, named_args, kind, **kwargs):
-    """Keep the configs listed in TILES for this head dim whose shared memory fits the GPU."""
+    """Keep the configs listed in TILES for this head dim whose shared memory fits the GPU; if none fits, the small
+    FALLBACK_TILE."""
     args = {**named_args, **kwargs}
     block_d, itemsize = padded_head_dim(args["HEAD_DIM"]), args["Q"].element_size()
-    listed = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-              in TILES[kind][block_d]] or configs
+    shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
     need = lambda c: shared_memory_bytes(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, block_d,
-                                         itemsize)
-    fits = [c for c in listed if need(c) <= _shared_memory(args["Q"].device)]
-    return fits or [min(listed, key=need)]
+                                         itemsize)  # noqa: E731
+    fits = [c for c in configs if shape(c) in TILES[kind][block_d] and need(c) <= _shared_memory(args["Q"].device)]
+    return fits or [c for c in configs if shape(c) == FALLBACK_TILE] or [min(configs, key=need)]
 
 
 @functools.lru_cache

@@ -382,10 +382,10 @@ def test_errors_name_the_problem():
 
 def test_prune_keeps_the_listed_tiles_that_fit(monkeypatch):
     """Autotuning only tries the tiles TILES lists for the head dim, and only those whose shared memory fits: the
-    224 KB (128, 128) forward at head dim 128 fits an H100/H200 (227 KB) and is kept."""
+    224 KB (128, 128) forward at head dim 128 fits an H100/H200 (227 KB) and is kept; where none fits, FALLBACK_TILE."""
     Config = cog_kernel.triton.Config
-    configs = [Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-               for m, n, w, st in sorted({t for by_dim in cog_kernel.TILES["fwd"].values() for t in by_dim})]
+    shapes = {t for by_dim in cog_kernel.TILES["fwd"].values() for t in by_dim} | {cog_kernel.FALLBACK_TILE}
+    configs = [Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in sorted(shapes)]
     shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
     q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
     monkeypatch.setattr(cog_kernel, "_shared_memory", lambda device: 227 * 1024)
@@ -398,8 +398,9 @@ def test_prune_keeps_the_listed_tiles_that_fit(monkeypatch):
     fit = [t for t in cog_kernel.TILES["fwd"][128] if cog_kernel.shared_memory_bytes("fwd", *t[:2], t[3], 128, 2)
            <= 161 * 1024]
     assert sorted(kept) == sorted(fit) and 0 < len(fit) < len(cog_kernel.TILES["fwd"][128])
-    monkeypatch.setattr(cog_kernel, "_shared_memory", lambda device: 1)  # nothing fits: keep the smallest
-    assert len(cog_kernel._prune_configs(configs, {"Q": q}, kind="fwd", HEAD_DIM=128)) == 1
+    monkeypatch.setattr(cog_kernel, "_shared_memory", lambda device: 227 * 1024)
+    kept = [shape(c) for c in cog_kernel._prune_configs(configs, {"Q": q.float()}, kind="fwd", HEAD_DIM=128)]
+    assert kept == [cog_kernel.FALLBACK_TILE]  # fp32 at head dim 128: no listed tile fits, the small one runs
 
 
 def test_autotuning_restarts_the_dq_sum():
@@ -505,7 +506,7 @@ def test_gpu_many_heads_and_tiny_logits():
 
 
 @gpu
-@pytest.mark.parametrize("D", [16, 32])
+@pytest.mark.parametrize("D", [16, 32, 128, 256])  # fp32 at 128 and 256: only FALLBACK_TILE fits shared memory
 def test_gpu_fp32_and_small_head_dims(D):
     for dtype in (torch.float32, torch.float16):
         q, k, v, do = make_inputs(2, 2, 300, 513, D, dtype)
