@@ -818,7 +818,7 @@ def cog_attention(q, k, v, causal=False, scale=None, deterministic=None, doc_ids
     deterministic: see cog_attention_triton (the reference is always deterministic).
     doc_ids (B, Tk): per-key document ids of packed sequences (query i has id doc_ids[:, Tk - Tq + i]); a query sees
     only keys of its own document; the kernel skips the blocks of other documents."""
-    check_attention_inputs(q, k, v, doc_ids)
+    check_attention_inputs(q, k, v)  # enough to dispatch on; either path checks doc_ids (a pass over them) itself
     if _use_triton(q):
         return cog_attention_triton(q, k, v, causal, scale, deterministic, doc_ids)
     return cog_attention_reference(q, k, v, causal, scale, doc_ids)
