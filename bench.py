@@ -22,6 +22,14 @@ themselves instead of |s|; the weights p instead of sign(s) * p): same code, sam
 plain softmax attention (test_kernel.py checks it against PyTorch's), so Cog / twin is what the signs cost, and
 twin / SDPA is what our Triton kernels cost against FlashAttention.
 
+End to end, the trainers' own training steps (model, AdamW, autocast, loss scaling, EMA) on random data, Cog against
+softmax in one run, interleaved in rounds so that drift hits both alike:
+
+    python bench.py --model=lm --compile             # Cogformer vs Transformer: the paper's 12 x 768, context 2048
+    python bench.py --model=diffusion --compile      # U-ViC vs U-ViT: U-ViT-S/2 on 32 x 32 images, batch 128
+    python bench.py --model=diffusion --preset=coco --compile    # text-to-image: 77 text tokens, 4 x 32 x 32 latents
+    python bench.py --model=lm --preset=demo --vocab_size=256    # any trainer preset; this one runs on a CPU too
+
 TFLOP/s count FLOPs as for softmax attention: 4 * B * H * Tq * Tk * D for the forward (its two matmuls), halved when
 causal, and 3.5 times that for forward + backward. "MiB" is the peak memory allocated during one call beyond the inputs
 (torch.cuda.max_memory_allocated). The reference materialises (B, H, T, T) weights; where that runs out of memory the
@@ -35,6 +43,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import types
 
 import torch
@@ -152,10 +161,19 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=16384, help="B * T (B = tokens // T, at least 1)")
     p.add_argument("--width", type=int, default=2048, help="H * D (H = width // D)")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
-    p.add_argument("--deterministic", action="store_true", help="time the two-pass backward of cog (and twin)")
+    p.add_argument("--deterministic", action="store_true", help="time the two-pass backward of cog (and twin); "
+                   "--model: as the trainers' --deterministic")
     p.add_argument("--docs", action="store_true", help="--sm90: report the document-masked kernels")
     p.add_argument("--doc_len", type=int, default=0, help="also time cog_docs: Cog with document masks, packed "
                    "documents of random lengths averaging this many tokens")
+    p.add_argument("--model", choices=["lm", "diffusion"], help="time training steps of a whole model instead")
+    p.add_argument("--preset", default="paper", help="--model: the trainer's preset")
+    p.add_argument("--batch_size", type=int, default=0, help="--model: micro-batch (0: the preset's)")
+    p.add_argument("--vocab_size", type=int, default=50304, help="--model=lm: GPT-2's tokens, padded (the demo "
+                   "corpus: 256 bytes)")
+    p.add_argument("--compile", action="store_true", help="--model: torch.compile the models")
+    p.add_argument("--steps", type=int, default=60, help="--model: timed steps per model (after --warmup_steps)")
+    p.add_argument("--warmup_steps", type=int, default=10, help="--model: untimed steps first (compile, autotune)")
     p.add_argument("--warmup", type=int, default=25, help="warmup time in ms for triton.testing.do_bench")
     p.add_argument("--rep", type=int, default=100, help="measurement time in ms for triton.testing.do_bench")
     return p.parse_args(argv)
@@ -255,6 +273,109 @@ def timings(args):
 
 
 # -----------------------------------------------------------------------------
+# end-to-end training steps: Cogformer vs Transformer, U-ViC vs U-ViT
+
+
+def training_step(args, attn, device):
+    """The trainer's model for --model and --preset with attention attn, and its training step on random data as the
+    trainer takes it: a namespace of step (a function, which returns the loss), model, config, work per step (tokens
+    or images) and FLOPs per step (None where not counted)."""
+    import train_diffusion
+    import train_lm
+    from diffusion import diffusion_loss, ema_update, get_schedule
+    from model import Cogformer, CogformerConfig, UViC, UViCConfig, configure_adamw
+    from train_utils import autocast_context, make_grad_scaler, optimizer_step, parse_config, pick_fields, resolve_dtype
+
+    trainer = train_lm if args.model == "lm" else train_diffusion
+    config = parse_config(trainer.TrainConfig, trainer.PRESETS, [f"--preset={args.preset}", f"--attn={attn}"])
+    config.batch_size = args.batch_size or config.batch_size
+    config.dtype = dtype = resolve_dtype(config.dtype, device)
+    torch.manual_seed(0)
+    if args.model == "lm":
+        model_config = pick_fields(config, CogformerConfig)
+        model_config.vocab_size = args.vocab_size
+        model = Cogformer(model_config).to(device)
+        tokens = torch.randint(model_config.vocab_size, (config.batch_size, model_config.block_size + 1), device=device)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        work, flops = x.numel(), model.flops_per_token() * x.numel()
+    else:
+        model_config = pick_fields(config, UViCConfig)
+        model = UViC(model_config).to(device)
+        ema = UViC(model_config).to(device).requires_grad_(False)
+        size = model_config.img_size
+        x0 = torch.rand(config.batch_size, model_config.in_chans, size, size, device=device) * 2 - 1
+        context = None if not model_config.num_clip_token else \
+            torch.randn(config.batch_size, model_config.num_clip_token, model_config.clip_dim, device=device)
+        generator, schedule = torch.Generator(device).manual_seed(0), get_schedule(config.noise_schedule)
+        work, flops = config.batch_size, None
+    optimizer = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
+                                device.split(":")[0])
+    scaler, ctx = make_grad_scaler(device, dtype), autocast_context(device, dtype)
+    compiled = torch.compile(model) if args.compile else model
+
+    def step():  # returns the loss, unsynchronised
+        with ctx:
+            if args.model == "lm":
+                loss = compiled(x, y)[1]
+            else:
+                loss = diffusion_loss(compiled, x0, generator, config.prediction, schedule, context)
+        scaler.scale(loss).backward()
+        optimizer_step(model, optimizer, scaler, config.grad_clip)
+        if args.model == "diffusion":
+            ema_update(ema, model, config.ema_decay)
+        return loss.detach()
+
+    return types.SimpleNamespace(step=step, model=model, config=config, work=work, flops=flops)
+
+
+def model_timings(args):
+    """Both models' training steps, timed in alternating rounds; the median round of each gives the ratio."""
+    from train_utils import peak_flops, use_deterministic_algorithms
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    use_deterministic_algorithms(args.deterministic)  # as the trainers' --deterministic
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    runs = {attn: training_step(args, attn, device) for attn in ("cog", "softmax")}
+    config = runs["cog"].config
+    unit = "tokens" if args.model == "lm" else "images"
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"# {where}, torch {torch.__version__}, --model={args.model} --preset={args.preset}, batch "
+          f"{config.batch_size}, dtype {config.dtype}, compile {args.compile}, deterministic {args.deterministic}: "
+          f"{args.warmup_steps} warm-up steps, "
+          f"then {args.steps} timed steps each, in rounds of {max(1, args.steps // 5)} alternating cog and softmax\n")
+    peak_memory = {}  # the peak of each model's steps beyond the weights of both (its optimizer state included)
+    for attn, run in runs.items():
+        if device == "cuda":
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.warmup_steps):
+            run.step()
+        sync()
+        if device == "cuda":
+            peak_memory[attn] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    rounds, per_round = {attn: [] for attn in runs}, max(1, args.steps // 5)
+    for _ in range(-(-args.steps // per_round)):
+        for attn, run in runs.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                run.step()
+            sync()
+            rounds[attn].append((time.perf_counter() - t0) / per_round)
+    peak = peak_flops(device)
+    print(f"| attn | ms/step (median round) | rounds min-max ms | {unit}/s | MFU | steps' peak MiB |")
+    print("|---|---|---|---|---|---|")
+    median = {}
+    for attn, run in runs.items():
+        median[attn] = sorted(rounds[attn])[len(rounds[attn]) // 2]
+        mfu = f"{run.flops / median[attn] / peak * 100:.1f}%" if run.flops and peak else "-"
+        memory = f"{peak_memory[attn]:.0f}" if attn in peak_memory else "-"
+        print(f"| {attn} | {median[attn] * 1e3:.1f} | {min(rounds[attn]) * 1e3:.1f}-{max(rounds[attn]) * 1e3:.1f} | "
+              f"{run.work / median[attn]:,.0f} | {mfu} | {memory} |")
+    print(f"\ncog/softmax speed: {median['softmax'] / median['cog']:.3f} (softmax's time per step / cog's)")
+
+
+# -----------------------------------------------------------------------------
 # sm_90 compile reports (no GPU)
 
 
@@ -348,7 +469,8 @@ def sm90_report(args):
                     est = shared_memory_bytes(kind, m, n, s, block_d, itemsize)
                     if est > limit:
                         continue
-                    constants = dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_M=m, BLOCK_N=n, DOC_MASK=args.docs)
+                    constants = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=causal, BLOCK_M=m, BLOCK_N=n,
+                                     DOC_MASK=args.docs)
                     if not args.docs:
                         constants["DOCS"] = None
                     if kind == "dkdv":
@@ -370,7 +492,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.doc_len and "cog_docs" not in args.impls:
         args.impls.append("cog_docs")
-    sm90_report(args) if args.sm90 else timings(args)
+    if args.model:
+        model_timings(args)
+    else:
+        sm90_report(args) if args.sm90 else timings(args)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import contextlib
 import functools
 import math
 import os
+import re
 import types
 from typing import Optional
 
@@ -169,6 +170,29 @@ MAX_HEAD_DIM = 256
 SIGN_BITS = 32  # the clamp above is exact for every logit with |s * log2(e)| >= 2^-SIGN_BITS * p
 # Triton builds kernels for its interpreter (CPU tensors, one program at a time) when TRITON_INTERPRET=1 at import.
 _INTERPRET = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _version(text):  # "3.6.0+git1234" -> (3, 6)
+    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", text).groups())
+
+
+MIN_TRITON = (3, 5)  # Triton 3.4 fails to compile the backward's tensor descriptors (torch 2.9 comes with 3.5)
+
+
+def kernel_problem():
+    """Why the fused kernel cannot run with this Triton (or this Triton's interpreter and NumPy), or None."""
+    import numpy
+    if triton is None:
+        return "Triton is not installed (use cog_attention_reference)"
+    if _version(triton.__version__) < MIN_TRITON:
+        return (f"Triton {triton.__version__} is too old for the fused kernel, which needs "
+                f"{'.'.join(map(str, MIN_TRITON))} or newer: pip install -U torch triton")
+    if _INTERPRET and _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter fails with NumPy {numpy.__version__} (it turns 1-element "
+                "arrays into ints, an error since NumPy 2.4): pip install 'numpy<2.4', or Triton 3.7 or newer")
+    return None
+
+
 _jit = triton.jit if triton is not None else (lambda fn: fn)
 if triton is not None:  # module globals that jit code reads must be constexprs
     _SIGN_SCALE = tl.constexpr(2.0**SIGN_BITS)
@@ -180,14 +204,18 @@ if triton is not None:  # module globals that jit code reads must be constexprs
 # query rows and BLOCK_N key rows. Chosen from sm_90 compile reports (python bench.py --sm90): for head dims 64 and 128,
 # no register spills and every Hopper wgmma at least 64 wide (narrower head dims make narrower dots); the GPU's
 # autotuner picks among them by timing. At 256 the backward's dK and dV accumulators alone fill the registers: it
-# spills whatever the tiles, so the fast path is head dims up to 128.
+# spills whatever the tiles, so the fast path is head dims up to 128. Triton 3.6 (torch 2.11's) allocates registers
+# differently: its one-pass backward at head dim 128 spills 280-590 bytes in the (64, 128) tiles, softmax's as much,
+# so (32, 128, 8, 2), which spills in neither Triton 3.6 nor 3.9, is a candidate there too, although its dQ matmul
+# (32 query rows) runs on mma.sync. (64, 64, 8, 2) spills in neither either, but runs 40% more instructions per score.
+# Only timing can rank them against the spilling tiles.
 TILES = {
     "fwd": {16: [(64, 64, 4, 3), (128, 64, 8, 3)], 32: [(64, 64, 4, 3), (128, 64, 8, 3)],
             64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
             128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3)],
             256: [(64, 64, 4, 2), (128, 64, 8, 2)]},
     "bwd": {16: [(64, 64, 4, 3)], 32: [(64, 64, 4, 3)], 64: [(64, 64, 4, 2), (64, 64, 4, 3)],
-            128: [(64, 128, 8, 2), (64, 128, 8, 3)], 256: [(64, 64, 8, 2)]},
+            128: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2)], 256: [(64, 64, 8, 2)]},
     "dq": {16: [(64, 64, 4, 3), (128, 64, 8, 3)], 32: [(64, 64, 4, 3), (128, 64, 8, 3)],
            64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
            128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)], 256: [(64, 64, 4, 2)]},
@@ -197,7 +225,8 @@ FALLBACK_TILE = (32, 32, 4, 1)  # where none of the listed tiles fits in shared 
 
 
 def padded_head_dim(D):
-    """The tile width for head dim D: the next power of two, at least 16 (the smallest dot)."""
+    """The tile width for head dim D: the next power of two, at least 16 (the smallest dot). The kernels take it as
+    their BLOCK_D argument: computed inside them, it is not a constant to Triton 3.6 (3.9 takes it)."""
     return max(16, 1 << (D - 1).bit_length())
 
 
@@ -296,18 +325,16 @@ def _block_and_head(num_blocks, CAUSAL: tl.constexpr):
     return block, bh
 
 
-@_jit
-def _padded(HEAD_DIM: tl.constexpr):
-    """The tile width for a head dim: the next power of two, at least 16 (the smallest dot); as padded_head_dim."""
-    return 16 if HEAD_DIM <= 16 else (32 if HEAD_DIM <= 32 else (64 if HEAD_DIM <= 64 else (
-        128 if HEAD_DIM <= 128 else 256)))
-
-
 # The only two places where Cog attention differs from softmax attention (bench.py builds a softmax twin of these
 # kernels by swapping them, to measure what the signs cost).
 @_jit
 def _magnitude(qk):
-    return tl.abs(qk)  # softmax runs over |s|
+    """|q . k| (fp32): softmax runs over it. As a PTX abs.f32, which ptxas folds into the exp2's multiply-add as an
+    operand modifier; Triton lowers tl.abs to a bitwise and, which CUDA 12.8's ptxas (Triton 3.6's) keeps as one more
+    instruction per score in the backward (the 13.x one folds both)."""
+    if XORSIGN:
+        return tl.inline_asm_elementwise("abs.f32 $0, $1;", "=r,r", [qk], dtype=tl.float32, is_pure=True, pack=1)
+    return tl.abs(qk)
 
 
 @_jit
@@ -397,9 +424,8 @@ def _cog_fwd(Q, K, V, O, LSE, DOCS, qk_scale, wscale_shift,
              stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
              stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
              H, Tq, Tk, LEN_Q, LEN_K,
-             HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             DOC_MASK: tl.constexpr):
-    BLOCK_D: tl.constexpr = _padded(HEAD_DIM)
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, DOC_MASK: tl.constexpr):
     FP16: tl.constexpr = Q.dtype.element_ty == tl.float16
     block, bh = _block_and_head(tl.cdiv(Tq, BLOCK_M), CAUSAL)
     start_m = block * BLOCK_M
@@ -438,9 +464,8 @@ def _cog_fwd(Q, K, V, O, LSE, DOCS, qk_scale, wscale_shift,
 
 @_jit
 def _cog_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_db, stride_dh, stride_dt, H, Tq,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """D_i = dO_i . o_i in fp32."""
-    BLOCK_D: tl.constexpr = _padded(HEAD_DIM)
     block, bh = _block_and_head(tl.cdiv(Tq, BLOCK_M), False)
     start_m = block * BLOCK_M
     o = _matrix(O, bh, H, stride_ob, stride_oh, Tq, stride_ot, BLOCK_M, HEAD_DIM, BLOCK_D).load([start_m, 0])
@@ -489,11 +514,10 @@ def _cog_bwd(Q, K, V, DO, DK, DV, ACC_DQ, LSE, DELTA, DOCS, qk_scale, wscale_shi
              stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
              stride_db, stride_dh, stride_dt, stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
              H, Tq, Tk, LEN_Q, LEN_K,
-             HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             DOC_MASK: tl.constexpr):
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, DOC_MASK: tl.constexpr):
     """One program per key block: dK and dV; dQ too, added atomically to the fp32 (B, H, Tq, HEAD_DIM) buffer ACC_DQ,
     unless ACC_DQ is None (the deterministic backward, which runs _cog_bwd_dq after this)."""
-    BLOCK_D: tl.constexpr = _padded(HEAD_DIM)
     FP16: tl.constexpr = Q.dtype.element_ty == tl.float16
     block, bh = _block_and_head(tl.cdiv(Tk, BLOCK_N), False)
     start_n = block * BLOCK_N
@@ -570,10 +594,9 @@ def _cog_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, DOCS, qk_scale, wscale_shift, grad_
                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                 stride_db, stride_dh, stride_dt, stride_dqb, stride_dqh, stride_dqt,
                 H, Tq, Tk, LEN_Q, LEN_K,
-                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                DOC_MASK: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, DOC_MASK: tl.constexpr):
     """The deterministic backward's dQ pass: one program per query block walks over the key blocks."""
-    BLOCK_D: tl.constexpr = _padded(HEAD_DIM)
     FP16: tl.constexpr = Q.dtype.element_ty == tl.float16
     block, bh = _block_and_head(tl.cdiv(Tq, BLOCK_M), CAUSAL)
     start_m = block * BLOCK_M
@@ -696,7 +719,7 @@ def attention_forward(q, k, v, causal, scale, docs=None, tuned=None):
         with _on_device(q):
             kernel[lambda META: _blocks(Tq, META["BLOCK_M"], B, H)](
                 q, k, v, o, lse, docs, scale * LOG2E, _weight_shift(q.dtype, scale), *_strides(q, k, v, o), H, Tq,
-                Tk, *_lengths(Tq, Tk), HEAD_DIM=D, CAUSAL=causal)
+                Tk, *_lengths(Tq, Tk), HEAD_DIM=D, BLOCK_D=padded_head_dim(D), CAUSAL=causal)
     return o, lse
 
 
@@ -714,9 +737,10 @@ def attention_backward(do, q, k, v, o, lse, causal, scale, deterministic, docs=N
     # past head dim 128 the one-pass kernel spills more registers than the two passes do together (bench.py --sm90)
     two_pass = deterministic or D > 128
     dq_sum = None if two_pass else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    meta = dict(HEAD_DIM=D, CAUSAL=causal)
+    meta = dict(HEAD_DIM=D, BLOCK_D=padded_head_dim(D), CAUSAL=causal)
     with _on_device(q):
-        _cog_bwd_delta[_blocks(Tq, 64, B, H)](o, do, delta, *_strides(o, do), H, Tq, HEAD_DIM=D, BLOCK_M=64)
+        _cog_bwd_delta[_blocks(Tq, 64, B, H)](o, do, delta, *_strides(o, do), H, Tq, HEAD_DIM=D,
+                                              BLOCK_D=meta["BLOCK_D"], BLOCK_M=64)
         tuned["dkdv" if two_pass else "bwd"][lambda META: _blocks(Tk, META["BLOCK_N"], B, H)](
             q, k, v, do, dk, dv, dq_sum, lse, delta, docs, scale * LOG2E, wscale_shift, grad_scale,
             *_strides(q, k, v, do, dk, dv), H, Tq, Tk, *_lengths(Tq, Tk), **meta)
@@ -773,8 +797,6 @@ def cog_attention_triton(q, k, v, causal=False, scale=None, deterministic=None, 
     torch.are_deterministic_algorithms_enabled(). doc_ids: see cog_attention."""
     check_attention_inputs(q, k, v, doc_ids)
     D = q.size(-1)
-    if triton is None:
-        raise ValueError("cog_attention_triton: Triton is not installed (use cog_attention_reference)")
     if D > MAX_HEAD_DIM:
         raise ValueError(f"cog_attention_triton: head dim {D} is not supported, at most {MAX_HEAD_DIM}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -784,6 +806,8 @@ def cog_attention_triton(q, k, v, causal=False, scale=None, deterministic=None, 
                          "interpreter, which needs TRITON_INTERPRET=1 set before triton is imported)")
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         raise ValueError("cog_attention_triton: bfloat16 is not supported in Triton's interpreter (its bf16 dots are wrong)")
+    if kernel_problem():
+        raise RuntimeError(f"cog_attention_triton: {kernel_problem()}")
     if q.size(2) * D >= 2**31:
         raise ValueError(f"cog_attention_triton: {q.size(2)} queries of head dim {D} overflow the kernel's 32-bit "
                          "offsets")
@@ -809,7 +833,8 @@ def _use_triton(q):
         return False
     if q.is_cuda:
         return q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-    interpret = _INTERPRET and q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    interpret = _INTERPRET and q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and \
+        not kernel_problem()  # the interpreter is for tests: where it cannot run, the reference does
     return interpret and q.dtype in (torch.float16, torch.float32)  # the interpreter's bf16 dots are wrong
 
 

@@ -437,3 +437,30 @@ def test_redpajama_without_network_says_what_to_do_instead(tmp_path):
     assert error.startswith("error: cannot read hf://datasets/togethercomputer/RedPajama-Data-1T-Sample")
     assert "--source=" in error and "--files=" in error and "\n" not in error
     assert not out.exists()
+
+
+def test_bench_times_both_models_in_one_run(capsys):
+    import bench
+    bench.main(["--model=lm", "--preset=demo", "--vocab_size=256", "--batch_size=2", "--steps=2",
+                "--warmup_steps=1"])
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| (cog|softmax) \| ([\d.]+) \| [\d.]+-[\d.]+ \| ([\d,]+) \| - \| - \|$", out, re.M)
+    assert [r[0] for r in rows] == ["cog", "softmax"], out
+    assert all(float(ms) > 0 and int(work.replace(",", "")) > 0 for _, ms, work in rows)
+    assert re.search(r"^cog/softmax speed: \d+\.\d{3}", out, re.M)
+
+
+@pytest.mark.parametrize("model,preset", [("lm", "demo"), ("diffusion", "demo"), ("diffusion", "demo_t2i")])
+def test_bench_steps_are_the_trainers_training_steps(model, preset):
+    """What bench.py --model times updates the weights of the trainer's model; the LM memorises its one batch."""
+    import bench
+    args = bench.parse_args([f"--model={model}", f"--preset={preset}", "--vocab_size=256", "--batch_size=4"])
+    run = bench.training_step(args, "softmax", "cpu")
+    assert {m.kind for m in run.model.modules() if hasattr(m, "kind")} == {"softmax"}
+    assert run.config.batch_size == 4 and run.work == (4 * 128 if model == "lm" else 4)
+    before = [p.detach().clone() for p in run.model.parameters()]
+    losses = [run.step().item() for _ in range(10)]
+    assert all(np.isfinite(losses))
+    assert all(not torch.equal(a, p) for a, p in zip(before, run.model.parameters()) if p.requires_grad)
+    if model == "lm":
+        assert losses[-1] < 0.7 * losses[0]

@@ -32,6 +32,8 @@ def kernel_runs_here():
     """Fail loudly (instead of with an obscure Triton error in every test) if the kernel cannot run on this machine."""
     if cog_kernel.triton is None:
         pytest.skip("Triton is not installed")
+    if cog_kernel.kernel_problem():
+        pytest.fail(cog_kernel.kernel_problem())
     if not CUDA and not cog_kernel._INTERPRET:
         pytest.fail("Triton's interpreter is off: TRITON_INTERPRET=1 must be in the environment before anything imports "
                     "triton (cog_kernel, model). Put `if not torch.cuda.is_available(): "
@@ -415,6 +417,27 @@ def test_autotuning_restarts_the_dq_sum():
 def test_bf16_refused_in_interpreter():
     with pytest.raises(ValueError, match="bfloat16"):
         cog_attention_triton(*make_inputs(1, 1, 4, 4, 16, torch.bfloat16)[:3])
+
+
+def test_triton_versions_that_cannot_run_the_kernels(monkeypatch):
+    """Triton before 3.5 cannot compile the kernels, and 3.6's interpreter (torch 2.11's Triton) breaks under NumPy
+    2.4: both are named; in the interpreter the model then falls back to the reference."""
+    import numpy
+    monkeypatch.setattr(cog_kernel, "_INTERPRET", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for triton_version, numpy_version, problem in [("3.6.0", "2.4.1", "NumPy 2.4"), ("3.6.0", "2.3.5", None),
+                                                   ("3.7.0", "2.4.1", None), ("3.10.0+git1", "3.0.0rc1", None),
+                                                   ("3.4.0", "2.2.0", "too old")]:
+        monkeypatch.setattr(cog_kernel.triton, "__version__", triton_version)
+        monkeypatch.setattr(numpy, "__version__", numpy_version)
+        q = torch.randn(1, 1, 4, 16)
+        assert cog_kernel._use_triton(q) == (problem is None)
+        if problem is None:
+            assert cog_kernel.kernel_problem() is None, (triton_version, numpy_version)
+        else:
+            assert problem in cog_kernel.kernel_problem()
+            with pytest.raises(RuntimeError, match=problem):
+                cog_attention_triton(q, q, q)
 
 
 def test_dispatcher(monkeypatch):
