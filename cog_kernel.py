@@ -796,6 +796,8 @@ def cog_attention_triton(q, k, v, causal=False, scale=None, deterministic=None, 
     deterministic: a bit-reproducible backward (two passes, no atomic adds; slower); None follows
     torch.are_deterministic_algorithms_enabled(). doc_ids: see cog_attention."""
     check_attention_inputs(q, k, v, doc_ids)
+    if kernel_problem():
+        raise RuntimeError(f"cog_attention_triton: {kernel_problem()}")
     D = q.size(-1)
     if D > MAX_HEAD_DIM:
         raise ValueError(f"cog_attention_triton: head dim {D} is not supported, at most {MAX_HEAD_DIM}")
@@ -806,8 +808,6 @@ def cog_attention_triton(q, k, v, causal=False, scale=None, deterministic=None, 
                          "interpreter, which needs TRITON_INTERPRET=1 set before triton is imported)")
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         raise ValueError("cog_attention_triton: bfloat16 is not supported in Triton's interpreter (its bf16 dots are wrong)")
-    if kernel_problem():
-        raise RuntimeError(f"cog_attention_triton: {kernel_problem()}")
     if q.size(2) * D >= 2**31:
         raise ValueError(f"cog_attention_triton: {q.size(2)} queries of head dim {D} overflow the kernel's 32-bit "
                          "offsets")
