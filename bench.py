@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 import cog_kernel
 from cog_kernel import TILES, cog_attention_reference, cog_attention_triton, padded_head_dim, shared_memory_bytes, tl
+from model import CogformerConfig
 
 try:  # torch >= 2.3
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -137,6 +138,15 @@ def head_dims(s):
     return dims
 
 
+def at_least(minimum):
+    def parse(s):
+        value = int(s)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {minimum}")
+        return value
+    return parse
+
+
 def str_list(choices):
     def parse(s):
         items = s.split(",")
@@ -168,12 +178,14 @@ def parse_args(argv=None):
                    "documents of random lengths averaging this many tokens")
     p.add_argument("--model", choices=["lm", "diffusion"], help="time training steps of a whole model instead")
     p.add_argument("--preset", default="paper", help="--model: the trainer's preset")
-    p.add_argument("--batch_size", type=int, default=0, help="--model: micro-batch (0: the preset's)")
-    p.add_argument("--vocab_size", type=int, default=50304, help="--model=lm: GPT-2's tokens, padded (the demo "
-                   "corpus: 256 bytes)")
+    p.add_argument("--batch_size", type=at_least(0), default=0, help="--model: micro-batch (0: the preset's)")
+    p.add_argument("--vocab_size", type=at_least(1), default=CogformerConfig.vocab_size, help="--model=lm: "
+                   "CogformerConfig's, GPT-2's tokens padded (the demo corpus: 256 bytes)")
     p.add_argument("--compile", action="store_true", help="--model: torch.compile the models")
-    p.add_argument("--steps", type=int, default=60, help="--model: timed steps per model (after --warmup_steps)")
-    p.add_argument("--warmup_steps", type=int, default=10, help="--model: untimed steps first (compile, autotune)")
+    p.add_argument("--steps", type=at_least(1), default=60, help="--model: timed steps per model (after "
+                   "--warmup_steps)")
+    p.add_argument("--warmup_steps", type=at_least(0), default=10, help="--model: untimed steps first (compile, "
+                   "autotune)")
     p.add_argument("--warmup", type=int, default=25, help="warmup time in ms for triton.testing.do_bench")
     p.add_argument("--rep", type=int, default=100, help="measurement time in ms for triton.testing.do_bench")
     return p.parse_args(argv)
@@ -283,7 +295,7 @@ def training_step(args, attn, device):
     import train_diffusion
     import train_lm
     from diffusion import diffusion_loss, ema_update, get_schedule
-    from model import Cogformer, CogformerConfig, UViC, UViCConfig, configure_adamw
+    from model import Cogformer, UViC, UViCConfig, configure_adamw
     from train_utils import autocast_context, make_grad_scaler, optimizer_step, parse_config, pick_fields, resolve_dtype
 
     trainer = train_lm if args.model == "lm" else train_diffusion

@@ -796,8 +796,9 @@ def cog_attention_triton(q, k, v, causal=False, scale=None, deterministic=None, 
     deterministic: a bit-reproducible backward (two passes, no atomic adds; slower); None follows
     torch.are_deterministic_algorithms_enabled(). doc_ids: see cog_attention."""
     check_attention_inputs(q, k, v, doc_ids)
-    if kernel_problem():
-        raise RuntimeError(f"cog_attention_triton: {kernel_problem()}")
+    problem = kernel_problem()
+    if problem:
+        raise RuntimeError(f"cog_attention_triton: {problem}")
     D = q.size(-1)
     if D > MAX_HEAD_DIM:
         raise ValueError(f"cog_attention_triton: head dim {D} is not supported, at most {MAX_HEAD_DIM}")

@@ -450,6 +450,17 @@ def test_bench_times_both_models_in_one_run(capsys):
     assert re.search(r"^cog/softmax speed: \d+\.\d{3}", out, re.M)
 
 
+@pytest.mark.parametrize("arg,message", [("--steps=0", "argument --steps: 0: must be at least 1"),
+                                         ("--batch_size=-2", "argument --batch_size: -2: must be at least 0"),
+                                         ("--vocab_size=0", "argument --vocab_size: 0: must be at least 1"),
+                                         ("--model=gpt", "argument --model: invalid choice: 'gpt'")])
+def test_bench_refuses_bad_values_before_building_anything(capsys, arg, message):
+    import bench
+    with pytest.raises(SystemExit) as err:
+        bench.main(["--model=lm", "--preset=demo", "--vocab_size=256", "--batch_size=1", "--steps=1", arg])
+    assert err.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("model,preset", [("lm", "demo"), ("diffusion", "demo"), ("diffusion", "demo_t2i")])
 def test_bench_steps_are_the_trainers_training_steps(model, preset):
     """What bench.py --model times updates the weights of the trainer's model; the LM memorises its one batch."""

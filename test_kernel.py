@@ -32,8 +32,9 @@ def kernel_runs_here():
     """Fail loudly (instead of with an obscure Triton error in every test) if the kernel cannot run on this machine."""
     if cog_kernel.triton is None:
         pytest.skip("Triton is not installed")
-    if cog_kernel.kernel_problem():
-        pytest.fail(cog_kernel.kernel_problem())
+    problem = cog_kernel.kernel_problem()
+    if problem:
+        pytest.fail(problem)
     if not CUDA and not cog_kernel._INTERPRET:
         pytest.fail("Triton's interpreter is off: TRITON_INTERPRET=1 must be in the environment before anything imports "
                     "triton (cog_kernel, model). Put `if not torch.cuda.is_available(): "
