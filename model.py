@@ -30,6 +30,20 @@ def check_attn(attn):
         raise ValueError(f"attn must be one of {ATTN_KINDS}, got {attn!r}")
 
 
+def layer_pattern(attn, softmax_layers, n_layer):
+    """The attention kind of each of n_layer layers: attn everywhere, except that with attn="cog" the layers listed in
+    softmax_layers (comma-separated indices, negative ones counting from the end) keep softmax."""
+    try:
+        listed = [int(i) for i in softmax_layers.split(",") if i.strip()]
+    except ValueError:
+        raise ValueError(f"softmax_layers must be comma-separated layer indices, got {softmax_layers!r}") from None
+    bad = [i for i in listed if not -n_layer <= i < n_layer]
+    if bad:
+        raise ValueError(f"softmax_layers: layer {bad[0]} does not exist in a network of {n_layer} layers")
+    keep = {i % n_layer for i in listed}
+    return [("softmax" if attn == "cog" and i in keep else attn) for i in range(n_layer)]
+
+
 def softmax_attention(q, k, v, causal, doc_ids=None):
     """Softmax attention with the same end-aligned causal convention and document ids as cog_attention."""
     Tq, Tk = q.size(-2), k.size(-2)
@@ -83,20 +97,20 @@ class CogformerConfig:
     ffn_hidden: int = 2304  # SwiGLU width: 141.18M parameters with the paper's 32k vocabulary
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
-    attn: str = "cog"  # "cog": softmax in the first and last layer, Cog elsewhere; "softmax": the baseline
+    attn: str = "cog"  # "cog": Cog attention in every layer but softmax_layers; "softmax": the baseline everywhere
+    softmax_layers: str = "0,-1"  # with attn="cog", the layers that keep softmax (the paper's: first and last; "": none)
 
     def __post_init__(self):
         check_attn(self.attn)
+        layer_pattern(self.attn, self.softmax_layers, self.n_layer)  # a bad index is an error now, not at build time
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError(f"head dim ({self.n_embd // self.n_head}) must be even for RoPE")
 
     def layer_kinds(self):
-        """The attention kind of each layer: Cog in all but the boundary layers (they keep convergence fast)."""
-        if self.attn == "softmax":
-            return ["softmax"] * self.n_layer
-        return ["softmax" if i in (0, self.n_layer - 1) else "cog" for i in range(self.n_layer)]
+        """The attention kind of each layer: the paper keeps softmax in the boundary layers (for fast convergence)."""
+        return layer_pattern(self.attn, self.softmax_layers, self.n_layer)
 
 
 class RMSNorm(nn.Module):
@@ -402,12 +416,14 @@ class UViCConfig:
     depth: int = 13  # depth // 2 in-blocks, one mid-block, depth // 2 out-blocks
     num_heads: int = 8
     mlp_ratio: float = 4.0
-    attn: str = "cog"  # "cog": softmax in the first in-block and the last out-block, Cog elsewhere; "softmax": U-ViT
+    attn: str = "cog"  # "cog": Cog attention in every block but softmax_layers; "softmax": U-ViT
+    softmax_layers: str = "0,-1"  # with attn="cog", the blocks (in-, mid-, out-blocks in order) that keep softmax
     clip_dim: int = 768  # width of the text features (CLIP ViT-L/14's last hidden state)
     num_clip_token: int = 0  # text tokens per caption: 77 for MS-COCO; 0 = unconditional (no context_embed)
 
     def __post_init__(self):
         check_attn(self.attn)
+        layer_pattern(self.attn, self.softmax_layers, self.depth)
         if self.depth % 2 == 0:
             raise ValueError(f"depth must be odd (in-blocks, one mid-block, out-blocks), got {self.depth}")
         if self.img_size % self.patch_size:
@@ -419,9 +435,7 @@ class UViCConfig:
 
     def block_kinds(self):
         """The attention kind of each block in order: in-blocks, mid-block, out-blocks."""
-        if self.attn == "softmax":
-            return ["softmax"] * self.depth
-        return ["softmax" if i in (0, self.depth - 1) else "cog" for i in range(self.depth)]
+        return layer_pattern(self.attn, self.softmax_layers, self.depth)
 
 
 def timestep_embedding(t, dim, max_period=10000):

@@ -277,6 +277,21 @@ def test_which_layers_are_cog():
     assert len(calls) == 2 + 3
 
 
+def test_softmax_layers_chooses_which_layers_keep_softmax():
+    lm = lambda **kw: [b.attn.kind for b in Cogformer(tiny_lm_config(n_layer=4, **kw)).blocks]  # noqa: E731
+    assert lm(softmax_layers="") == ["cog"] * 4
+    assert lm(softmax_layers="1") == ["cog", "softmax", "cog", "cog"]
+    assert lm(softmax_layers="-2,0") == ["softmax", "cog", "softmax", "cog"]
+    assert lm(attn="softmax", softmax_layers="") == ["softmax"] * 4
+    uvic = UViC(tiny_uvic_config(depth=5, softmax_layers="2"))
+    assert [b.attn.kind for b in [*uvic.in_blocks, uvic.mid_block, *uvic.out_blocks]] == \
+        ["cog", "cog", "softmax", "cog", "cog"]
+    with pytest.raises(ValueError, match="layer 4 does not exist"):
+        tiny_lm_config(n_layer=4, softmax_layers="0,4")
+    with pytest.raises(ValueError, match="comma-separated layer indices"):
+        tiny_lm_config(softmax_layers="first")
+
+
 @pytest.mark.parametrize("attn", ["cog", "softmax"])
 def test_lm_is_causal(attn):
     torch.manual_seed(0)

@@ -61,6 +61,7 @@ class TrainConfig:
     num_heads: int = 8
     mlp_ratio: float = 4.0
     attn: Literal["cog", "softmax"] = "cog"  # softmax: the U-ViT baseline
+    softmax_layers: str = "0,-1"  # with attn=cog, the layers that keep softmax (the paper's first and last; "": none)
     prediction: str = "eps"  # what the network predicts: "eps", the noise (U-ViT), or "v" (see diffusion.PREDICTIONS)
     noise_schedule: str = "vp"  # "vp": the VP-SDE (U-ViT's CIFAR-10); "sd": discrete DDPM with SD's betas (MS-COCO)
     # optimisation: U-ViT's CIFAR-10 recipe (batch 128, AdamW, 2500 warmup steps then constant, EMA 0.9999)

@@ -53,6 +53,7 @@ class TrainConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     attn: Literal["cog", "softmax"] = "cog"  # softmax: the Transformer baseline
+    softmax_layers: str = "0,-1"  # with attn=cog, the layers that keep softmax (the paper's first and last; "": none)
     init_from: str = ""  # the authors' released checkpoint to fine-tune or continue (its architecture wins)
     doc_mask: bool = False  # attend only within a document (packed documents; a new one at each BOS, else end-of-text)
     # optimisation (our choices, the paper does not say): 16 x 2048 x 16 = 524,288 tokens per step
