@@ -17,7 +17,7 @@ instruction count of each loop body), for the Cog kernels and their softmax twin
     python bench.py --sm90 --dtype=fp16 --head_dims=32,256
     python bench.py --sm90 --docs                    # the document-masked kernels
 
-The softmax twin is cog_kernel.py's kernels with its two Cog-specific helpers swapped for softmax's (the logits
+The softmax twin is cog_kernel_tuned.py's kernels with its two Cog-specific helpers swapped for softmax's (the logits
 themselves instead of |s|; the weights p instead of sign(s) * p): same code, same tiles, same autotuning. The twin is
 plain softmax attention (test_kernel.py checks it against PyTorch's), so Cog / twin is what the signs cost, and
 twin / SDPA is what our Triton kernels cost against FlashAttention.
@@ -49,8 +49,9 @@ import types
 import torch
 import torch.nn.functional as F
 
-import cog_kernel
-from cog_kernel import TILES, cog_attention_reference, cog_attention_triton, padded_head_dim, shared_memory_bytes, tl
+import cog_kernel_tuned
+from cog_kernel import cog_attention_reference
+from cog_kernel_tuned import TILES, cog_attention_triton, padded_head_dim, shared_memory_bytes, tl
 from model import CogformerConfig
 
 try:  # torch >= 2.3
@@ -75,24 +76,24 @@ def _weights(qk, p, qk_scale, FP16: tl.constexpr, OUT: tl.constexpr):
 
 
 def softmax_twin():
-    """cog_kernel's kernels rebuilt over a copy of its globals in which _magnitude and _signed_weights are softmax's:
+    """cog_kernel_tuned's kernels rebuilt over a copy of its globals in which _magnitude and _signed_weights are softmax's:
     a namespace with the twin's autotuned kernels (tuned, by TILES kind) and its forward and backward functions."""
-    if cog_kernel.triton is None:
+    if cog_kernel_tuned.triton is None:
         raise RuntimeError("the softmax twin needs Triton")
-    scope = dict(vars(cog_kernel))
-    scope["_magnitude"], scope["_signed_weights"] = cog_kernel._jit(_logits), cog_kernel._jit(_weights)
-    for name, obj in vars(cog_kernel).items():
+    scope = dict(vars(cog_kernel_tuned))
+    scope["_magnitude"], scope["_signed_weights"] = cog_kernel_tuned._jit(_logits), cog_kernel_tuned._jit(_weights)
+    for name, obj in vars(cog_kernel_tuned).items():
         fn = getattr(jit_function(obj), "fn", None)  # the Python function of a jit function, autotuned or not
         if name in ("_magnitude", "_signed_weights") or not isinstance(fn, types.FunctionType) or \
-                fn.__module__ != cog_kernel.__name__ or fn.__name__ != name:  # (_cog_bwd's autotuners: kept out)
+                fn.__module__ != cog_kernel_tuned.__name__ or fn.__name__ != name:  # (_cog_bwd's autotuners: kept out)
             continue
         copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
         copy.__annotations__, copy.__doc__ = fn.__annotations__, fn.__doc__  # the tl.constexpr marks live there
-        scope[name] = cog_kernel._jit(copy)
-    twin = types.SimpleNamespace(tuned={kind: cog_kernel._autotune(kind)(scope[name])
+        scope[name] = cog_kernel_tuned._jit(copy)
+    twin = types.SimpleNamespace(tuned={kind: cog_kernel_tuned._autotune(kind)(scope[name])
                                         for kind, name in KERNELS.items()})
-    twin.forward = lambda q, k, v, causal, scale: cog_kernel.attention_forward(q, k, v, causal, scale, tuned=twin.tuned)
-    twin.backward = lambda *args: cog_kernel.attention_backward(*args, tuned=twin.tuned)
+    twin.forward = lambda q, k, v, causal, scale: cog_kernel_tuned.attention_forward(q, k, v, causal, scale, tuned=twin.tuned)
+    twin.backward = lambda *args: cog_kernel_tuned.attention_backward(*args, tuned=twin.tuned)
     twin.scope = scope  # the plain jit functions, for the compile report
     return twin
 
@@ -132,9 +133,9 @@ def int_list(s):
 
 def head_dims(s):
     dims = int_list(s)
-    bad = [d for d in dims if not 1 <= d <= cog_kernel.MAX_HEAD_DIM]
+    bad = [d for d in dims if not 1 <= d <= cog_kernel_tuned.MAX_HEAD_DIM]
     if bad:
-        raise argparse.ArgumentTypeError(f"{bad}: head dims run from 1 to {cog_kernel.MAX_HEAD_DIM}")
+        raise argparse.ArgumentTypeError(f"{bad}: head dims run from 1 to {cog_kernel_tuned.MAX_HEAD_DIM}")
     return dims
 
 
@@ -487,7 +488,7 @@ def sm90_report(args):
                         constants["DOCS"] = None
                     if kind == "dkdv":
                         constants["ACC_DQ"] = None
-                    cog = compile_sm90(jit_function(getattr(cog_kernel, KERNELS[kind])), constants, w, s, dtype)
+                    cog = compile_sm90(jit_function(getattr(cog_kernel_tuned, KERNELS[kind])), constants, w, s, dtype)
                     plain = compile_sm90(twin.scope[KERNELS[kind]], constants, w, s, dtype)
                     ratio = steady_loop(kind, cog["loops"], args.docs) / steady_loop(kind, plain["loops"], args.docs)
                     print(f"| {label} | {D} | {int(causal)} | {m},{n},{w},{s} | {cog['regs']} | {cog['spills']} | "

@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import cog_kernel  # noqa: E402
+import cog_kernel_tuned  # noqa: E402
 from cog_kernel import cog_attention, cog_attention_reference, cog_attention_triton  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -30,12 +31,12 @@ DEVICE = "cuda" if CUDA else "cpu"
 @pytest.fixture(scope="module", autouse=True)
 def kernel_runs_here():
     """Fail loudly (instead of with an obscure Triton error in every test) if the kernel cannot run on this machine."""
-    if cog_kernel.triton is None:
+    if cog_kernel_tuned.triton is None:
         pytest.skip("Triton is not installed")
-    problem = cog_kernel.kernel_problem()
+    problem = cog_kernel_tuned.kernel_problem()
     if problem:
         pytest.fail(problem)
-    if not CUDA and not cog_kernel._INTERPRET:
+    if not CUDA and not cog_kernel_tuned._INTERPRET:
         pytest.fail("Triton's interpreter is off: TRITON_INTERPRET=1 must be in the environment before anything imports "
                     "triton (cog_kernel, model). Put `if not torch.cuda.is_available(): "
                     "os.environ.setdefault('TRITON_INTERPRET', '1')` at the top of the test file imported first "
@@ -45,11 +46,11 @@ def kernel_runs_here():
 @contextlib.contextmanager
 def blocks(block_m, block_n):
     """Run the kernels with one fixed block shape (the interpreter's default 64 x 64 would cover small T in one block)."""
-    tuners = [k for variant in (False, True) for k in cog_kernel.kernels(variant).values()]
+    tuners = [k for variant in (False, True) for k in cog_kernel_tuned.kernels(variant).values()]
     saved = [tuner.configs for tuner in tuners]
     try:
         for tuner in tuners:
-            tuner.configs = [cog_kernel.triton.Config({**tuner.configs[0].kwargs, "BLOCK_M": block_m,
+            tuner.configs = [cog_kernel_tuned.triton.Config({**tuner.configs[0].kwargs, "BLOCK_M": block_m,
                                                        "BLOCK_N": block_n})]
         yield
     finally:
@@ -202,7 +203,7 @@ def test_deterministic_backward(causal, monkeypatch):
     """deterministic=True runs the two-pass backward (the dQ pass, no atomic adds): the same gradients as the one-pass
     backward and the reference; torch.use_deterministic_algorithms switches it on by default."""
     passes = []
-    monkeypatch.setattr(cog_kernel, "_dq_pass", spy_on(cog_kernel._dq_pass, passes))
+    monkeypatch.setattr(cog_kernel_tuned, "_dq_pass", spy_on(cog_kernel_tuned._dq_pass, passes))
     q, k, v, do = make_inputs(2, 1, 27, 35, 32, torch.float32)
     one_pass = run(cog_attention_triton, q, k, v, do, causal=causal)
     assert passes == []
@@ -345,7 +346,7 @@ def test_models_with_kernel_match_models_with_reference(monkeypatch):
              (lambda: model_module.Cogformer(lm_config), (idx,), lambda m, idx: m(idx, doc_ids=doc_ids)[0]),
              (lambda: model_module.UViC(uvic_config), (x, t), lambda m, x, t: m(x, t))]
     calls = []
-    kernel = cog_kernel.cog_attention_triton
+    kernel = cog_kernel_tuned.cog_attention_triton
     monkeypatch.setattr(cog_kernel, "cog_attention_triton", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     with_kernel = [run(*case) for case in cases]
     torch.manual_seed(1)
@@ -386,32 +387,32 @@ def test_errors_name_the_problem():
 def test_prune_keeps_the_listed_tiles_that_fit(monkeypatch):
     """Autotuning only tries the tiles TILES lists for the head dim, and only those whose shared memory fits: the
     224 KB (128, 128) forward at head dim 128 fits an H100/H200 (227 KB) and is kept; where none fits, FALLBACK_TILE."""
-    Config = cog_kernel.triton.Config
-    shapes = {t for by_dim in cog_kernel.TILES["fwd"].values() for t in by_dim} | {cog_kernel.FALLBACK_TILE}
+    Config = cog_kernel_tuned.triton.Config
+    shapes = {t for by_dim in cog_kernel_tuned.TILES["fwd"].values() for t in by_dim} | {cog_kernel_tuned.FALLBACK_TILE}
     configs = [Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in sorted(shapes)]
     shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
     q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
-    monkeypatch.setattr(cog_kernel, "_shared_memory", lambda device: 227 * 1024)
-    kept = [shape(c) for c in cog_kernel._prune_configs(configs, {"Q": q}, kind="fwd", HEAD_DIM=128)]
-    assert sorted(kept) == sorted(cog_kernel.TILES["fwd"][128]) and (128, 128, 8, 3) in kept
-    kept = [shape(c) for c in cog_kernel._prune_configs(configs, {"Q": q[..., :80]}, kind="fwd", HEAD_DIM=80)]
-    assert sorted(kept) == sorted(cog_kernel.TILES["fwd"][128])  # 80 runs in 128-wide tiles
-    monkeypatch.setattr(cog_kernel, "_shared_memory", lambda device: 161 * 1024)  # e.g. a smaller GPU
-    kept = [shape(c) for c in cog_kernel._prune_configs(configs, {"Q": q}, kind="fwd", HEAD_DIM=128)]
-    fit = [t for t in cog_kernel.TILES["fwd"][128] if cog_kernel.shared_memory_bytes("fwd", *t[:2], t[3], 128, 2)
+    monkeypatch.setattr(cog_kernel_tuned, "_shared_memory", lambda device: 227 * 1024)
+    kept = [shape(c) for c in cog_kernel_tuned._prune_configs(configs, {"Q": q}, kind="fwd", HEAD_DIM=128)]
+    assert sorted(kept) == sorted(cog_kernel_tuned.TILES["fwd"][128]) and (128, 128, 8, 3) in kept
+    kept = [shape(c) for c in cog_kernel_tuned._prune_configs(configs, {"Q": q[..., :80]}, kind="fwd", HEAD_DIM=80)]
+    assert sorted(kept) == sorted(cog_kernel_tuned.TILES["fwd"][128])  # 80 runs in 128-wide tiles
+    monkeypatch.setattr(cog_kernel_tuned, "_shared_memory", lambda device: 161 * 1024)  # e.g. a smaller GPU
+    kept = [shape(c) for c in cog_kernel_tuned._prune_configs(configs, {"Q": q}, kind="fwd", HEAD_DIM=128)]
+    fit = [t for t in cog_kernel_tuned.TILES["fwd"][128] if cog_kernel_tuned.shared_memory_bytes("fwd", *t[:2], t[3], 128, 2)
            <= 161 * 1024]
-    assert sorted(kept) == sorted(fit) and 0 < len(fit) < len(cog_kernel.TILES["fwd"][128])
-    monkeypatch.setattr(cog_kernel, "_shared_memory", lambda device: 227 * 1024)
-    kept = [shape(c) for c in cog_kernel._prune_configs(configs, {"Q": q.float()}, kind="fwd", HEAD_DIM=128)]
-    assert kept == [cog_kernel.FALLBACK_TILE]  # fp32 at head dim 128: no listed tile fits, the small one runs
+    assert sorted(kept) == sorted(fit) and 0 < len(fit) < len(cog_kernel_tuned.TILES["fwd"][128])
+    monkeypatch.setattr(cog_kernel_tuned, "_shared_memory", lambda device: 227 * 1024)
+    kept = [shape(c) for c in cog_kernel_tuned._prune_configs(configs, {"Q": q.float()}, kind="fwd", HEAD_DIM=128)]
+    assert kept == [cog_kernel_tuned.FALLBACK_TILE]  # fp32 at head dim 128: no listed tile fits, the small one runs
 
 
 def test_autotuning_restarts_the_dq_sum():
     """Autotuning launches the one-pass backward once per config: each launch must add into an empty dQ sum."""
     acc = torch.ones(3)
-    cog_kernel._zero_dq_sum({"ACC_DQ": acc})
+    cog_kernel_tuned._zero_dq_sum({"ACC_DQ": acc})
     assert acc.abs().sum() == 0
-    cog_kernel._zero_dq_sum({"ACC_DQ": None}, reset_only=True)  # the deterministic backward passes no buffer
+    cog_kernel_tuned._zero_dq_sum({"ACC_DQ": None}, reset_only=True)  # the deterministic backward passes no buffer
 
 
 @cpu
@@ -424,19 +425,19 @@ def test_triton_versions_that_cannot_run_the_kernels(monkeypatch):
     """Triton before 3.5 cannot compile the kernels, and 3.6's interpreter (torch 2.11's Triton) breaks under NumPy
     2.4: both are named; in the interpreter the model then falls back to the reference."""
     import numpy
-    monkeypatch.setattr(cog_kernel, "_INTERPRET", True)
+    monkeypatch.setattr(cog_kernel_tuned, "_INTERPRET", True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     for triton_version, numpy_version, problem in [("3.6.0", "2.4.1", "NumPy 2.4"), ("3.6.0", "2.3.5", None),
                                                    ("3.7.0", "2.4.1", None), ("3.10.0+git1", "3.0.0rc1", None),
                                                    ("3.4.0", "2.2.0", "too old")]:
-        monkeypatch.setattr(cog_kernel.triton, "__version__", triton_version)
+        monkeypatch.setattr(cog_kernel_tuned.triton, "__version__", triton_version)
         monkeypatch.setattr(numpy, "__version__", numpy_version)
         q = torch.randn(1, 1, 4, 16)
         assert cog_kernel._use_triton(q) == (problem is None)
         if problem is None:
-            assert cog_kernel.kernel_problem() is None, (triton_version, numpy_version)
+            assert cog_kernel_tuned.kernel_problem() is None, (triton_version, numpy_version)
         else:
-            assert problem in cog_kernel.kernel_problem()
+            assert problem in cog_kernel_tuned.kernel_problem()
             with pytest.raises(RuntimeError, match=problem):
                 cog_attention_triton(q, q, q)
 
