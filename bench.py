@@ -49,6 +49,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+import cog_kernel
 import cog_kernel_tuned
 from cog_kernel import cog_attention_reference
 from cog_kernel_tuned import TILES, cog_attention_triton, padded_head_dim, shared_memory_bytes, tl
@@ -164,8 +165,18 @@ IMPLS = ["cog", "twin", "sdpa", "reference", "cog_docs"]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sm90", action="store_true", help="compile reports for sm_90 (no GPU needed) instead of timings")
+    p.add_argument("--portability", action="store_true", help="compile every kernel of both fused tiers for every "
+                   "target, dtype, head dim and tile (no GPU needed) instead of timings")
+    p.add_argument("--targets", type=str_list(list(TARGETS)), default=list(TARGETS), help="--portability: "
+                   + ",".join(TARGETS))
+    p.add_argument("--kernels", type=str_list(list(TUNED_KERNELS)), default=list(TUNED_KERNELS),
+                   help="--portability: " + ",".join(TUNED_KERNELS) + " (the compact tier has no bwd)")
+    p.add_argument("--dtypes", type=str_list(list(ITEMSIZE)), default=list(ITEMSIZE), help="--portability: "
+                   + ",".join(ITEMSIZE))
+    p.add_argument("--workers", type=at_least(0), default=0, help="--portability: compile processes (0: one per CPU)")
     p.add_argument("--seqlens", type=int_list, default=[1024, 2048, 4096, 8192, 16384], help="comma-separated T")
-    p.add_argument("--head_dims", type=head_dims, default=[64, 128], help="comma-separated D, 1 to 256")
+    p.add_argument("--head_dims", type=head_dims, default=None, help="comma-separated D, 1 to 256 "
+                   "(default 64,128; --portability: 64,128,72)")
     p.add_argument("--modes", type=str_list(["fwd", "fwd_bwd"]), default=["fwd", "fwd_bwd"], help="fwd,fwd_bwd")
     p.add_argument("--masks", type=str_list(["full", "causal"]), default=["full", "causal"], help="full,causal")
     p.add_argument("--impls", type=str_list(IMPLS), default=IMPLS[:4], help=",".join(IMPLS))
@@ -392,49 +403,73 @@ def model_timings(args):
 # sm_90 compile reports (no GPU)
 
 
-def compile_sm90(jit, constants, num_warps, num_stages, dtype):
-    """Compile a jit function for sm_90a: (registers, spill bytes, shared KB, wgmma N widths, mma.sync count,
-    serialized wgmma?, SASS instruction count of each loop body)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature, attrs = {}, {}
-    for i, p in enumerate(jit.params):
+def kernel_signature(jit, constants, dtype):
+    """Triton's signature of one of our jit kernels, from its parameter names: tensors in dtype, fp32 statistics and
+    scales, int32 document tables and sizes; constexprs (and pointers passed as None) as constants."""
+    signature = {}
+    for p in jit.params:
         name = p.name
         if p.is_constexpr or constants.get(name, 0) is None:
             signature[name] = "constexpr"
-            continue
-        if name in ("LSE", "DELTA", "ACC_DQ"):
+        elif name in ("LSE", "DELTA", "ACC_DQ"):
             signature[name] = "*fp32"
         elif name == "DOCS":
             signature[name] = "*i32"
         elif name in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ"):
             signature[name] = "*" + dtype
-        elif "scale" in name:
+        elif "scale" in name or "shift" in name:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-        if signature[name] != "fp32":
-            attrs[(i,)] = [["tt.divisibility", 16]]  # contiguous tensors and lengths that are multiples of 16
-    kernel = triton.compile(ASTSource(jit, signature, constexprs=constants, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    ptxas = next(path for path in (os.path.join(bin_dir, name) for name in ("ptxas-blackwell", "ptxas"))
+    return signature
+
+
+def compile_kernel(jit, constants, num_warps, num_stages, dtype, target):
+    """triton.compile for target, a GPUTarget; num_stages None: the backend's default. Pointers and integer arguments
+    are declared 16-divisible (contiguous tensors, lengths that are multiples of 16)."""
+    import triton
+    from triton.compiler import ASTSource
+
+    signature = kernel_signature(jit, constants, dtype)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(jit.params)
+             if signature[p.name] not in ("constexpr", "fp32")}
+    options = dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
+    return triton.compile(ASTSource(jit, signature, constexprs=constants, attrs=attrs), target=target, options=options)
+
+
+def nvidia_tool(name):
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def ptxas_report(ptx, arch):
+    """ptxas -v of PTX for sm_<arch>: (registers, spill bytes, its log)."""
+    ptxas = next(path for path in (nvidia_tool(name) for name in ("ptxas-blackwell", "ptxas"))
                  if os.path.exists(path))  # Triton 3.9 writes PTX that only its Blackwell-era ptxas reads
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "k.ptx"), "w") as f:
-            f.write(kernel.asm["ptx"])
-        with open(os.path.join(d, "k.cubin"), "wb") as f:
-            f.write(kernel.asm["cubin"])
-        info = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", os.path.join(d, "k.ptx"), "-o", os.devnull],
+            f.write(ptx)
+        info = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", os.path.join(d, "k.ptx"), "-o", os.devnull],
                               capture_output=True, text=True).stderr
-        sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", os.path.join(d, "k.cubin")],
-                              capture_output=True, text=True).stdout
     regs = re.search(r"Used (\d+) registers", info)
     spills = sum(int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info))
+    return int(regs.group(1)) if regs else None, spills, info
+
+
+def compile_sm90(jit, constants, num_warps, num_stages, dtype):
+    """Compile a jit function for sm_90a: (registers, spill bytes, shared KB, wgmma N widths, mma.sync count,
+    serialized wgmma?, SASS instruction count of each loop body)."""
+    from triton.backends.compiler import GPUTarget
+
+    kernel = compile_kernel(jit, constants, num_warps, num_stages, dtype, GPUTarget("cuda", 90, 32))
+    regs, spills, info = ptxas_report(kernel.asm["ptx"], "sm_90a")
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "k.cubin"), "wb") as f:
+            f.write(kernel.asm["cubin"])
+        sass = subprocess.run([nvidia_tool("cuobjdump"), "-sass", os.path.join(d, "k.cubin")],
+                              capture_output=True, text=True).stdout
     widths = sorted({int(n) for n in re.findall(r"instrShape = \[\d+, (\d+), \d+\]", kernel.asm["ttgir"])})
-    return dict(regs=int(regs.group(1)) if regs else None, spills=spills, shared_kb=kernel.metadata.shared / 1024,
+    return dict(regs=regs, spills=spills, shared_kb=kernel.metadata.shared / 1024,
                 wgmma_n=widths, mma_sync=sass.count("HMMA"), serialized="C7515" in info, loops=loop_sizes(sass))
 
 
@@ -497,16 +532,155 @@ def sm90_report(args):
                           f"{cog['loops']} | {plain['loops']} | {ratio:.3f} |", flush=True)
 
 
+# -----------------------------------------------------------------------------
+# the portability matrix: every kernel of both fused tiers, compiled for every target (no GPU)
+
+# name: (Triton backend, architecture, shared memory per block in bytes), for the GPUs people train on
+TARGETS = {
+    "sm80": ("cuda", 80, 163 * 1024),  # A100
+    "sm86": ("cuda", 86, 99 * 1024),  # RTX 3090, A10, A40
+    "sm89": ("cuda", 89, 99 * 1024),  # RTX 4090, L4, L40S
+    "sm90": ("cuda", 90, 227 * 1024),  # H100, H200
+    "sm100": ("cuda", 100, 227 * 1024),  # B200
+    "sm120": ("cuda", 120, 99 * 1024),  # RTX 5090
+    "gfx942": ("hip", "gfx942", 64 * 1024),  # MI300X
+}
+ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+TUNED_KERNELS = {**KERNELS, "delta": "_cog_bwd_delta"}
+DELTA_TILE = (64, None, 4, None)  # the tuned delta pre-pass: BLOCK_M = 64, default warps and stages
+
+
+def tier_kernels(tier):
+    """{kind: jit function} of a fused tier, or None where this checkout has no such tier."""
+    if tier == "tuned":
+        return {kind: jit_function(getattr(cog_kernel_tuned, name)) for kind, name in TUNED_KERNELS.items()}
+    return getattr(cog_kernel, "compact_kernels", lambda: None)()
+
+
+def tier_tiles(tier, kind, D, dtype, shared_memory):
+    """The tiles (BLOCK_M, BLOCK_N, warps, stages) the tier may run kind with on a GPU of this shared memory."""
+    if tier == "compact":
+        return cog_kernel.COMPACT_TILES[kind]
+    if kind == "delta":
+        return [DELTA_TILE]
+    return cog_kernel_tuned.candidate_tiles(kind, D, ITEMSIZE[dtype], shared_memory)
+
+
+def portability_jobs(args):
+    """Every (target, tier, kind, dtype, D, causal, docs, tile) to compile; the delta pre-passes have no masks."""
+    jobs = []
+    for target in args.targets:
+        for tier in ("tuned", "compact"):
+            kernels = tier_kernels(tier)
+            for kind in kernels or ():
+                if kind not in args.kernels:
+                    continue
+                masks = [(False, False)] if kind == "delta" else [(c, d) for c in (False, True) for d in (False, True)]
+                for dtype in args.dtypes:
+                    for D in args.head_dims:
+                        for tile in tier_tiles(tier, kind, D, dtype, TARGETS[target][2]):
+                            jobs += [(target, tier, kind, dtype, D, causal, docs, tile) for causal, docs in masks]
+    return jobs
+
+
+def compile_job(job):
+    """Compile one job: a dict of the job and ok, regs, spills (ptxas's, or the AMD assembly's VGPR spills) or the
+    error's first line."""
+    from triton.backends.compiler import GPUTarget
+
+    target, tier, kind, dtype, D, causal, docs, (m, n, warps, stages) = job
+    backend, arch, _ = TARGETS[target]
+    # the GPU's own choice of inline PTX (cog_kernel_tuned._check_gpu makes it at run time)
+    cog_kernel_tuned.XORSIGN = tl.constexpr(cog_kernel_tuned.has_xorsign(backend, arch))
+    constants = dict(HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_M=m)
+    if kind != "delta":
+        constants.update(BLOCK_N=n, CAUSAL=causal, DOC_MASK=docs)
+        if not docs:
+            constants["DOCS"] = None
+        if tier == "tuned" and kind == "dkdv":
+            constants["ACC_DQ"] = None
+    result = dict(job=job, ok=False, regs=None, spills=None, error="")
+    try:
+        kernel = compile_kernel(tier_kernels(tier)[kind], constants, warps, stages, dtype,
+                                GPUTarget(backend, arch, 32 if backend == "cuda" else 64))
+        if backend == "cuda":
+            ptx_arch = re.search(r"\.target\s+(\w+)", kernel.asm["ptx"]).group(1)
+            result["regs"], result["spills"], _ = ptxas_report(kernel.asm["ptx"], ptx_arch)
+        else:
+            amdgcn = kernel.asm["amdgcn"]
+            vgprs = re.search(r"\.vgpr_count:\s+(\d+)", amdgcn)
+            result["regs"] = int(vgprs.group(1)) if vgprs else None
+            result["spills"] = sum(int(x) for x in re.findall(r"\.[sv]gpr_spill_count:\s+(\d+)", amdgcn))
+        result["ok"] = True
+    except Exception as e:  # noqa: BLE001 (a compile error is a result here, whatever its type)
+        while e.__cause__ is not None:  # Triton's CompilationError shows the source line; its cause says why
+            e = e.__cause__
+        lines = [line.strip() for line in str(e).splitlines() if line.strip().strip("^")]
+        result["error"] = f"{type(e).__name__}: {lines[-1] if lines else ''}"[:200]
+    return result
+
+
+def _quiet_worker():  # Ctrl-C goes to the parent, which ends the pool
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def portability(args):
+    """Compile every job in parallel worker processes; print the table and a summary; exit 1 if anything failed."""
+    import concurrent.futures
+    import multiprocessing
+
+    import triton
+    from tqdm import tqdm
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("--portability compiles real kernels: run it without TRITON_INTERPRET=1")
+    jobs = portability_jobs(args)
+    if not jobs:
+        sys.exit("--portability: nothing to compile for these --targets, --kernels, --dtypes and --head_dims")
+    missing = [] if tier_kernels("compact") else ["compact (cog_kernel.compact_kernels is missing)"]
+    workers = args.workers or os.cpu_count()
+    t0 = time.perf_counter()
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=_quiet_worker)
+    with pool:
+        results = list(tqdm(pool.map(compile_job, jobs, chunksize=4), total=len(jobs), desc="compiling",
+                            file=sys.stderr))
+    seconds = time.perf_counter() - t0
+    print(f"# Triton {triton.__version__}, torch {torch.__version__}: {len(jobs)} compiles, {workers} workers, "
+          f"{seconds:.0f} s; tile = BLOCK_M,BLOCK_N,warps,stages (- = unused or the backend's default); "
+          f"regs = registers per thread (VGPRs on AMD)\n")
+    print("| target | tier | kernel | dtype | D | causal | docs | tile | result | regs | spill B |")
+    print("|---" * 11 + "|")
+    for r in results:
+        target, tier, kind, dtype, D, causal, docs, tile = r["job"]
+        tile_text = ",".join("-" if x is None else str(x) for x in tile)
+        print(f"| {target} | {tier} | {kind} | {dtype} | {D} | {int(causal)} | {int(docs)} | {tile_text} | "
+              f"{'compiles' if r['ok'] else r['error'].replace('|', '/')} | {r['regs'] if r['regs'] is not None else '-'} | "
+              f"{r['spills'] if r['spills'] is not None else '-'} |")
+    failed = [r for r in results if not r["ok"]]
+    spilled = [r for r in results if r["spills"]]
+    print(f"\n{len(results) - len(failed)} of {len(results)} compile, {len(failed)} fail, {len(spilled)} spill "
+          f"registers ({', '.join(args.targets)}; {', '.join(args.dtypes)}; head dims "
+          f"{', '.join(map(str, args.head_dims))}){'; not built: ' + ', '.join(missing) if missing else ''}")
+    if failed:
+        sys.exit(1)
+
+
 def jit_function(kernel):  # an autotuned kernel's jit function
     return kernel.fn if type(kernel).__name__ == "Autotuner" else kernel
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.head_dims is None:  # the portability matrix also compiles an odd head dim (padded to 128)
+        args.head_dims = [64, 128, 72] if args.portability else [64, 128]
     if args.doc_len and "cog_docs" not in args.impls:
         args.impls.append("cog_docs")
     if args.model:
         model_timings(args)
+    elif args.portability:
+        portability(args)
     else:
         sm90_report(args) if args.sm90 else timings(args)
 

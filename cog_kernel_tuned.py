@@ -102,9 +102,15 @@ def kernel_problem():
 _jit = triton.jit if triton is not None else (lambda fn: fn)
 if triton is not None:  # module globals that jit code reads must be constexprs
     _SIGN_SCALE = tl.constexpr(2.0**SIGN_BITS)
-    # the clamp as one min.xorsign.abs PTX instruction: sm_86 and newer (_check_gpu turns it off before the first
-    # launch on an older GPU); never in the interpreter, which cannot run PTX
+    # the clamp as one min.xorsign.abs PTX instruction, and |s| as abs.f32: NVIDIA sm_86 and newer (_check_gpu turns
+    # it off before the first launch on an older or AMD GPU); never in the interpreter, which cannot run PTX
     XORSIGN = tl.constexpr(not _INTERPRET)
+
+
+def has_xorsign(backend, arch):
+    """Whether a GPU takes the inline PTX (XORSIGN): backend "cuda" or "hip", arch the compute capability as an int
+    (80, 90) on CUDA. AMD GPUs run no PTX (ROCm reports a CUDA-like capability, (9, 4) on an MI300X)."""
+    return backend == "cuda" and arch >= 86
 
 # Autotuning candidates per kernel and padded head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages), BLOCK_M counting
 # query rows and BLOCK_N key rows. Chosen from sm_90 compile reports (python bench.py --sm90): for head dims 64 and 128,
@@ -174,16 +180,20 @@ def shared_memory_bytes(kind, block_m, block_n, num_stages, block_d, itemsize):
     return (num_stages * streamed + resident) * block_d * itemsize
 
 
+def candidate_tiles(kind, head_dim, itemsize, shared_memory):
+    """The tiles autotuning may pick for TILES kind at this head dim, element size (bytes) and shared memory per block
+    (bytes): those TILES lists whose shared memory fits, or FALLBACK_TILE if none does."""
+    block_d = padded_head_dim(head_dim)
+    fits = [t for t in TILES[kind][block_d] if shared_memory_bytes(kind, t[0], t[1], t[3], block_d, itemsize)
+            <= shared_memory]
+    return fits or [FALLBACK_TILE]
+
+
 def _prune_configs(configs, named_args, kind, **kwargs):
-    """Keep the configs listed in TILES for this head dim whose shared memory fits the GPU; if none fits, the small
-    FALLBACK_TILE."""
+    """Keep the configs of candidate_tiles for this launch."""
     args = {**named_args, **kwargs}
-    block_d, itemsize = padded_head_dim(args["HEAD_DIM"]), args["Q"].element_size()
-    shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
-    need = lambda c: shared_memory_bytes(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, block_d,
-                                         itemsize)  # noqa: E731
-    fits = [c for c in configs if shape(c) in TILES[kind][block_d] and need(c) <= _shared_memory(args["Q"].device)]
-    return fits or [c for c in configs if shape(c) == FALLBACK_TILE] or [min(configs, key=need)]
+    keep = candidate_tiles(kind, args["HEAD_DIM"], args["Q"].element_size(), _shared_memory(args["Q"].device))
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
 
 
 @functools.lru_cache
@@ -259,8 +269,8 @@ def _signed_weights(qk, p, qk_scale, FP16: tl.constexpr, OUT: tl.constexpr):
 def _copysign_min(x, p):
     """sign(x) * min(|x|, p) for p >= 0, i.e. clamp(x, -p, p): one min.xorsign.abs instruction per fp32 score or pair
     of bf16 scores (sm_86+), two min/max elsewhere (and in the interpreter, which cannot run PTX)."""
-    if not XORSIGN:
-        w = tl.minimum(tl.maximum(x, -p), p)
+    if not XORSIGN:  # (Triton 3.5-3.8 compute bf16 min/max in fp32: cast back, or the bf16 dot gets fp32)
+        w = tl.minimum(tl.maximum(x, -p), p).to(x.dtype)
     elif x.dtype == tl.bfloat16:
         w = tl.inline_asm_elementwise("min.xorsign.abs.bf16x2 $0, $1, $2;", "=r,r,r", [x, p], dtype=tl.bfloat16,
                                       is_pure=True, pack=2)
@@ -580,12 +590,13 @@ def _on_device(t):  # Triton launches on the current CUDA device: make it t's
 @functools.lru_cache
 def _check_gpu(device):
     """Before the first launch: tensor descriptors made inside a kernel need a little global scratch memory (from
-    torch's allocator), and GPUs older than sm_86 lack min.xorsign.abs. One process, one GPU architecture: Triton
+    torch's allocator), and GPUs older than sm_86, and AMD's, lack min.xorsign.abs. One process, one GPU architecture: Triton
     refuses to launch a kernel compiled under another value of XORSIGN."""
     global XORSIGN
     # (on the current device, which _on_device makes the tensors')
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-    if torch.cuda.get_device_capability(device) < (8, 6):
+    major, minor = torch.cuda.get_device_capability(device)
+    if not has_xorsign("hip" if torch.version.hip else "cuda", 10 * major + minor):
         XORSIGN = tl.constexpr(False)
 
 

@@ -1,0 +1,81 @@
+"""
+Tests of bench.py's portability matrix, FlexAttention peer and Ctrl-C handling. Compiles run in a subprocess without
+TRITON_INTERPRET (conftest.py turns Triton's interpreter on for this process, and jit functions made under it cannot be
+compiled for a GPU).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+import bench
+import cog_kernel_tuned
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def compile_jobs(jobs):
+    """bench.compile_job for each job, in a fresh Python without the interpreter: the list of results."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json, sys, bench\n"
+            "jobs = [tuple(j[:7]) + (tuple(j[7]),) for j in json.loads(sys.argv[1])]\n"
+            "print(json.dumps([bench.compile_job(j) for j in jobs]))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(jobs)], cwd=HERE, env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_portability_subset_compiles():
+    """The A100's bf16 forward (XORSIGN off: Triton 3.5-3.8 once gave its dot an fp32 operand there), a consumer GPU's
+    fp16 backward and an MI300X's fp16 forward (no inline PTX), each with a tile autotuning may pick there."""
+    jobs = []
+    for target, kind, dtype, causal in [("sm80", "fwd", "bf16", True), ("sm86", "bwd", "fp16", False),
+                                        ("gfx942", "fwd", "fp16", True)]:
+        tile = cog_kernel_tuned.candidate_tiles(kind, 64, 2, bench.TARGETS[target][2])[0]
+        jobs.append((target, "tuned", kind, dtype, 64, causal, False, tile))
+    results = compile_jobs(jobs)
+    for r in results:
+        assert r["ok"], (r["job"], r["error"])
+        assert r["regs"] and r["regs"] > 0 and r["spills"] is not None
+
+
+def test_xorsign_only_on_nvidia_sm86_and_newer(monkeypatch):
+    """No PTX for A100s and for AMD GPUs, which ROCm reports as a CUDA capability (9, 4) on an MI300X."""
+    assert not cog_kernel_tuned.has_xorsign("cuda", 80) and cog_kernel_tuned.has_xorsign("cuda", 86)
+    assert not cog_kernel_tuned.has_xorsign("hip", "gfx942")
+    monkeypatch.setattr(cog_kernel_tuned.triton, "set_allocator", lambda allocator: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
+    for hip, xorsign in ((None, True), ("6.4", False)):
+        monkeypatch.setattr(torch.version, "hip", hip)
+        monkeypatch.setattr(cog_kernel_tuned, "XORSIGN", cog_kernel_tuned.tl.constexpr(True))
+        cog_kernel_tuned._check_gpu.__wrapped__("cuda:0")
+        assert cog_kernel_tuned.XORSIGN.value == xorsign
+
+
+def test_candidate_tiles_fit_each_target():
+    """Every tile the matrix compiles for a target fits its shared memory, or is the fallback tile."""
+    for target, (_, _, shared) in bench.TARGETS.items():
+        for kind in ("fwd", "bwd", "dkdv", "dq"):
+            for D in (64, 72, 128):
+                for tile in cog_kernel_tuned.candidate_tiles(kind, D, 2, shared):
+                    need = cog_kernel_tuned.shared_memory_bytes(kind, tile[0], tile[1], tile[3], 128 if D > 64 else 64, 2)
+                    assert need <= shared or tile == cog_kernel_tuned.FALLBACK_TILE
+
+
+def test_portability_jobs_narrow_and_take_the_compact_tier(monkeypatch):
+    """--targets/--dtypes/--head_dims/--kernels narrow the matrix; the compact tier joins it once cog_kernel has
+    compact_kernels (its tiles from COMPACT_TILES)."""
+    args = bench.parse_args(["--portability", "--targets=sm80", "--dtypes=fp16", "--head_dims=64", "--kernels=fwd"])
+    monkeypatch.delattr(bench.cog_kernel, "compact_kernels", raising=False)
+    jobs = bench.portability_jobs(args)
+    assert {j[:5] for j in jobs} == {("sm80", "tuned", "fwd", "fp16", 64)}
+    assert len(jobs) == 4 * len(cog_kernel_tuned.candidate_tiles("fwd", 64, 2, 163 * 1024))  # causal x docs
+    monkeypatch.setattr(bench.cog_kernel, "compact_kernels", lambda: {"fwd": None, "dq": None}, raising=False)
+    monkeypatch.setattr(bench.cog_kernel, "COMPACT_TILES", {"fwd": [(64, 64, 4, 2)], "dq": [(64, 64, 4, 2)]},
+                        raising=False)
+    compact = [j for j in bench.portability_jobs(args) if j[1] == "compact"]
+    assert [j[7] for j in compact] == [(64, 64, 4, 2)] * 4
