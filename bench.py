@@ -38,6 +38,7 @@ table says OOM.
 
 import argparse
 import contextlib
+import functools
 import os
 import re
 import subprocess
@@ -128,6 +129,41 @@ def sdpa_softmax(q, k, v, causal=False):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
+@functools.lru_cache(maxsize=16)
+def causal_block_mask(Tq, Tk, device):
+    """FlexAttention's block mask of the causal mask, made once per shape: query i sees key j <= i + Tk - Tq."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    return create_block_mask(lambda b, h, i, j: j <= i + (Tk - Tq), None, None, Tq, Tk, device=device)
+
+
+def flex_cog_attention(q, k, v, causal=False, flex=None):
+    """Cog attention as a user would write it with PyTorch's FlexAttention instead of a kernel: one call over the
+    positive logits and one over the negative ones (the others -inf), each softmax over |s|, combined through their
+    log-sum-exps Z = exp(lse):  o = (Z+ O+ - Z- O-) / (Z+ + Z-). An exact zero logit counts as positive (Cog gives it
+    weight 0; the kernels do). flex: flex_attention itself, or a torch.compile'd one (what runs fast on a GPU)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = flex or flex_attention
+    (B, H, Tq, D), Tk = q.shape, k.size(2)
+    block_mask = causal_block_mask(Tq, Tk, str(q.device)) if causal else None
+    positive = lambda score, b, h, i, j: torch.where(score >= 0, score, float("-inf"))  # noqa: E731
+    negative = lambda score, b, h, i, j: torch.where(score < 0, -score, float("-inf"))  # noqa: E731
+    try:  # torch >= 2.9 asks for the lse this way (return_lse is deprecated)
+        from torch.nn.attention.flex_attention import AuxRequest
+        want_lse = dict(return_aux=AuxRequest(lse=True))
+    except ImportError:
+        want_lse = dict(return_lse=True)
+    (o_pos, aux_pos), (o_neg, aux_neg) = (flex(q, k, v, score_mod=mod, block_mask=block_mask, **want_lse)
+                                          for mod in (positive, negative))
+    lse_pos, lse_neg = (getattr(aux, "lse", aux) for aux in (aux_pos, aux_neg))
+    # a row with no positive (or no negative) logit has lse = -inf there: its weight exp(lse - m) is 0
+    m = torch.maximum(lse_pos, lse_neg)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows that see no key at all: o = 0
+    z_pos, z_neg = torch.exp(lse_pos - m).unsqueeze(-1), torch.exp(lse_neg - m).unsqueeze(-1)
+    numerator = torch.where(z_pos > 0, z_pos * o_pos, 0.0) - torch.where(z_neg > 0, z_neg * o_neg, 0.0)
+    return (numerator / (z_pos + z_neg).clamp_min(torch.finfo(z_pos.dtype).tiny)).to(q.dtype)
+
+
 def int_list(s):
     return [int(x) for x in s.split(",")]
 
@@ -159,7 +195,7 @@ def str_list(choices):
     return parse
 
 
-IMPLS = ["cog", "twin", "sdpa", "reference", "cog_docs"]
+IMPLS = ["cog", "compact", "flex", "twin", "sdpa", "reference", "cog_docs"]
 
 
 def parse_args(argv=None):
@@ -179,7 +215,12 @@ def parse_args(argv=None):
                    "(default 64,128; --portability: 64,128,72)")
     p.add_argument("--modes", type=str_list(["fwd", "fwd_bwd"]), default=["fwd", "fwd_bwd"], help="fwd,fwd_bwd")
     p.add_argument("--masks", type=str_list(["full", "causal"]), default=["full", "causal"], help="full,causal")
-    p.add_argument("--impls", type=str_list(IMPLS), default=IMPLS[:4], help=",".join(IMPLS))
+    p.add_argument("--impls", type=str_list(IMPLS), default=IMPLS[:6], help=",".join(IMPLS)
+                   + " (cog: the tuned kernel; flex: Cog through FlexAttention)")
+    p.add_argument("--decode_lens", type=lambda x: [] if x in ("", "0") else int_list(x),
+                   default=[1024, 4096, 16384, 32768], help="decode rows (Tq = 1) after the table: comma-separated Tk "
+                   "(0: none)")
+    p.add_argument("--decode_batches", type=int_list, default=[1, 8], help="decode rows: comma-separated B")
     p.add_argument("--tokens", type=int, default=16384, help="B * T (B = tokens // T, at least 1)")
     p.add_argument("--width", type=int, default=2048, help="H * D (H = width // D)")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
@@ -221,8 +262,12 @@ def attention_functions(args):
         ids = docs[shape]
         return cog_attention_triton(q, k, v, causal=causal, deterministic=args.deterministic, doc_ids=ids)
 
+    from torch.nn.attention.flex_attention import flex_attention
+    flex = torch.compile(flex_attention, dynamic=False)
     return {
         "cog_docs": cog_docs,
+        "compact": lambda q, k, v, causal: cog_kernel.cog_attention(q, k, v, causal=causal, backend="compact"),
+        "flex": lambda q, k, v, causal: flex_cog_attention(q, k, v, causal, flex=flex),
         "cog": lambda q, k, v, causal: cog_attention_triton(q, k, v, causal=causal, deterministic=args.deterministic),
         "twin": lambda q, k, v, causal: softmax_attention_twin(q, k, v, causal, twin=twin,
                                                                deterministic=args.deterministic),
@@ -231,11 +276,13 @@ def attention_functions(args):
     }
 
 
-def measure(fn, mode, causal, B, H, T, D, dtype, args):
-    """(milliseconds, MiB) of one call, or None where it ran out of memory."""
+def measure(fn, mode, causal, B, H, T, D, dtype, args, Tq=None):
+    """(milliseconds, MiB) of one call with T keys and Tq queries (T if None), or None where it ran out of memory."""
     import triton.testing
 
-    q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype) for _ in range(4))
+    Tq = Tq or T
+    q, do = (torch.randn(B, H, Tq, D, device="cuda", dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(B, H, T, D, device="cuda", dtype=dtype) for _ in range(2))
     for t in (q, k, v):
         t.requires_grad_(mode == "fwd_bwd")
 
@@ -294,6 +341,30 @@ def timings(args):
                              for _, a, b in ratios]  # a speed ratio: time of b / time of a
                     print(f"| {mode} | {mask} | {D} | {T} | {B} x {H} | " + " | ".join(speed + ratio + mem) + " |",
                           flush=True)
+    if args.decode_lens:
+        decode_timings(args, fns, dtype)
+
+
+DECODE_IMPLS = ("cog", "compact", "flex", "reference", "sdpa")
+
+
+def decode_timings(args, fns, dtype):
+    """Decode steps as generate takes them: one query (Tq = 1) against Tk cached keys (it sees them all: no mask),
+    forward only. GB/s counts the keys and values read, 2 * B * H * Tk * D elements: what bounds a decode step."""
+    impls = [i for i in args.impls if i in DECODE_IMPLS]
+    print(f"\n# decode: Tq = 1, forward, H*D = {args.width}; microseconds per call (GB/s of keys and values)\n")
+    print("| D | Tk | B x H | " + " | ".join(f"{i} us (GB/s)" for i in impls) + " |")
+    print("|---" * (3 + len(impls)) + "|")
+    for D in args.head_dims:
+        H = max(1, args.width // D)
+        for Tk in args.decode_lens:
+            for B in args.decode_batches:
+                cells = []
+                for impl in impls:
+                    r = measure(fns[impl], "fwd", False, B, H, Tk, D, dtype, args, Tq=1)  # one query sees every key
+                    gbs = 2 * B * H * Tk * D * dtype.itemsize / (r[0] * 1e-3) / 1e9 if r else 0
+                    cells.append(f"{r[0] * 1e3:.0f} ({gbs:.0f})" if r else "OOM")
+                print(f"| {D} | {Tk} | {B} x {H} | " + " | ".join(cells) + " |", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -627,7 +698,6 @@ def _quiet_worker():  # Ctrl-C goes to the parent, which ends the pool
 
 def portability(args):
     """Compile every job in parallel worker processes; print the table and a summary; exit 1 if anything failed."""
-    import concurrent.futures
     import multiprocessing
 
     import triton
@@ -641,11 +711,13 @@ def portability(args):
     missing = [] if tier_kernels("compact") else ["compact (cog_kernel.compact_kernels is missing)"]
     workers = args.workers or os.cpu_count()
     t0 = time.perf_counter()
-    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                  initializer=_quiet_worker)
-    with pool:
-        results = list(tqdm(pool.map(compile_job, jobs, chunksize=4), total=len(jobs), desc="compiling",
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_quiet_worker)
+    try:
+        results = list(tqdm(pool.imap(compile_job, jobs, chunksize=4), total=len(jobs), desc="compiling",
                             file=sys.stderr))
+        pool.close()
+    finally:  # on Ctrl-C too: no compile outlives the run
+        pool.terminate()
     seconds = time.perf_counter() - t0
     print(f"# Triton {triton.__version__}, torch {torch.__version__}: {len(jobs)} compiles, {workers} workers, "
           f"{seconds:.0f} s; tile = BLOCK_M,BLOCK_N,warps,stages (- = unused or the backend's default); "
@@ -686,4 +758,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # one line, not a traceback; the rows printed so far are complete
+        print("\nbench.py: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import bench
@@ -79,3 +80,40 @@ def test_portability_jobs_narrow_and_take_the_compact_tier(monkeypatch):
                         raising=False)
     compact = [j for j in bench.portability_jobs(args) if j[1] == "compact"]
     assert [j[7] for j in compact] == [(64, 64, 4, 2)] * 4
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_peer_matches_the_reference():
+    """Cog attention through two FlexAttention calls equals the definition, causal or not, with Tq < Tk, and where a
+    row has no negative logit (or no positive one: there one call's lse is -inf)."""
+    from cog_kernel import cog_attention_reference
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (24, 40, 40))
+    k[0, 0] = k[0, 0].abs()
+    q[0, 0, :4] = q[0, 0, :4].abs()  # every logit of these rows is positive
+    q[0, 0, 4:8] = -q[0, 0, 4:8].abs()  # every logit negative
+    for causal in (False, True):
+        for Tq in (24, 1):  # a decode row sees every key
+            want = cog_attention_reference(q[:, :, -Tq:], k, v, causal=causal)
+            got = bench.flex_cog_attention(q[:, :, -Tq:], k, v, causal=causal)
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_ctrl_c_ends_with_one_line():
+    """SIGINT during a long --portability run ends it at once with a one-line message, not a traceback."""
+    import signal
+    import time
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen([sys.executable, "bench.py", "--portability", "--workers=1", "--targets=sm90"], cwd=HERE,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = ""
+    while "compiling" not in err:  # the progress bar is up: the worker pool runs
+        err += proc.stderr.read(1)
+        assert proc.poll() is None, err
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    err += rest
+    assert proc.returncode == 130
+    assert "Traceback" not in err and err.rstrip().splitlines()[-1] == "bench.py: interrupted (Ctrl-C)"
