@@ -9,21 +9,36 @@ For one query row with scaled logits s_j = q . k_j * scale over the keys it may 
 i.e. w = sign(s) * softmax(|s|): weights can be negative, and each row has sum |w| = 1.
 Masked keys get -inf AFTER the absolute value, so they get weight 0.
 
-Three entry points with one signature, q: (B, H, Tq, D), k and v: (B, H, Tk, D), Tq <= Tk:
-- cog_attention_reference: the definition in plain PyTorch, materialising the (Tq, Tk) weights.
-- cog_attention_triton: a fused Triton kernel (FlashAttention-2 style forward and backward), autograd-capable.
-- cog_attention: what the model calls; picks the best implementation for the inputs.
-With causal=True, query i sits at position i + (Tk - Tq) and sees keys j <= i + (Tk - Tq) (aligned to the end,
-so a KV-cache step with one new query sees the whole cache).
+q: (B, H, Tq, D), k and v: (B, H, Tk, D), Tq <= Tk. With causal=True, query i sits at position i + (Tk - Tq) and sees
+keys j <= i + (Tk - Tq) (aligned to the end, so a KV-cache step with one new query sees the whole cache). With doc_ids
+(B, Tk), a query sees only the keys of its own document. Three implementations with one signature:
+- cog_attention_reference: the definition in plain PyTorch, materialising the (Tq, Tk) weights;
+- the compact fused kernel below (FlashAttention-2 style; portable, written to be read);
+- cog_attention_triton: the tuned fused kernel (cog_kernel_tuned.py; the same algorithm with speed tricks).
+cog_attention, what the models call, chooses among them ("tuned", "compact", "reference"; see the chooser at the end).
 
-The kernel runs on CUDA tensors, and on CPU tensors in Triton's interpreter (slow; for tests), which needs
+The fused kernels run on CUDA tensors, and on CPU tensors in Triton's interpreter (slow; for tests), which needs
 TRITON_INTERPRET=1 in the environment before triton is first imported (Triton reads it then).
 """
 
+import contextlib
 import math
 import os
+import types
+import warnings
+from typing import Optional
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton (e.g. macOS): the reference still works; the kernel definitions below stay inert
+    triton, tl = None, types.SimpleNamespace(constexpr=None)
+
+_INTERPRET = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"  # as Triton read it at import
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
 
 
 def check_attention_inputs(q, k, v, doc_ids=None):
@@ -112,30 +127,510 @@ def cog_attention_reference(q, k, v, causal=False, scale=None, doc_ids=None):
     return torch.matmul(w, v.to(w.dtype)).to(q.dtype)  # (B, H, Tq, D)
 
 
+def cog_attention_reference_backward(do, q, k, v, causal=False, scale=None, doc_ids=None):
+    """dq, dk, dv of the reference for upstream gradient do, by the formulas the kernels use (see the backward below);
+    autograd through cog_attention_reference gives the same. Computes in float32 (or float64)."""
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    w = cog_attention_weights(q, k, causal, scale, doc_ids)  # (B, H, Tq, Tk)
+    q_, k_, v_, do_ = (t.to(w.dtype) for t in (q, k, v, do))
+    dp = do_ @ v_.transpose(-2, -1)
+    ds = w.abs() * dp - w * (w * dp).sum(-1, keepdim=True)  # dL/ds; (w * dp).sum(-1) = rowsum(dO * O)
+    dq, dk, dv = scale * ds @ k_, scale * ds.transpose(-2, -1) @ q_, w.transpose(-2, -1) @ do_
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 def cog_attention_triton(q, k, v, causal=False, scale=None, deterministic=None, doc_ids=None):
-    """The tuned fused kernel (cog_kernel_tuned.py)."""
+    """The tuned fused kernel (cog_kernel_tuned.py), autograd-capable, without the chooser."""
     from cog_kernel_tuned import cog_attention_triton as tuned
     return tuned(q, k, v, causal, scale, deterministic, doc_ids)
 
 
-def _use_triton(q):
-    """CUDA tensors; CPU tensors in Triton's interpreter while TRITON_INTERPRET=1 (read at each call, too)."""
-    import cog_kernel_tuned as tuned
-    if tuned.triton is None or q.size(-1) > tuned.MAX_HEAD_DIM:
-        return False
+# --- The compact fused kernel ----------------------------------------------------------------------------------------
+# FlashAttention-2, as in Triton's tutorial 06-fused-attention, with Cog's two changes: the softmax runs over |s|, and
+# the sign comes back before the weights meet V. Logits are kept in base 2, s2 = (q . k) * c with c = scale * log2(e),
+# so exp2 does the work of exp (c > 0: the chooser moves a negative scale into q, so sign(s2) = sign(s)).
+#
+# Forward: one program per block of BLOCK_M query rows, streaming over blocks of BLOCK_N keys, keeping per row a
+# running max m of |s2| and a running sum l:
+#     m' = max(m, rowmax |s2|),  alpha = 2^(m - m'),  p = 2^(|s2| - m'),  l' = alpha * l + rowsum p,
+#     acc' = alpha * acc + (sign(s2) * p) @ V,       and at the end  o = acc / l,  lse = m + log2(l).
+# m starts at 0, not -inf: |s2| >= 0, so 0 is a valid start, and a block whose keys are all masked gives p = 0
+# (2^(-inf - 0)) instead of the NaN of 2^(-inf - -inf).
+#
+# Backward: with P = softmax(|S|) recomputed from lse as 2^(|s2| - lse), W = sign(S) * P, dP = dO V^T:
+#     dV = W^T dO,   dS = |W| * dP - W * D,   dQ = scale * dS K,   dK = scale * dS^T Q,   D_i = rowsum(dO_i * o_i)
+# where dS comes from the chain rule through w = sign(s) * p(|s|):
+#     d sign/ds = 0, so dL/dp_ij = sign(s_ij) dP_ij;
+#     softmax over |s|: dL/d|s_ij| = p_ij (sign(s_ij) dP_ij - sum_k p_ik sign(s_ik) dP_ik) = p_ij (sign(s_ij) dP_ij - D_i)
+#     (sum_k w_ik dP_ik = dO_i . sum_k w_ik v_k = dO_i . o_i = D_i, the delta pre-pass);
+#     d|s|/ds = sign(s): dS_ij = sign(s_ij)^2 p_ij dP_ij - w_ij D_i = |w_ij| dP_ij - w_ij D_i.
+# Two passes, no atomic adds, so the gradients are bit-reproducible: one program per key block sums dK and dV over the
+# query blocks, then one program per query block sums dQ over the key blocks (S and dP are computed twice).
+#
+# Masks: key j is visible to query row i iff j < Tk, and j <= i + Tk - Tq if causal, and doc(j) == doc(i + Tk - Tq) with
+# document ids. Causal programs stop at the last key block any of their rows sees. Rows and columns past the ends (and
+# head-dim columns past D: tiles are BLOCK_D = next power of two >= 16 wide) load as zeros. Dots take the input dtype
+# with fp32 accumulation (weights and dS are rounded to it first, as in FlashAttention); fp32 dots are tf32 on NVIDIA.
+# Inputs are contiguous (B, H, T, D): row t of batch-head bh starts at (bh * T + t) * D.
+
+_jit = triton.jit if triton is not None else (lambda fn: fn)
+
+
+@_jit
+def _load_rows(ptr, bh, T, start, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (BLOCK, BLOCK_D) tile: rows start.. of batch-head bh, zeros past T and past HEAD_DIM."""
+    rows, cols = start + tl.arange(0, BLOCK), tl.arange(0, BLOCK_D)
+    offsets = (bh.to(tl.int64) * T + rows[:, None]) * HEAD_DIM + cols[None, :]  # int64: B*H*T*D may pass 2^31
+    return tl.load(ptr + offsets, mask=(rows[:, None] < T) & (cols[None, :] < HEAD_DIM), other=0.0)
+
+
+@_jit
+def _visible(rows, cols, doc_rows, DOCS, b, Tq, Tk, CAUSAL: tl.constexpr, DOC_MASK: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: may query row i see key j (the masks above)?"""
+    visible = (rows[:, None] < Tq) & (cols[None, :] < Tk)
+    if CAUSAL:
+        visible = visible & (cols[None, :] <= rows[:, None] + (Tk - Tq))
+    if DOC_MASK:
+        doc_cols = tl.load(DOCS + b.to(tl.int64) * Tk + cols, mask=cols < Tk, other=-1)
+        visible = visible & (doc_rows[:, None] == doc_cols[None, :])
+    return visible
+
+
+@_jit
+def _signed_weights(s2, shift, visible):
+    """p = 2^(|s2| - shift) on the visible keys (0 elsewhere), and w = sign(s2) * p (sign(0) = 0: a zero logit adds to
+    the sum l but not to o)."""
+    p = tl.where(visible, tl.exp2(tl.abs(s2) - shift[:, None]), 0.0)
+    return tl.where(s2 > 0, p, tl.where(s2 < 0, -p, 0.0)), p
+
+
+@_jit
+def _doc_of_rows(DOCS, b, rows, Tq, Tk, DOC_MASK: tl.constexpr):
+    if DOC_MASK:  # query row i is position i + Tk - Tq
+        return tl.load(DOCS + b.to(tl.int64) * Tk + rows + (Tk - Tq), mask=rows < Tq, other=-2)
+    return rows
+
+
+@_jit
+def _compact_fwd(Q, K, V, O, LSE, DOCS, qk_scale, H, Tq, Tk, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOC_MASK: tl.constexpr):
+    bh, start_m = tl.program_id(0), tl.program_id(1) * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    doc_rows = _doc_of_rows(DOCS, bh // H, rows, Tq, Tk, DOC_MASK)
+    q = _load_rows(Q, bh, Tq, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
+    m = tl.zeros([BLOCK_M], dtype=tl.float32)  # running max of |s2| (see above: 0 is a valid start)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 2^(|s2| - m)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    end = Tk
+    if CAUSAL:  # stop past the last key the block's last row sees
+        end = tl.minimum(Tk, start_m + BLOCK_M + Tk - Tq)
+    for start_n in range(0, end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, bh, Tk, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+        v = _load_rows(V, bh, Tk, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+        s2 = tl.dot(q, tl.trans(k)) * qk_scale
+        visible = _visible(rows, cols, doc_rows, DOCS, bh // H, Tq, Tk, CAUSAL, DOC_MASK)
+        m_new = tl.maximum(m, tl.max(tl.where(visible, tl.abs(s2), 0.0), 1))
+        w, p = _signed_weights(s2, m_new, visible)
+        alpha = tl.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v)
+        m = m_new
+    l = tl.where(l > 0, l, 1.0)  # rows past Tq see nothing; they are not stored
+    o = acc / l[:, None]
+    cols_d = tl.arange(0, BLOCK_D)
+    offsets = (bh.to(tl.int64) * Tq + rows[:, None]) * HEAD_DIM + cols_d[None, :]
+    tl.store(O + offsets, o.to(O.dtype.element_ty), mask=(rows[:, None] < Tq) & (cols_d[None, :] < HEAD_DIM))
+    tl.store(LSE + bh.to(tl.int64) * Tq + rows, m + tl.log2(l), mask=rows < Tq)
+
+
+@_jit
+def _compact_delta(O, DO, DELTA, Tq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """D_i = rowsum(dO_i * o_i), in fp32."""
+    bh, start_m = tl.program_id(0), tl.program_id(1) * BLOCK_M
+    o = _load_rows(O, bh, Tq, start_m, BLOCK_M, HEAD_DIM, BLOCK_D).to(tl.float32)
+    do = _load_rows(DO, bh, Tq, start_m, BLOCK_M, HEAD_DIM, BLOCK_D).to(tl.float32)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    tl.store(DELTA + bh.to(tl.int64) * Tq + rows, tl.sum(o * do, 1), mask=rows < Tq)
+
+
+@_jit
+def _compact_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, DOCS, qk_scale, scale, H, Tq, Tk, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                  DOC_MASK: tl.constexpr):
+    """Pass 1: one program per key block sums dV = W^T dO and dK = scale * dS^T Q over the query blocks."""
+    bh, start_n = tl.program_id(0), tl.program_id(1) * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(K, bh, Tk, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+    v = _load_rows(V, bh, Tk, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # causal: the first query row that sees key start_n is start_n - (Tk - Tq)
+    begin = 0
+    if CAUSAL:
+        begin = (tl.maximum(start_n - (Tk - Tq), 0) // BLOCK_M) * BLOCK_M
+    for start_m in range(begin, Tq, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(Q, bh, Tq, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
+        do = _load_rows(DO, bh, Tq, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
+        lse = tl.load(LSE + bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=0.0)
+        delta = tl.load(DELTA + bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=0.0)
+        doc_rows = _doc_of_rows(DOCS, bh // H, rows, Tq, Tk, DOC_MASK)
+        visible = _visible(rows, cols, doc_rows, DOCS, bh // H, Tq, Tk, CAUSAL, DOC_MASK)
+        w, p = _signed_weights(tl.dot(q, tl.trans(k)) * qk_scale, lse, visible)
+        dv += tl.dot(tl.trans(w.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = tl.abs(w) * dp - w * delta[:, None]
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    cols_d = tl.arange(0, BLOCK_D)
+    offsets = (bh.to(tl.int64) * Tk + cols[:, None]) * HEAD_DIM + cols_d[None, :]
+    inside = (cols[:, None] < Tk) & (cols_d[None, :] < HEAD_DIM)
+    tl.store(DK + offsets, (dk * scale).to(DK.dtype.element_ty), mask=inside)
+    tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=inside)
+
+
+@_jit
+def _compact_dq(Q, K, V, DO, DQ, LSE, DELTA, DOCS, qk_scale, scale, H, Tq, Tk, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                DOC_MASK: tl.constexpr):
+    """Pass 2: one program per query block sums dQ = scale * dS K over the key blocks (the forward's loop)."""
+    bh, start_m = tl.program_id(0), tl.program_id(1) * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    doc_rows = _doc_of_rows(DOCS, bh // H, rows, Tq, Tk, DOC_MASK)
+    q = _load_rows(Q, bh, Tq, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
+    do = _load_rows(DO, bh, Tq, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
+    lse = tl.load(LSE + bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    end = Tk
+    if CAUSAL:
+        end = tl.minimum(Tk, start_m + BLOCK_M + Tk - Tq)
+    for start_n in range(0, end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, bh, Tk, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+        v = _load_rows(V, bh, Tk, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+        visible = _visible(rows, cols, doc_rows, DOCS, bh // H, Tq, Tk, CAUSAL, DOC_MASK)
+        w, p = _signed_weights(tl.dot(q, tl.trans(k)) * qk_scale, lse, visible)
+        ds = tl.abs(w) * tl.dot(do, tl.trans(v)) - w * delta[:, None]
+        dq += tl.dot(ds.to(k.dtype), k)
+    cols_d = tl.arange(0, BLOCK_D)
+    offsets = (bh.to(tl.int64) * Tq + rows[:, None]) * HEAD_DIM + cols_d[None, :]
+    tl.store(DQ + offsets, (dq * scale).to(DQ.dtype.element_ty), mask=(rows[:, None] < Tq) & (cols_d[None, :] < HEAD_DIM))
+
+
+# Tiles per kernel, (BLOCK_M, BLOCK_N, num_warps, num_stages), tried in order: the first that compiles and passes the
+# first-use check (see the chooser) runs. (64, 64) fits the ~99 KB of shared memory of consumer GPUs at head dim 128 in
+# fp16/bf16; (32, 32) is the small tile for fp32 and head dims up to 256. Untimed: no GPU has run this kernel yet.
+COMPACT_TILES = {kind: [(64, 64, 4, 2), (32, 32, 4, 1)] for kind in ("fwd", "dkdv", "dq")}
+COMPACT_TILES["delta"] = [(64, None, 4, 1), (32, None, 4, 1)]  # BLOCK_N unused
+INTERPRETER_TILES = {"fwd": [(16, 32, 1, 1)], "dkdv": [(16, 32, 1, 1)], "dq": [(16, 32, 1, 1)], "delta": [(16, None, 1, 1)]}
+
+
+def compact_kernels():
+    """{kind: jit function} of the compact kernel, one launch per kind, with the tiles of COMPACT_TILES[kind].
+    Constexpr arguments: fwd, dkdv and dq take HEAD_DIM, BLOCK_D (padded_head_dim(HEAD_DIM)), BLOCK_M, BLOCK_N,
+    CAUSAL, DOC_MASK; delta takes HEAD_DIM, BLOCK_D, BLOCK_M. The grid is (B * H, blocks of Tq, or of Tk for dkdv)."""
+    return dict(fwd=_compact_fwd, delta=_compact_delta, dkdv=_compact_dkdv, dq=_compact_dq)
+
+
+def padded_head_dim(D):
+    return max(16, 1 << (D - 1).bit_length())
+
+
+def _tile_sets():
+    """The compact kernel's tile choices, as dicts {kind: tile}: the i-th tile of every kind together."""
+    tiles = INTERPRETER_TILES if _INTERPRET else COMPACT_TILES
+    return [{kind: tiles[kind][i] for kind in tiles} for i in range(len(tiles["fwd"]))]
+
+
+def _launch(kind, grid_rows, tile, q, *args, **constants):
+    block_m, block_n, warps, stages = tile[kind]
+    sizes = dict(BLOCK_M=block_m) if block_n is None else dict(BLOCK_M=block_m, BLOCK_N=block_n)
+    B, H, _, D = q.shape
+    grid = (B * H, triton.cdiv(grid_rows, block_n if kind == "dkdv" else block_m))
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # Triton launches on the current GPU
+        compact_kernels()[kind][grid](*args, HEAD_DIM=D, BLOCK_D=padded_head_dim(D), **sizes, **constants,
+                                      num_warps=warps, num_stages=stages)
+
+
+def compact_forward(q, k, v, causal, scale, doc_ids, tile):
+    """o and lse (base 2, fp32, (B, H, Tq)) through the compact forward; scale > 0."""
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    (B, H, Tq, D), Tk = q.shape, k.size(2)
+    o, lse = torch.empty_like(q), q.new_empty((B, H, Tq), dtype=torch.float32)
+    docs = None if doc_ids is None else doc_ids.to(torch.int32).contiguous()
+    _launch("fwd", Tq, tile, q, q, k, v, o, lse, docs, scale * LOG2E, H, Tq, Tk, CAUSAL=causal,
+            DOC_MASK=docs is not None)
+    return o, lse
+
+
+def compact_backward(do, q, k, v, o, lse, causal, scale, doc_ids, tile):
+    """dq, dk, dv through the delta pre-pass and the two backward passes."""
+    do, q, k, v, o = (t.contiguous() for t in (do, q, k, v, o))
+    (B, H, Tq, D), Tk = q.shape, k.size(2)
+    dq, dk, dv, delta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lse)
+    docs = None if doc_ids is None else doc_ids.to(torch.int32).contiguous()
+    _launch("delta", Tq, tile, q, o, do, delta, Tq)
+    common = dict(CAUSAL=causal, DOC_MASK=docs is not None)
+    _launch("dkdv", Tk, tile, q, q, k, v, do, dk, dv, lse, delta, docs, scale * LOG2E, scale, H, Tq, Tk, **common)
+    _launch("dq", Tq, tile, q, q, k, v, do, dq, lse, delta, docs, scale * LOG2E, scale, H, Tq, Tk, **common)
+    return dq, dk, dv
+
+
+# --- The chooser -----------------------------------------------------------------------------------------------------
+# cog_attention runs the first backend that applies to the inputs and works: "tuned", then "compact", then "reference"
+# (or only the one named by its backend argument or by COG_BACKEND). The fused tiers apply to fp16/bf16/fp32 CUDA
+# tensors with head dims up to 256 (and to fp16/fp32 CPU tensors in Triton's interpreter). On the first use of each
+# configuration (device, dtype, head dim, causal, document masks, deterministic) in a process, a fused tier is checked on
+# a small random problem against the reference: forward and the three gradients, each of the compact kernel's tiles in
+# turn. A tier that fails to compile or launch, or gets the numbers wrong, is skipped for that configuration with one
+# warning; a tier asked for by name raises instead. The choice is made inside a custom op, at run time, so a fallback
+# under torch.compile needs no recompile, and a backward runs the tier its forward ran.
+
+BACKENDS = ("tuned", "compact", "reference")
+VERIFY_TOL = {torch.float32: 2e-2, torch.float16: 1e-2, torch.bfloat16: 4e-2}  # relative L2; fp32 dots are tf32
+# Decode steps (Tq = 1) of few sequences launch only B * H programs of a fused kernel, while the reference needs only
+# O(Tq * Tk) memory there. Untimed: no GPU has timed either yet; bench.py's decode rows are where to tune this bound.
+DECODE_REFERENCE_MAX_HEADS = 64
+_verdicts = {}  # (backend, config) -> (True, tile) or (False, why)
+
+
+def _config(q, causal, doc_ids, deterministic):
+    return (str(q.device), str(q.dtype).replace("torch.", ""), q.size(-1), causal, doc_ids is not None, deterministic)
+
+
+def _describe(config):
+    device, dtype, D, causal, docs, deterministic = config
+    flags = [name for name, on in (("causal", causal), ("doc_ids", docs), ("deterministic", deterministic)) if on]
+    return " ".join([device, dtype, f"head dim {D}"] + flags)
+
+
+def _not_for(name, q):
+    """Why backend `name` does not apply to these inputs (auto skips it silently), or None."""
+    if name == "reference":
+        return None
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the fused kernels take float16, bfloat16 or float32, not {q.dtype}"
+    if q.size(-1) > MAX_HEAD_DIM:
+        return f"the fused kernels take head dims up to {MAX_HEAD_DIM}, not {q.size(-1)}"
     if q.is_cuda:
-        return q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-    interpret = tuned._INTERPRET and q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and \
-        not tuned.kernel_problem()  # the interpreter is for tests: where it cannot run, the reference does
-    return interpret and q.dtype in (torch.float16, torch.float32)  # the interpreter's bf16 dots are wrong
+        return None
+    if q.device.type != "cpu" or not (_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1"):
+        return f"tensors on {q.device} need CUDA, or Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)"
+    return "Triton's interpreter computes bfloat16 dots wrongly" if q.dtype == torch.bfloat16 else None
 
 
-def cog_attention(q, k, v, causal=False, scale=None, deterministic=None, doc_ids=None):
-    """Cog attention for the model: (B, H, Tq, D) in q's dtype. The fused kernel where it applies, else the reference.
-    deterministic: see cog_attention_triton (the reference is always deterministic).
+def _problem(name):
+    """Why backend `name` cannot run with this installation, or None."""
+    if triton is None:
+        return "Triton is not installed"
+    if name == "tuned":
+        import cog_kernel_tuned
+        return cog_kernel_tuned.kernel_problem()
+    return None
+
+
+def _pad16(t):  # the tuned kernel's tensor descriptors need rows of a 16-byte multiple: zero columns add nothing
+    pad = -t.size(-1) % (16 // t.element_size())
+    return torch.nn.functional.pad(t, (0, pad)) if pad else t
+
+
+def _tuned_forward(q, k, v, causal, scale, doc_ids, tile):
+    import cog_kernel_tuned as tuned
+    docs = None if doc_ids is None else tuned.document_table(doc_ids)
+    o, lse = tuned.attention_forward(_pad16(q), _pad16(k), _pad16(v), causal, scale, docs)
+    return o[..., :q.size(-1)], lse
+
+
+def _tuned_backward(do, q, k, v, o, lse, causal, scale, deterministic, doc_ids, tile):
+    import cog_kernel_tuned as tuned
+    docs = None if doc_ids is None else tuned.document_table(doc_ids)
+    grads = tuned.attention_backward(*(_pad16(t) for t in (do, q, k, v, o)), lse, causal, scale, deterministic, docs)
+    return tuple(g[..., :q.size(-1)] for g in grads)
+
+
+def _reference_forward(q, k, v, causal, scale, doc_ids, tile):
+    return cog_attention_reference(q, k, v, causal, scale, doc_ids), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _reference_backward(do, q, k, v, o, lse, causal, scale, deterministic, doc_ids, tile):
+    return cog_attention_reference_backward(do, q, k, v, causal, scale, doc_ids)
+
+
+_FORWARD = dict(tuned=_tuned_forward, compact=compact_forward, reference=_reference_forward)
+_BACKWARD = dict(tuned=_tuned_backward, reference=_reference_backward,
+                 compact=lambda do, q, k, v, o, lse, causal, scale, deterministic, doc_ids, tile:
+                 compact_backward(do, q, k, v, o, lse, causal, scale, doc_ids, tile))  # always deterministic
+
+
+def _check(name, tile, q, causal, scale, deterministic, doc_ids):
+    """Raise unless backend `name` (with `tile`) gives the reference's output and gradients on a small random problem in
+    q's configuration, a few tiles long and ragged (Tq < Tk, neither a multiple of a tile)."""
+    Tk = 263 if q.is_cuda else 71
+    g = torch.Generator().manual_seed(0)
+    q_, k_, v_, do_ = (torch.randn(1, 2, T, q.size(-1), generator=g).to(q.device, q.dtype) for T in (Tk - 6, Tk, Tk, Tk - 6))
+    docs = None if doc_ids is None else (torch.arange(Tk, device=q.device) * 3 // Tk)[None].to(doc_ids.dtype)
+    o, lse = _FORWARD[name](q_, k_, v_, causal, scale, docs, tile)
+    got = (o, *_BACKWARD[name](do_, q_, k_, v_, o, lse, causal, scale, deterministic, docs, tile))
+    q64, k64, v64, do64 = (t.double() for t in (q_, k_, v_, do_))
+    want = (cog_attention_reference(q64, k64, v64, causal, scale, docs),
+            *cog_attention_reference_backward(do64, q64, k64, v64, causal, scale, docs))
+    for label, x, ref in zip(("output", "dq", "dk", "dv"), got, want):
+        err = ((x.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+        if not err < VERIFY_TOL[q.dtype]:  # (a NaN fails too)
+            raise RuntimeError(f"wrong numbers: {label} is off by {err:.1e} (relative L2) from the reference")
+
+
+def _one_line(error):
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"[:300]
+
+
+def _verify(name, config, q, causal, scale, deterministic, doc_ids):
+    """(True, the first tile that passes _check) or (False, why none did); warns of tiles dropped on the way."""
+    problem = _problem(name)
+    if problem:
+        return False, problem
+    failures = []
+    for tile in _tile_sets() if name == "compact" else [None]:
+        try:
+            _check(name, tile, q, causal, scale, deterministic, doc_ids)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:  # a compile error, out of resources, an unsupported configuration, wrong numbers
+            failures.append((f"tile {tile['fwd'][:2]}: " if tile else "") + _one_line(error))
+            continue
+        if failures:
+            warnings.warn(f"cog_attention: {name} backend, {_describe(config)}: dropped {'; '.join(failures)}",
+                          RuntimeWarning, stacklevel=2)
+        return True, tile
+    return False, "; ".join(failures)
+
+
+def _skip(name, config, why, rest, q, k):
+    """One warning for a backend skipped for a configuration; it names what the reference will need if only it is left."""
+    note = ""
+    if rest == ["reference"]:
+        B, H, Tq, Tk = *q.shape[:3], k.size(2)
+        note = (f"; the reference materialises the (Tq, Tk) weights: B*H*Tq*Tk*4 bytes per weight matrix, "
+                f"{B * H * Tq * Tk * 4 / 2**30:.2f} GiB at this call's shape (B={B}, H={H}, Tq={Tq}, Tk={Tk})")
+    warnings.warn(f"cog_attention: skipping the {name} backend for {_describe(config)}: {why}{note}", RuntimeWarning,
+                  stacklevel=3)
+
+
+def _order(q, named):
+    """The backends to try, in order, for these inputs."""
+    if named:
+        why = _not_for(named, q)
+        if why:
+            raise RuntimeError(f"cog_attention: backend {named!r} cannot run here: {why}")
+        return [named]
+    B, H, Tq = q.shape[:3]
+    if Tq == 1 and B * H <= DECODE_REFERENCE_MAX_HEADS:
+        return ["reference"]
+    return [name for name in BACKENDS if _not_for(name, q) is None]
+
+
+def _run_forward(q, k, v, causal, scale, deterministic, doc_ids, named):
+    config = _config(q, causal, doc_ids, deterministic)
+    order = _order(q, named)
+    for i, name in enumerate(order):
+        key = (name, config)
+        if key not in _verdicts:
+            _verdicts[key] = (True, None) if name == "reference" else _verify(name, config, q, causal, scale,
+                                                                              deterministic, doc_ids)
+            if not _verdicts[key][0] and not named:
+                _skip(name, config, _verdicts[key][1], order[i + 1:], q, k)
+        ok, tile = _verdicts[key]
+        if not ok and named:
+            raise RuntimeError(f"cog_attention: backend {name!r} failed for {_describe(config)}: {tile}")
+        if not ok:
+            continue
+        try:
+            return (*_FORWARD[name](q, k, v, causal, scale, doc_ids, tile), name)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:
+            _fail(name, config, error, named, order[i + 1:], q, k)
+    raise AssertionError("unreachable: the reference is always in the order")
+
+
+def _fail(name, config, error, named, rest, q, k):
+    """A backend that passed its check failed at run time: skip it from now on (or raise, if it was asked for)."""
+    if named:
+        raise RuntimeError(f"cog_attention: backend {name!r} failed for {_describe(config)}: {_one_line(error)}") from error
+    _verdicts[(name, config)] = (False, _one_line(error))
+    _skip(name, config, _one_line(error), rest, q, k)
+
+
+@torch.library.custom_op("nanocog::cog_attention", mutates_args=())
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, deterministic: bool,
+               doc_ids: Optional[torch.Tensor], named: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    o, lse, name = _run_forward(q, k, v, causal, scale, deterministic, doc_ids, named or None)
+    return o.contiguous(), lse, torch.tensor([BACKENDS.index(name)])  # which backend ran, for the backward (on the CPU)
+
+
+@_attention.register_fake
+def _(q, k, v, causal, scale, deterministic, doc_ids, named):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32), torch.empty(1, dtype=torch.long)
+
+
+@torch.library.custom_op("nanocog::cog_attention_backward", mutates_args=())
+def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                        lse: torch.Tensor, used: torch.Tensor, causal: bool, scale: float, deterministic: bool,
+                        doc_ids: Optional[torch.Tensor], named: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    name, config = BACKENDS[int(used[0])], _config(q, causal, doc_ids, deterministic)
+    ok, tile = _verdicts.get((name, config), (False, None))
+    if name != "reference" and ok:
+        try:
+            return tuple(g.contiguous() for g in _BACKWARD[name](do, q, k, v, o, lse, causal, scale, deterministic,
+                                                                  doc_ids, tile))
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:
+            _fail(name, config, error, named or None, ["reference"], q, k)
+    return cog_attention_reference_backward(do, q, k, v, causal, scale, doc_ids)
+
+
+@_attention_backward.register_fake
+def _(do, q, k, v, o, lse, used, causal, scale, deterministic, doc_ids, named):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, ctx.causal, ctx.scale, ctx.deterministic, doc_ids, ctx.named = inputs
+    ctx.save_for_backward(q, k, v, *output, doc_ids)
+
+
+def _backward(ctx, do, dlse, dused):  # lse and the backend index are internal outputs: no gradient
+    q, k, v, o, lse, used, doc_ids = ctx.saved_tensors
+    dq, dk, dv = _attention_backward(do, q, k, v, o, lse, used, ctx.causal, ctx.scale, ctx.deterministic, doc_ids,
+                                     ctx.named)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _named_backend(backend):
+    choice = (os.environ.get("COG_BACKEND", "") if backend is None else backend).strip().lower()
+    if choice not in ("", "auto") + BACKENDS:
+        raise ValueError(f"cog_attention: backend must be auto, tuned, compact or reference (argument or COG_BACKEND), "
+                         f"got {choice!r}")
+    return None if choice in ("", "auto") else choice
+
+
+def cog_attention(q, k, v, causal=False, scale=None, deterministic=None, doc_ids=None, backend=None):
+    """Cog attention for the models: (B, H, Tq, D) in q's dtype, through the chosen backend (see above).
+    deterministic: bit-reproducible gradients (None follows torch.are_deterministic_algorithms_enabled(); the compact
+    kernel and the reference always are, the tuned kernel then takes its two-pass backward).
     doc_ids (B, Tk): per-key document ids of packed sequences (query i has id doc_ids[:, Tk - Tq + i]); a query sees
-    only keys of its own document; the kernel skips the blocks of other documents."""
-    check_attention_inputs(q, k, v)  # enough to dispatch on; either path checks doc_ids (a pass over them) itself
-    if _use_triton(q):
-        return cog_attention_triton(q, k, v, causal, scale, deterministic, doc_ids)
-    return cog_attention_reference(q, k, v, causal, scale, doc_ids)
+    only keys of its own document. backend: None (auto, or COG_BACKEND), "tuned", "compact" or "reference"."""
+    check_attention_inputs(q, k, v, doc_ids)
+    named = _named_backend(backend)
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
+    deterministic = torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
+    if scale < 0:  # the fused kernels need c > 0 (sign(s) = sign(q . k)): move the sign into q, exactly
+        q, scale = -q, -scale
+    if _order(q, named) == ["reference"] or scale == 0:  # (scale 0: every logit is 0, so every weight is 0)
+        return cog_attention_reference(q, k, v, causal, scale, doc_ids)
+    return _attention(q, k, v, bool(causal), scale, deterministic, doc_ids, named or "")[0]
