@@ -31,7 +31,7 @@ from train_utils import (Dtype, autocast_context, check_at_least, cli_keys, fiel
 @dataclass
 class SampleConfig:
     # shared by all kinds
-    out_dir: str = "out/demo_lm"  # the folder holding ckpt.pt
+    out_dir: str = "out/lm"  # the folder holding ckpt.pt (train_lm.py's default out_dir)
     init_from: str = ""  # a released checkpoint instead of out_dir's: the authors' LM or MS-COCO U-ViC / U-ViT
     num_samples: Optional[int] = None  # none: 3 texts, or a grid of 64 images
     seed: int = 1337

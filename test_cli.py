@@ -373,6 +373,10 @@ def test_sample_refuses_flags_for_the_other_kind_of_model(tmp_path):
 # small things
 
 
+def test_sample_reads_by_default_the_folder_train_lm_writes_by_default():
+    assert sample.SampleConfig().out_dir == train_lm.TrainConfig().out_dir
+
+
 def test_resuming_a_finished_run_changes_nothing_and_says_where_it_resumes(tmp_path, lm_data, capsys):
     args = LM + [f"--data_dir={lm_data}", f"--out_dir={tmp_path}", "--max_iters=2", "--eval_interval=2"]
     train_lm.main(args)
