@@ -127,12 +127,18 @@ TILES = {
             128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3)],
             256: [(64, 64, 4, 2), (128, 64, 8, 2)]},
     "bwd": {16: [(64, 64, 4, 3)], 32: [(64, 64, 4, 3)], 64: [(64, 64, 4, 2), (64, 64, 4, 3)],
-            128: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2)], 256: [(64, 64, 8, 2)]},
+            128: [(32, 128, 8, 2), (64, 64, 8, 2)], 256: [(64, 64, 8, 2)]},
     "dq": {16: [(64, 64, 4, 3), (128, 64, 8, 3)], 32: [(64, 64, 4, 3), (128, 64, 8, 3)],
            64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
            128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)], 256: [(64, 64, 4, 2)]},
 }
 TILES["dkdv"] = TILES["bwd"]  # the two-pass backward's first kernel: the one-pass kernel without dQ
+# GPUs with ~99 KB of shared memory per block (sm_86, sm_89, sm_120: RTX 3090/4090/5090, A10, L4, L40S) fit none of
+# the head dim 128 tiles above; these fit there and spill no registers (sm_86 compile reports under Triton 3.8).
+SMALL_TILES = {"fwd": {128: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3)]},
+               "bwd": {128: [(32, 64, 8, 2), (32, 64, 4, 2)]},
+               "dq": {128: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)]}}
+SMALL_TILES["dkdv"] = SMALL_TILES["bwd"]
 FALLBACK_TILE = (32, 32, 4, 1)  # where none of the listed tiles fits in shared memory (fp32 inputs at head dim 128+)
 
 
@@ -151,7 +157,8 @@ def _autotune(kind, docs=False):
             return fn
         if _INTERPRET:  # it runs programs one by one: few, big blocks are fastest (test_kernel.py swaps in small ones)
             return triton.autotune([triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "DOC_MASK": docs})], key=[])(fn)
-        shapes = sorted({shape for by_dim in TILES[kind].values() for shape in by_dim} | {FALLBACK_TILE})
+        shapes = sorted({shape for table in (TILES, SMALL_TILES) for by_dim in table[kind].values()
+                         for shape in by_dim} | {FALLBACK_TILE})
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "DOC_MASK": docs}, num_warps=w, num_stages=s)
                    for m, n, w, s in shapes]
         prune = functools.partial(_prune_configs, kind=kind)
@@ -182,11 +189,14 @@ def shared_memory_bytes(kind, block_m, block_n, num_stages, block_d, itemsize):
 
 def candidate_tiles(kind, head_dim, itemsize, shared_memory):
     """The tiles autotuning may pick for TILES kind at this head dim, element size (bytes) and shared memory per block
-    (bytes): those TILES lists whose shared memory fits, or FALLBACK_TILE if none does."""
+    (bytes): those TILES lists whose shared memory fits; if none, those of SMALL_TILES (fp16, bf16); else FALLBACK_TILE."""
     block_d = padded_head_dim(head_dim)
-    fits = [t for t in TILES[kind][block_d] if shared_memory_bytes(kind, t[0], t[1], t[3], block_d, itemsize)
-            <= shared_memory]
-    return fits or [FALLBACK_TILE]
+    for table in (TILES, SMALL_TILES) if itemsize == 2 else (TILES,):  # (SMALL_TILES: fp16/bf16 reports only)
+        fits = [t for t in table[kind].get(block_d, []) if shared_memory_bytes(kind, t[0], t[1], t[3], block_d,
+                                                                                 itemsize) <= shared_memory]
+        if fits:
+            return fits
+    return [FALLBACK_TILE]
 
 
 def _prune_configs(configs, named_args, kind, **kwargs):
