@@ -22,7 +22,7 @@ import torch
 
 import model as model_module
 from cog_kernel import causal_mask, cog_attention, cog_attention_reference, cog_attention_weights
-from model import Cogformer, CogformerConfig, UViC, UViCConfig, softmax_attention
+from model import Cogformer, CogformerConfig, UViC, UViCConfig, softmax_attn
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -147,7 +147,7 @@ def test_softmax_attention_end_aligned():
         s = q @ k.transpose(-2, -1) / math.sqrt(8)
         if causal:
             s = s.masked_fill(~causal_mask(3, 7), float("-inf"))
-        torch.testing.assert_close(softmax_attention(q, k, v, causal), torch.softmax(s, -1) @ v)
+        torch.testing.assert_close(softmax_attn(q, k, v, causal), torch.softmax(s, -1) @ v)
 
 
 # -----------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_softmax_attention_with_doc_ids(causal):
     s = q @ k.transpose(-2, -1) / math.sqrt(8)
     visible = (DOC_IDS[:, -4:, None] == DOC_IDS[:, None, :])[:, None] & (causal_mask(4, 11) if causal else True)
     want = torch.softmax(s.masked_fill(~visible, float("-inf")), -1) @ v
-    torch.testing.assert_close(softmax_attention(q, k, v, causal, DOC_IDS), want)
+    torch.testing.assert_close(softmax_attn(q, k, v, causal, DOC_IDS), want)
 
 
 def test_document_ids_open_a_document_at_each_start_token():
