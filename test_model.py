@@ -431,3 +431,24 @@ def test_rmsnorm_computes_in_float32():
 def test_bad_configs_are_errors(make):
     with pytest.raises(ValueError):
         make()
+
+
+def test_a_kind_added_to_the_attention_table_runs_end_to_end(monkeypatch):
+    calls = []
+    monkeypatch.setitem(model_module.ATTENTION, "mean", lambda q, k, v, causal, doc_ids=None: calls.append(1) or
+                        v.mean(2, keepdim=True).expand_as(q))
+    model = Cogformer(tiny_lm_config(n_layer=3, attn="mean"))
+    assert [b.attn.kind for b in model.blocks] == ["softmax", "mean", "softmax"]
+    assert model(torch.zeros(1, 5, dtype=torch.long))[0].shape == (1, 5, 64)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="attn must be one of .*'mean'"):
+        CogformerConfig(attn="linear")
+
+
+def test_lm_without_mlp_has_attention_only_blocks(recwarn):
+    model = Cogformer(tiny_lm_config(n_layer=1, ffn_hidden=0, softmax_layers=""))
+    assert not any("mlp" in name for name in model.state_dict()) and not recwarn.list
+    assert model.blocks[0].attn.kind == "cog"
+    logits, loss = model(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long))
+    loss.backward()
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
