@@ -2,18 +2,15 @@
 The two networks of the Cog attention paper (arXiv 2411.07176), in one readable file.
 
 1) Cogformer: a Llama-style decoder LM (pre-norm, fp32 RMSNorm, RoPE, SwiGLU, no biases, untied embeddings).
-   With attn="cog" the first and the last layer keep softmax attention and every other layer uses Cog attention,
-   w = sign(s) * softmax(|s|); attn="softmax" is the Transformer baseline.
-2) UViC: U-ViT (Bao et al., "All are Worth Words") for diffusion, with Cog attention in all blocks but the
-   first in-block and the last out-block; unconditional (CIFAR-10) or text-to-image (MS-COCO, CLIP context tokens).
+2) UViC: U-ViT (Bao et al., "All are Worth Words") for diffusion; unconditional (CIFAR-10) or text-to-image
+   (MS-COCO, CLIP context tokens).
 
-Cog attention itself lives in cog_kernel.py (reference and fused Triton kernel); softmax layers use PyTorch's
-scaled_dot_product_attention.
+In both, attn="cog" gives Cog attention, w = sign(s) * softmax(|s|), to every layer but those in softmax_layers (the
+paper's: the first and the last), and attn="softmax" is the softmax baseline. The authors' released checkpoints load
+through from_authors (the converters are in authors.py).
 """
 
 import math
-import os
-import re
 from dataclasses import dataclass
 
 import torch
@@ -22,30 +19,21 @@ import torch.nn.functional as F
 
 from cog_kernel import causal_mask, cog_attention, document_mask
 
-ATTN_KINDS = ("cog", "softmax")
+# -----------------------------------------------------------------------------
+# attention: q (B, nh, Tq, hs), k and v (B, nh, Tk, hs) -> (B, nh, Tq, hs). causal masks are aligned to the end (query
+# i sees keys up to i + Tk - Tq, as with a KV cache); doc_ids (B, Tk) limits each query to keys of its own document.
 
 
-def check_attn(attn):
-    if attn not in ATTN_KINDS:
-        raise ValueError(f"attn must be one of {ATTN_KINDS}, got {attn!r}")
+def cog_attn(q, k, v, causal, doc_ids=None):
+    """Cog attention. With scores s = q k^T / sqrt(hs) (masked keys left out of the row), the weights are
+        w = sign(s) * softmax(|s|)
+    so a key can add its value or subtract it, and each row's |w| sums to one; y = w v. cog_kernel.cog_attention runs
+    a fused Triton kernel (forward and backward) on a GPU and its PyTorch reference elsewhere."""
+    return cog_attention(q, k, v, causal=causal, doc_ids=doc_ids)
 
 
-def layer_pattern(attn, softmax_layers, n_layer):
-    """The attention kind of each of n_layer layers: attn everywhere, except that with attn="cog" the layers listed in
-    softmax_layers (comma-separated indices, negative ones counting from the end) keep softmax."""
-    try:
-        listed = [int(i) for i in softmax_layers.split(",") if i.strip()]
-    except ValueError:
-        raise ValueError(f"softmax_layers must be comma-separated layer indices, got {softmax_layers!r}") from None
-    bad = [i for i in listed if not -n_layer <= i < n_layer]
-    if bad:
-        raise ValueError(f"softmax_layers: layer {bad[0]} does not exist in a network of {n_layer} layers")
-    keep = {i % n_layer for i in listed}
-    return [("softmax" if attn == "cog" and i in keep else attn) for i in range(n_layer)]
-
-
-def softmax_attention(q, k, v, causal, doc_ids=None):
-    """Softmax attention with the same end-aligned causal convention and document ids as cog_attention."""
+def softmax_attn(q, k, v, causal, doc_ids=None):
+    """Softmax attention, w = softmax(s), with PyTorch's scaled_dot_product_attention."""
     Tq, Tk = q.size(-2), k.size(-2)
     if doc_ids is not None:  # a boolean mask, (B, 1, Tq, Tk): SDPA then picks a kernel that takes one
         mask = document_mask(doc_ids, Tq)
@@ -60,11 +48,27 @@ def softmax_attention(q, k, v, causal, doc_ids=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(Tq, Tk, q.device))
 
 
-def attend(kind, q, k, v, causal, doc_ids=None):
-    """Route to the attention of this layer's kind; q: (B, nh, Tq, hs), k, v: (B, nh, Tk, hs), doc_ids: (B, Tk)."""
-    if kind == "cog":
-        return cog_attention(q, k, v, causal=causal, doc_ids=doc_ids)
-    return softmax_attention(q, k, v, causal, doc_ids)
+# the attention kinds, by the name configs use (attn=...): adding a kind is adding its function here
+ATTENTION = {"cog": cog_attn, "softmax": softmax_attn}
+
+
+def check_attn(attn):
+    if attn not in ATTENTION:
+        raise ValueError(f"attn must be one of {tuple(ATTENTION)}, got {attn!r}")
+
+
+def layer_pattern(attn, softmax_layers, n_layer):
+    """The attention kind of each of n_layer layers: softmax in the layers listed in softmax_layers (comma-separated
+    indices, negative ones counting from the end, "" for none), attn in all the others."""
+    try:
+        listed = [int(i) for i in softmax_layers.split(",") if i.strip()]
+    except ValueError:
+        raise ValueError(f"softmax_layers must be comma-separated layer indices, got {softmax_layers!r}") from None
+    bad = [i for i in listed if not -n_layer <= i < n_layer]
+    if bad:
+        raise ValueError(f"softmax_layers: layer {bad[0]} does not exist in a network of {n_layer} layers")
+    keep = {i % n_layer for i in listed}
+    return [("softmax" if i in keep else attn) for i in range(n_layer)]
 
 
 def document_ids(idx, start_token):
@@ -94,11 +98,11 @@ class CogformerConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    ffn_hidden: int = 2304  # SwiGLU width: 141.18M parameters with the paper's 32k vocabulary
+    ffn_hidden: int = 2304  # SwiGLU width: 141.18M parameters with the paper's 32k vocabulary; 0 = attention only
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
-    attn: str = "cog"  # "cog": Cog attention in every layer but softmax_layers; "softmax": the baseline everywhere
-    softmax_layers: str = "0,-1"  # with attn="cog", the layers that keep softmax (the paper's: first and last; "": none)
+    attn: str = "cog"  # the attention kind of every layer but softmax_layers: "cog", or "softmax" (the baseline)
+    softmax_layers: str = "0,-1"  # the layers that use softmax whatever attn is (the paper's: first and last; "": none)
 
     def __post_init__(self):
         check_attn(self.attn)
@@ -107,6 +111,8 @@ class CogformerConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError(f"head dim ({self.n_embd // self.n_head}) must be even for RoPE")
+        if self.ffn_hidden < 0:
+            raise ValueError(f"ffn_hidden must be >= 0 (0: no feed-forward network), got {self.ffn_hidden}")
 
     def layer_kinds(self):
         """The attention kind of each layer: the paper keeps softmax in the boundary layers (for fast convergence)."""
@@ -170,7 +176,7 @@ class CausalSelfAttention(nn.Module):
                 k = torch.cat([cache["k"], k], dim=2)
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
-        y = attend(self.kind, q, k, v, True, doc_ids)  # (B, nh, T, hs)
+        y = ATTENTION[self.kind](q, k, v, True, doc_ids)  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -193,12 +199,14 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.attn = CausalSelfAttention(config, kind)
-        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.mlp = SwiGLU(config)
+        # ffn_hidden=0: attention-only blocks, for studies of the mechanism alone
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps) if config.ffn_hidden else None
+        self.mlp = SwiGLU(config) if config.ffn_hidden else None
 
     def forward(self, x, cos, sin, cache=None, doc_ids=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, doc_ids)
-        x = x + self.mlp(self.mlp_norm(x))
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
         return x
 
 
@@ -214,11 +222,12 @@ class Cogformer(nn.Module):
         cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        # nanoGPT's init: N(0, 0.02), residual projections scaled down by sqrt(2 * n_layer) (two per block)
+        # nanoGPT's init: N(0, 0.02), residual projections scaled down by sqrt(their number): two per block
         self.apply(self._init_weights)
+        residuals = config.n_layer * (2 if config.ffn_hidden else 1)
         for name, p in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(residuals))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -281,127 +290,20 @@ class Cogformer(nn.Module):
             new = idx_next
         return idx
 
+
     @classmethod
     def from_authors(cls, path, block_size=None):
         """The authors' released Cogformer or Transformer (trestad/CogAttn: cog_ckpt_100.00_Bi.pt,
         vanilla_ckpt_100.00_Bi.pt) as a Cogformer in eval mode. path: the file, or the dict torch.load gave.
         block_size: the context to use (default: the max_seq_length they trained with)."""
-        checkpoint = load_weights_file(path) if isinstance(path, str) else path
-        config, state = authors_to_nanocog(checkpoint)
+        import authors  # here, not at the top: authors.py imports this file
+        checkpoint = authors.load_weights_file(path) if isinstance(path, str) else path
+        config, state = authors.authors_to_nanocog(checkpoint)
         if block_size is not None:
             config.block_size = block_size
         model = cls(config)
         model.load_state_dict(state)
         return model.eval()
-
-
-# -----------------------------------------------------------------------------
-# the authors' LM checkpoint format (their Cogformer/model.py and attention.py):
-#   {"model_cfg": {vocab_size, n_layers, max_seq_length, dim, n_heads, head_dim, hidden_dim, norm_eps,
-#                  attn_type ("np": Cog in all but the first and last layer, "vanilla": softmax), shared_expert_recipe},
-#    "model": state dict}
-# Their projections are (in, out) matrices used as x @ W: ours are nn.Linear weights, (out, in), so each is transposed.
-# Their RoPE turns the pairs (2i, 2i+1) of a head as complex numbers; ours turns (i, i + hs/2). A head's q and k
-# components are therefore reordered, evens first, then odds: q.k is unchanged by a permutation applied to both,
-# and each pair lands where our rotation expects it with the same frequency (theta 10000 in both).
-
-AUTHORS_IGNORED = ("freqs_cis", "shortcut_bar")  # their RoPE table (recomputed here) and an unused buffer
-AUTHORS_CONFIG_KEYS = ("vocab_size", "n_layers", "max_seq_length", "dim", "n_heads", "head_dim", "hidden_dim",
-                       "norm_eps", "attn_type", "shared_expert_recipe")
-
-
-def load_weights_file(path):
-    """What a torch.save file holds (a released checkpoint, a state dict), read with weights_only=True: tensors and
-    plain containers only, so no code from the file runs."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint file at {path} (no such file)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a torch file, truncated, or pickled objects other than tensors and plain values
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ValueError(f"cannot read {path}: not a plain checkpoint of tensors and values, refused to load it "
-                         f"({type(err).__name__}: {first_line})") from None
-
-
-def is_authors_lm(checkpoint):
-    """True for a dict in the authors' LM format (a model_cfg and a state dict)."""
-    return isinstance(checkpoint, dict) and "model_cfg" in checkpoint and "model" in checkpoint
-
-
-def authors_config(cfg):
-    """(our CogformerConfig, the number of FFN experts in the file) for the authors' model_cfg."""
-    missing = [k for k in AUTHORS_CONFIG_KEYS if k not in cfg]
-    if missing:
-        raise ValueError(f"authors' checkpoint: model_cfg lacks {', '.join(missing)}")
-    if cfg["n_heads"] * cfg["head_dim"] != cfg["dim"]:
-        raise ValueError(f"authors' checkpoint: n_heads * head_dim = {cfg['n_heads']} * {cfg['head_dim']} is not "
-                         f"dim = {cfg['dim']}, which this Cogformer needs")
-    attn = {"np": "cog", "vanilla": "softmax"}.get(cfg["attn_type"])
-    if attn is None:
-        raise ValueError(f"authors' checkpoint: unknown attn_type {cfg['attn_type']!r} (expected 'np' or 'vanilla')")
-    # their FFN splits hidden_dim over "shared experts" in proportion to the recipe, but only expert 0 runs
-    recipe = cfg["shared_expert_recipe"]
-    fuels = [1] * recipe if isinstance(recipe, int) else list(recipe or [])
-    if not fuels:
-        raise ValueError("authors' checkpoint: shared_expert_recipe names no FFN expert")
-    return CogformerConfig(block_size=cfg["max_seq_length"], vocab_size=cfg["vocab_size"], n_layer=cfg["n_layers"],
-                           n_head=cfg["n_heads"], n_embd=cfg["dim"],
-                           ffn_hidden=fuels[0] * (cfg["hidden_dim"] // sum(fuels)), norm_eps=cfg["norm_eps"],
-                           attn=attn), len(fuels)
-
-
-def authors_to_nanocog(checkpoint):
-    """(CogformerConfig, our state dict) from the authors' {"model_cfg", "model"} dict. Every expected key must be
-    there with its shape, and no other key (but the ignored buffers and the FFN experts their forward never calls)."""
-    if not is_authors_lm(checkpoint):
-        found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"not the authors' LM format (a dict with 'model_cfg' and 'model'); found {found}")
-    config, n_experts = authors_config(checkpoint["model_cfg"])
-    theirs = dict(checkpoint["model"])
-    C, H, V, L = config.n_embd, config.ffn_hidden, config.vocab_size, config.n_layer
-    expected = {"embedding.weight": (V, C), "norm.weight": (C,), "output.weight": (V, C)}
-    for i in range(L):
-        p = f"layers.{i}."
-        expected.update({p + "attention.qw": (C, C), p + "attention.kw": (C, C), p + "attention.vw": (C, C),
-                         p + "attention.ow": (C, C), p + "attention_norm.weight": (C,), p + "ffn_norm.weight": (C,),
-                         p + "ffn.shared_experts.0.gw": (C, H), p + "ffn.shared_experts.0.pw": (C, H),
-                         p + "ffn.shared_experts.0.ow": (H, C)})
-    unused = [k for k in theirs if k in AUTHORS_IGNORED or
-              any(k.startswith(f"layers.{i}.ffn.shared_experts.{e}.") for i in range(L) for e in range(1, n_experts))]
-    missing = [k for k in expected if k not in theirs]
-    extra = [k for k in theirs if k not in expected and k not in unused]
-    if missing or extra:
-        raise ValueError("authors' checkpoint does not match its model_cfg: "
-                         + (f"missing keys {missing[:6]}{' ...' if len(missing) > 6 else ''}" if missing else "")
-                         + ("; " if missing and extra else "")
-                         + (f"unexpected keys {extra[:6]}{' ...' if len(extra) > 6 else ''}" if extra else ""))
-    for k, shape in expected.items():
-        if tuple(theirs[k].shape) != shape:
-            raise ValueError(f"authors' checkpoint: {k} has shape {tuple(theirs[k].shape)}, model_cfg implies {shape}")
-    hs = C // config.n_head
-    if "freqs_cis" in theirs:  # their RoPE table, e^(i t f_j): it must be ours, or theta (or the layout) differs
-        table = theirs["freqs_cis"][:config.block_size]
-        cos, sin = rope_tables(hs, len(table), config.rope_theta)
-        if table.shape[-1:] != (hs // 2,) or not table.is_complex() or max(
-                (table.real - cos[:, :hs // 2]).abs().max(), (table.imag - sin[:, :hs // 2]).abs().max()) > 1e-4:
-            raise ValueError(f"authors' checkpoint: its RoPE table freqs_cis is not RoPE with theta "
-                             f"{config.rope_theta} over head dim {hs}")
-    # output column of our rotated q/k layout -> theirs: in each head, the even components, then the odd ones
-    rope_order = torch.cat([torch.arange(0, hs, 2), torch.arange(1, hs, 2)])
-    rope_order = (torch.arange(config.n_head)[:, None] * hs + rope_order).flatten()
-    ours = {"tok_emb.weight": theirs["embedding.weight"], "norm.weight": theirs["norm.weight"],
-            "lm_head.weight": theirs["output.weight"]}
-    for i in range(L):
-        p, b = f"layers.{i}.", f"blocks.{i}."
-        q, k = theirs[p + "attention.qw"].t()[rope_order], theirs[p + "attention.kw"].t()[rope_order]
-        ours[b + "attn.qkv.weight"] = torch.cat([q, k, theirs[p + "attention.vw"].t()])
-        ours[b + "attn.proj.weight"] = theirs[p + "attention.ow"].t()
-        ours[b + "attn_norm.weight"] = theirs[p + "attention_norm.weight"]
-        ours[b + "mlp_norm.weight"] = theirs[p + "ffn_norm.weight"]
-        ours[b + "mlp.up.weight"] = theirs[p + "ffn.shared_experts.0.gw"].t()  # the linear branch
-        ours[b + "mlp.gate.weight"] = theirs[p + "ffn.shared_experts.0.pw"].t()  # the SiLU branch
-        ours[b + "mlp.proj.weight"] = theirs[p + "ffn.shared_experts.0.ow"].t()
-    return config, {k: v.contiguous() for k, v in ours.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -416,8 +318,8 @@ class UViCConfig:
     depth: int = 13  # depth // 2 in-blocks, one mid-block, depth // 2 out-blocks
     num_heads: int = 8
     mlp_ratio: float = 4.0
-    attn: str = "cog"  # "cog": Cog attention in every block but softmax_layers; "softmax": U-ViT
-    softmax_layers: str = "0,-1"  # with attn="cog", the blocks (in-, mid-, out-blocks in order) that keep softmax
+    attn: str = "cog"  # the attention kind of every block but softmax_layers: "cog", or "softmax" (U-ViT)
+    softmax_layers: str = "0,-1"  # the blocks (in-, mid-, out-blocks in order) that use softmax whatever attn is
     clip_dim: int = 768  # width of the text features (CLIP ViT-L/14's last hidden state)
     num_clip_token: int = 0  # text tokens per caption: 77 for MS-COCO; 0 = unconditional (no context_embed)
 
@@ -464,7 +366,7 @@ class SelfAttention(nn.Module):
         B, L, C = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, nh, L, hs)
-        y = attend(self.kind, q, k, v, causal=False)
+        y = ATTENTION[self.kind](q, k, v, False)
         return self.proj(y.transpose(1, 2).reshape(B, L, C))
 
 
@@ -553,82 +455,16 @@ class UViC(nn.Module):
         x = self.decoder_pred(self.norm(x))[:, self.extras:]  # drop the time and text tokens: (B, L, p*p*C)
         return self.final_conv(self.unpatchify(x))
 
-    # -------------------------------------------------------------------------
-    # the authors' released checkpoints: state dicts of U-ViT's libs/uvit_t2i.py network (nnet_ema.pth)
 
     @classmethod
     def from_authors(cls, path, attn=None, num_clip_token=77, num_heads=None):
-        """A U-ViC or U-ViT loaded from a state dict saved by U-ViT's (or the authors') code. The architecture is read
-        from the tensors' shapes, except what they cannot tell: the attention kind (attn, or else the file's name:
-        "cog", "np" or "uvic" in it means Cog, "uvit" or "vanilla" softmax), the number of text tokens (77, CLIP's)
-        and the heads (default: 64 wide, as in U-ViT-S/2's 8 heads of 512). Every tensor must be used."""
-        state = load_state_dict_file(path)
-        attn = attn or attn_from_name(path)
-        config = UViCConfig(**authors_architecture(state, num_clip_token, num_heads), attn=attn)
-        model = cls(config)
-        shapes = {name: t.shape for name, t in model.state_dict().items()}
-        theirs = {authors_name(name): name for name in shapes}
-        unused, missing = sorted(set(state) - set(theirs)), sorted(set(theirs) - set(state))
-        if unused or missing:
-            raise ValueError(f"{path} does not match a U-ViT of {config}: unused tensors {unused[:6]}, "
-                             f"missing tensors {missing[:6]}")
-        for their_name, our_name in theirs.items():
-            if state[their_name].shape != shapes[our_name]:
-                raise ValueError(f"{path}: {their_name} has shape {tuple(state[their_name].shape)}, "
-                                 f"expected {tuple(shapes[our_name])}")
-        model.load_state_dict({our_name: state[their_name] for their_name, our_name in theirs.items()})
+        """A U-ViC or U-ViT loaded from a state dict saved by U-ViT's (or the authors') code (nnet_ema.pth). The
+        architecture is read from the tensors' shapes, except what they cannot tell: the attention kind (attn, or else
+        the file's name: "cog", "np" or "uvic" in it means Cog, "uvit" or "vanilla" softmax), the number of text tokens
+        (77, CLIP's) and the heads (default: 64 wide, as in U-ViT-S/2's 8 heads of 512). Every tensor must be used."""
+        import authors  # here, not at the top: authors.py imports this file
+        state = authors.load_state_dict_file(path)
+        attn = attn or authors.attn_from_name(path)
+        model = cls(UViCConfig(**authors.authors_architecture(state, num_clip_token, num_heads), attn=attn))
+        model.load_state_dict(authors.uvit_to_nanocog(state, model, path))
         return model
-
-
-# our parameter names -> U-ViT's, where they differ: U-ViT wraps the patch convolution in PatchEmbed.proj, uses timm's
-# Mlp (fc1, fc2) and calls the closing 3x3 convolution final_layer
-AUTHORS_RENAMES = (("patch_embed.", "patch_embed.proj."), (".mlp.0.", ".mlp.fc1."), (".mlp.2.", ".mlp.fc2."),
-                   ("final_conv.", "final_layer."))
-
-
-def authors_name(name):
-    for ours, theirs in AUTHORS_RENAMES:
-        if name.startswith(ours) or (ours.startswith(".") and ours in name):
-            return name.replace(ours, theirs, 1)
-    return name
-
-
-def load_state_dict_file(path):
-    """A flat {name: tensor} dict from a torch.save file."""
-    state = load_weights_file(path)
-    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{path} is not a state dict (a flat dict of tensors, as nnet_ema.pth is)")
-    return state
-
-
-def authors_architecture(state, num_clip_token, num_heads):
-    """UViCConfig fields read from the shapes of a U-ViT state dict."""
-    for key in ("pos_embed", "patch_embed.proj.weight", "in_blocks.0.mlp.fc1.weight"):
-        if key not in state:
-            raise ValueError(f"not a U-ViT state dict: no {key!r} (its keys start {sorted(state)[:4]})")
-    embed_dim, in_chans, patch_size, _ = state["patch_embed.proj.weight"].shape
-    num_in = len({k.split(".")[1] for k in state if k.startswith("in_blocks.")})
-    if "context_embed.weight" not in state:
-        num_clip_token = 0
-    num_patches = state["pos_embed"].shape[1] - 1 - num_clip_token
-    side = math.isqrt(max(num_patches, 0))
-    if side * side != num_patches or side == 0:
-        raise ValueError(f"pos_embed holds {state['pos_embed'].shape[1]} tokens: not 1 + {num_clip_token} text tokens "
-                         "+ a square of patches")
-    return dict(img_size=side * patch_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                depth=2 * num_in + 1, num_heads=num_heads or max(1, embed_dim // 64),
-                mlp_ratio=state["in_blocks.0.mlp.fc1.weight"].shape[0] / embed_dim, num_clip_token=num_clip_token,
-                clip_dim=state["context_embed.weight"].shape[1] if num_clip_token else 768)
-
-
-def attn_from_name(path):
-    """The attention kind a checkpoint's path names, nearest folder first: the authors call their U-ViC's file
-    cog_nnet_ema.pth and its config mscoco_uvit_small_np_0_last ("np": negative weights); U-ViT's are softmax."""
-    for part in reversed(os.path.normpath(os.path.abspath(path)).split(os.sep)):
-        words = set(re.split(r"[^a-z0-9]+", part.lower()))
-        if words & {"cog", "np", "uvic"}:
-            return "cog"
-        if words & {"uvit", "vanilla", "softmax"}:
-            return "softmax"
-    raise ValueError(f"cannot tell from its path whether {path} is a U-ViC (Cog) or a U-ViT (softmax): "
-                     "say which (attn='cog' or 'softmax'; --attn on the command line)")

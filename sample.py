@@ -160,7 +160,8 @@ def main(argv=None):
 
 def sample_released(config, given, prompts):
     """Sample from a released checkpoint file, recognised by its content (loaded without running code from it)."""
-    from model import Cogformer, UViC, is_authors_lm, load_weights_file
+    from authors import is_authors_lm, load_weights_file
+    from model import Cogformer, UViC
     try:
         content = load_weights_file(config.init_from)
         if is_authors_lm(content):  # the authors' Cogformer / Transformer LM

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import analyze
 import train_lm
 from data import prepare_lm
-from model import Cogformer, authors_to_nanocog, document_ids
+from authors import authors_to_nanocog
+from model import Cogformer, document_ids
 from train_utils import load_checkpoint, read_log
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

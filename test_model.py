@@ -22,7 +22,7 @@ import torch
 
 import model as model_module
 from cog_kernel import causal_mask, cog_attention, cog_attention_reference, cog_attention_weights
-from model import Cogformer, CogformerConfig, UViC, UViCConfig, softmax_attention
+from model import Cogformer, CogformerConfig, UViC, UViCConfig, softmax_attn
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -147,7 +147,7 @@ def test_softmax_attention_end_aligned():
         s = q @ k.transpose(-2, -1) / math.sqrt(8)
         if causal:
             s = s.masked_fill(~causal_mask(3, 7), float("-inf"))
-        torch.testing.assert_close(softmax_attention(q, k, v, causal), torch.softmax(s, -1) @ v)
+        torch.testing.assert_close(softmax_attn(q, k, v, causal), torch.softmax(s, -1) @ v)
 
 
 # -----------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_softmax_attention_with_doc_ids(causal):
     s = q @ k.transpose(-2, -1) / math.sqrt(8)
     visible = (DOC_IDS[:, -4:, None] == DOC_IDS[:, None, :])[:, None] & (causal_mask(4, 11) if causal else True)
     want = torch.softmax(s.masked_fill(~visible, float("-inf")), -1) @ v
-    torch.testing.assert_close(softmax_attention(q, k, v, causal, DOC_IDS), want)
+    torch.testing.assert_close(softmax_attn(q, k, v, causal, DOC_IDS), want)
 
 
 def test_document_ids_open_a_document_at_each_start_token():
@@ -431,3 +431,24 @@ def test_rmsnorm_computes_in_float32():
 def test_bad_configs_are_errors(make):
     with pytest.raises(ValueError):
         make()
+
+
+def test_a_kind_added_to_the_attention_table_runs_end_to_end(monkeypatch):
+    calls = []
+    monkeypatch.setitem(model_module.ATTENTION, "mean", lambda q, k, v, causal, doc_ids=None: calls.append(1) or
+                        v.mean(2, keepdim=True).expand_as(q))
+    model = Cogformer(tiny_lm_config(n_layer=3, attn="mean"))
+    assert [b.attn.kind for b in model.blocks] == ["softmax", "mean", "softmax"]
+    assert model(torch.zeros(1, 5, dtype=torch.long))[0].shape == (1, 5, 64)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="attn must be one of .*'mean'"):
+        CogformerConfig(attn="linear")
+
+
+def test_lm_without_mlp_has_attention_only_blocks(recwarn):
+    model = Cogformer(tiny_lm_config(n_layer=1, ffn_hidden=0, softmax_layers=""))
+    assert not any("mlp" in name for name in model.state_dict()) and not recwarn.list
+    assert model.blocks[0].attn.kind == "cog"
+    logits, loss = model(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long))
+    loss.backward()
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0

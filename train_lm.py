@@ -29,8 +29,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.prepare_lm import prepare_pystdlib
-from model import (Cogformer, CogformerConfig, authors_to_nanocog, configure_adamw, document_ids,
-                   load_weights_file)
+from authors import authors_to_nanocog, load_weights_file
+from model import Cogformer, CogformerConfig, configure_adamw, document_ids
 from train_utils import (Dtype, MetricsLog, SlowRun, StopNow, StopRequest, agree_on_step, autocast_context,
                          check_at_least, check_betas, check_finite, check_out_dir, gather_generator_states,
                          learning_rate, load_checkpoint, make_grad_scaler, make_out_dir, micro_steps_per_process,
