@@ -39,7 +39,7 @@ class RunsConfig:
     out_dir: str = ""  # a run folder (ckpt.pt, log.jsonl); several comma-separated
     out_dirs: str = ""  # the same, for several runs
     init_from: str = ""  # the authors' released checkpoint file(s), comma-separated or the flag repeated
-    tokenizer: str = ""  # "": the run's own (llama2 for the authors' files); or gpt2, bytes, llama2
+    tokenizer: str = ""  # the run's own (another is an error); for the authors' files: llama2, or gpt2, bytes
     tokenizer_path: str = ""  # llama2: a folder, hub id or tokenizer.model file; "": meta-llama/Llama-2-7b-hf
     device: str = "auto"
     png: str = ""  # default: <first run folder>/<subcommand>.png; the numbers go to <first run folder>/<png name>.json
@@ -97,6 +97,9 @@ def load_run(run, device, cfg):
             raise SystemExit(f"error: {path}/ckpt.pt is a {ckpt['kind']!r} checkpoint; analyze.py reads LM checkpoints")
         model = Cogformer(CogformerConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
+        trained_with = ckpt["meta"]["tokenizer"]  # the checkpoint decides; the authors' files name none
+        require(cfg.tokenizer in ("", trained_with), f"--tokenizer={cfg.tokenizer}: {path}/ckpt.pt says "
+                f"tokenizer={trained_with}; leave --tokenizer out")
     tok = Tokenizer(cfg.tokenizer or ckpt["meta"]["tokenizer"], cfg.tokenizer_path)
     if tok.vocab_size > model.config.vocab_size:
         raise SystemExit(f"error: the {tok.name} tokenizer has {tok.vocab_size} tokens, the model of {path} only "

@@ -136,6 +136,11 @@ def checkpoint_prediction(checkpoint):
     return checkpoint["config"].get("prediction", "eps")
 
 
+def checkpoint_schedule(checkpoint):
+    """The noise schedule a diffusion checkpoint was trained on (checkpoints from before the option: the VP-SDE)."""
+    return checkpoint["config"].get("noise_schedule", "vp")
+
+
 def diffusion_loss(model, x0, generator, prediction="eps", schedule=None, context=None):
     """U-ViT's training loss: t from the schedule (VP: t ~ U(T_MIN, 1)), x_t = alpha_t x0 + sigma_t eps, MSE of the
     network's noise prediction; context: the text features of a text-to-image model (B, L, D).

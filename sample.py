@@ -9,8 +9,10 @@ Sample from a trained checkpoint: text from an LM (train_lm.py), images from a d
     python sample.py --init_from=cog_nnet_ema.pth --prompt="a red bus on a street"   # the authors' U-ViC
     python sample.py --out_dir=out/coco --fid --num_samples=30000                      # the paper's FID protocol
 
-The checkpoint's "kind" picks the branch; an LM checkpoint carries its tokenizer in its dataset metadata. A
-text-to-image model draws one image per prompt with DPM-Solver++. --init_from=FILE reads a released checkpoint
+The checkpoint's "kind" picks the branch, and the checkpoint says how to sample it: the network, an LM's tokenizer,
+a diffusion model's noise schedule (the VP-SDE, or the discrete "sd" one, which only DPM-Solver++ follows) and what its
+network predicts. A flag that contradicts the checkpoint is an error that names the key. A text-to-image model draws
+one image per prompt with DPM-Solver++. --init_from=FILE reads a released checkpoint
 instead, told apart by its content: the authors' LM format (a dict with model_cfg and model: Cogformer.from_authors,
 Llama-2 tokenizer, the prompt after BOS as in their evaluation) or a U-ViT / U-ViC text-to-image state dict
 (nnet_ema.pth: UViC.from_authors). Flags for another kind of model than the one sampled are errors.
@@ -24,14 +26,14 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from train_utils import (Dtype, autocast_context, check_at_least, cli_keys, field_docs, load_checkpoint, parse_config,
+from train_utils import (Dtype, autocast_context, check_at_least, cli_keys, load_checkpoint, parse_config,
                          require, resolve_device, resolve_dtype, run_script)
 
 
 @dataclass
 class SampleConfig:
     # shared by all kinds
-    out_dir: str = "out/lm"  # the folder holding ckpt.pt (train_lm.py's default out_dir)
+    out_dir: str = "out/lm"  # the folder holding ckpt.pt (train_lm.py's default run folder)
     init_from: str = ""  # a released checkpoint instead of out_dir's: the authors' LM or MS-COCO U-ViC / U-ViT
     num_samples: Optional[int] = None  # none: 3 texts, or a grid of 64 images
     seed: int = 1337
@@ -42,12 +44,12 @@ class SampleConfig:
     max_new_tokens: int = 300
     temperature: float = 0.8  # < 1 sharper, > 1 more random, 0 greedy
     top_k: Optional[int] = 200  # keep only the k most likely tokens; none: all
-    tokenizer: str = ""  # "": the checkpoint's (llama2 for the authors' models); or gpt2, bytes, llama2
+    tokenizer: str = ""  # the checkpoint's (another is an error); with --init_from: llama2, or gpt2, bytes
     tokenizer_path: str = ""  # llama2: a folder, hub id or tokenizer.model file; "": meta-llama/Llama-2-7b-hf
     # diffusion models
-    sampler: str = "dpm"  # "dpm": DPM-Solver-2, fast; "em": Euler-Maruyama on the reverse SDE (the FID protocol)
-    steps: int = 0  # 0: the sampler's default, 50 for dpm and 1000 for em
-    output: str = ""  # the grid PNG; "": out_dir/samples_<sampler><steps>.png
+    sampler: str = ""  # dpm (DPM-Solver-2), em (Euler-Maruyama, the FID protocol), dpm++; "": the schedule's
+    steps: int = 0  # 0: the sampler's default, 50 for dpm and dpm++, 1000 for em
+    output: str = ""  # the grid PNG; "": out_dir/samples_<sampler><steps>.png (dpm++ as dpmpp)
     use_ema: bool = True  # the EMA weights (as the paper samples) or the raw ones
     batch_size: int = 500  # images sampled at once
     fid: bool = False  # also measure FID against CIFAR-10's training set (pytorch-fid's Inception features)
@@ -56,7 +58,7 @@ class SampleConfig:
     prompt: str = ""  # a caption to draw; repeat --prompt=... for several
     prompts: str = ""  # a text file with one caption per line
     cfg_scale: float = 1.0  # guidance: cond + cfg_scale * (cond - uncond); 0: none; the paper's FID uses 1
-    attn: str = ""  # with --init_from: cog or softmax; "": read from the file's path (cog_nnet_ema.pth is Cog)
+    attn: str = ""  # --init_from only: cog or softmax; "": read from the file's path (cog_nnet_ema.pth is Cog)
     vae: str = ""  # MS-COCO: the autoencoder that decodes; "": the one the features were prepared with, or SD v1's
     text_encoder: str = ""  # MS-COCO: the CLIP text encoder of --prompt; "": likewise, or CLIP ViT-L/14
     fid_stats: str = ""  # MS-COCO --fid: an .npz with val2014's mu and sigma (U-ViT's file); "": computed, cached
@@ -66,7 +68,7 @@ def sample_text(model, tokenizer_name, config):
     """Print num_samples continuations of the prompt, generated with the model's KV cache."""
     from data.prepare_lm import Tokenizer
     model.eval().to(config.device)
-    tokenizer = Tokenizer(config.tokenizer or tokenizer_name, config.tokenizer_path)
+    tokenizer = Tokenizer(tokenizer_name, config.tokenizer_path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise SystemExit(f"error: the {tokenizer.name} tokenizer has {tokenizer.vocab_size} tokens, the model only "
                          f"{model.config.vocab_size}: --tokenizer names the wrong one")
@@ -98,6 +100,10 @@ def check_config(config, given):
     """Bad values and unreadable files end the run before the checkpoint is even loaded."""
     check_at_least(config, 1, "num_samples", "top_k", "batch_size")
     check_at_least(config, 0, "max_new_tokens", "temperature", "steps")
+    require(config.sampler in ("",) + SAMPLERS, f"--sampler must be one of {', '.join(SAMPLERS)}, got "
+            f"{config.sampler!r}")
+    require(not config.attn or config.init_from, f"--attn={config.attn}: for --init_from only (a checkpoint of "
+            "train_diffusion.py says what attention it has)")
     if "start" in given:
         prompt(config.start)
     if config.output:
@@ -106,16 +112,27 @@ def check_config(config, given):
         require(config.output.lower().endswith(".png"), f"--output={config.output}: the grid is a PNG: name it .png")
 
 
-# the kinds of model each heading's fields of SampleConfig are for
-FLAG_KINDS = {"language models": ("lm",), "diffusion models": ("diffusion", "text-to-image"),
-              "text-to-image models": ("text-to-image",)}
+# which flags are for which kinds of model: {what they are for: (the kinds, the flags)}; the rest are for every kind
+SHARED_FLAGS = ("out_dir", "init_from", "num_samples", "seed", "device", "dtype")
+FLAG_KINDS = {
+    "language models": (("lm",), ("start", "max_new_tokens", "temperature", "top_k", "tokenizer", "tokenizer_path")),
+    "diffusion models": (("diffusion", "text-to-image"),
+                         ("sampler", "steps", "output", "use_ema", "batch_size", "fid", "data_dir")),
+    "text-to-image models": (("text-to-image",), ("prompt", "prompts", "cfg_scale", "attn", "vae", "text_encoder",
+                                                  "fid_stats")),
+}
 
 
 def flags_for_other_kinds(given, kind):
-    """{flag: the heading it stands under in SampleConfig} for the given flags that do not apply to this kind."""
-    headings = {name: heading for name, (heading, _) in field_docs(SampleConfig).items()}
-    return {k: h for k in sorted(given) for h, kinds in FLAG_KINDS.items()
-            if headings.get(k, "").startswith(h) and kind not in kinds}
+    """{flag: the kinds of model it is for} for the given flags that do not apply to this kind."""
+    return {k: purpose for k in sorted(given) for purpose, (kinds, flags) in FLAG_KINDS.items()
+            if k in flags and kind not in kinds}
+
+
+def refuse_contradiction(given, config, key, value, source):
+    """The checkpoint says how to sample it: a flag that says otherwise is an error, not an override."""
+    require(key not in given or getattr(config, key) == value,
+            f"--{key}={getattr(config, key)}: {source} says {key}={value}; leave --{key} out")
 
 
 def refuse_flags_of_other_kinds(given, kind, path):
@@ -148,14 +165,15 @@ def main(argv=None):
         from model import Cogformer, CogformerConfig
         model = Cogformer(CogformerConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
+        refuse_contradiction(given, config, "tokenizer", checkpoint["meta"]["tokenizer"], ckpt_path)
         sample_text(model, checkpoint["meta"]["tokenizer"], config)
     elif kind == "text-to-image":
         from model import UViC, UViCConfig
         model = UViC(UViCConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["ema" if config.use_ema else "model"])
-        return sample_text_to_image(model, checkpoint["config"], config, prompts)
+        return sample_text_to_image(model, checkpoint["config"], config, given, prompts)
     else:
-        return sample_images(checkpoint, config)
+        return sample_images(checkpoint, config, given, ckpt_path)
 
 
 def sample_released(config, given, prompts):
@@ -166,11 +184,12 @@ def sample_released(config, given, prompts):
         content = load_weights_file(config.init_from)
         if is_authors_lm(content):  # the authors' Cogformer / Transformer LM
             refuse_flags_of_other_kinds(given, "lm", config.init_from)
-            return sample_text(Cogformer.from_authors(content), "llama2", config)
+            # their files name no tokenizer: Llama-2's is the recipe, and --tokenizer may name another
+            return sample_text(Cogformer.from_authors(content), config.tokenizer or "llama2", config)
         if isinstance(content, dict) and "patch_embed.proj.weight" in content:  # U-ViT's text-to-image network
             refuse_flags_of_other_kinds(given, "text-to-image", config.init_from)
             return sample_text_to_image(UViC.from_authors(config.init_from, attn=config.attn or None),
-                                        AUTHORS_T2I_RECIPE, config, prompts)
+                                        AUTHORS_T2I_RECIPE, config, given, prompts)
     except ValueError as err:
         raise SystemExit(f"error: --init_from: {err}") from None
     raise SystemExit(f"error: --init_from={config.init_from} is not one of the authors' files that sample.py knows: "
@@ -182,9 +201,22 @@ def sample_released(config, given, prompts):
 # diffusion
 
 
-def sample_images(checkpoint, config):
-    """Write a grid of num_samples images (at most 256 shown) drawn by the checkpoint's EMA model; with --fid,
-    also the FID of all of them against CIFAR-10's training set (the paper: --num_samples=50000 --sampler=em)."""
+SAMPLERS = ("dpm", "em", "dpm++")
+SAMPLERS_OF_SCHEDULE = {"vp": SAMPLERS, "sd": ("dpm++",)}  # em and dpm integrate the VP-SDE; the first is the default
+DEFAULT_STEPS = {"dpm": 50, "em": 1000, "dpm++": 50}
+
+
+def pick_sampler(config, allowed, why):
+    """(sampler, steps): --sampler, or the first of the samplers allowed for the model; another one is an error."""
+    sampler = config.sampler or allowed[0]
+    require(sampler in allowed, f"--sampler={sampler}: {why}; use {' or '.join(allowed)}")
+    return sampler, config.steps or DEFAULT_STEPS[sampler]
+
+
+def sample_images(checkpoint, config, given, ckpt_path):
+    """Write a grid of num_samples images (at most 256 shown) drawn by the checkpoint's EMA model, on the noise
+    schedule and with the prediction it was trained with; with --fid, also the FID of all of them against CIFAR-10's
+    training set (the paper: --num_samples=50000 --sampler=em)."""
     import diffusion
     from model import UViC, UViCConfig
     model_config = UViCConfig(**checkpoint["model_config"])
@@ -192,9 +224,9 @@ def sample_images(checkpoint, config):
     model.load_state_dict(checkpoint["ema" if config.use_ema else "model"])
     model.eval().to(config.device)
     num_samples = config.num_samples or 64
-    if config.sampler not in ("em", "dpm"):
-        raise SystemExit(f"error: --sampler must be em or dpm, got {config.sampler!r}")
-    steps = config.steps or {"em": 1000, "dpm": 50}[config.sampler]
+    schedule_name = diffusion.checkpoint_schedule(checkpoint)
+    sampler, steps = pick_sampler(config, SAMPLERS_OF_SCHEDULE[schedule_name],
+                                  f"{ckpt_path} was trained with noise_schedule={schedule_name}")
     if config.fid:  # fail before sampling, not after: the Inception weights and the reference statistics
         if checkpoint["config"]["dataset"] != "cifar10":
             raise SystemExit(f"error: --fid compares with CIFAR-10; this model was trained on "
@@ -202,20 +234,20 @@ def sample_images(checkpoint, config):
         inception = diffusion.load_inception(config.device)
         ref_mu, ref_sigma = diffusion.cifar10_train_stats(config.data_dir, inception, config.device)
     weights = "EMA" if config.use_ema else "raw"
+    prediction, schedule = diffusion.checkpoint_prediction(checkpoint), diffusion.get_schedule(schedule_name)
     print(f"sampling {num_samples} images from the {weights} weights at iteration {checkpoint['iter']}: "
-          f"{config.sampler}, {steps} steps, seed {config.seed}")
-    eps_fn = diffusion.noise_predictor(model, autocast_context(config.device, config.dtype),
-                                       diffusion.checkpoint_prediction(checkpoint))
+          f"{sampler}, {steps} steps, seed {config.seed} ({schedule_name} schedule, {prediction}-prediction)")
+    eps_fn = diffusion.noise_predictor(model, autocast_context(config.device, config.dtype), prediction, schedule)
     shape = (model_config.in_chans, model_config.img_size, model_config.img_size)
-    images = diffusion.generate(eps_fn, num_samples, shape, config.sampler, steps, config.seed, config.device,
-                                config.batch_size, progress=True)
-    output = config.output or os.path.join(config.out_dir, f"samples_{config.sampler}{steps}.png")
+    images = diffusion.generate(eps_fn, num_samples, shape, sampler, steps, config.seed, config.device,
+                                config.batch_size, progress=True, schedule=schedule)
+    output = config.output or os.path.join(config.out_dir, f"samples_{sampler.replace('+', 'p')}{steps}.png")
     diffusion.save_grid(images[:256], output)
     print(f"wrote {output}")
     if config.fid:
         features = diffusion.inception_features(inception, diffusion.to_uint8(images), config.device)
         fid = diffusion.frechet_distance(*diffusion.feature_stats(features), ref_mu, ref_sigma)
-        print(f"FID {fid:.2f}: {num_samples} samples ({config.sampler}, {steps} steps) against CIFAR-10 train")
+        print(f"FID {fid:.2f}: {num_samples} samples ({sampler}, {steps} steps) against CIFAR-10 train")
         return fid
 
 
@@ -268,7 +300,7 @@ def coco_pieces(recipe, config, data_dir, prompts):
     return texts, features, empty, lambda z: decode_latents(vae, z, recipe["latent_scale"])
 
 
-def sample_text_to_image(model, recipe, config, prompts):
+def sample_text_to_image(model, recipe, config, given, prompts):
     """One image per prompt (cycled to --num_samples), drawn with DPM-Solver++ and classifier-free guidance and
     decoded to pixels, as a captioned grid (at most 64 shown). The shapes demo also scores whether each sample shows
     its prompt's colour and shape. MS-COCO --fid: FID of num_samples images drawn for val captions against val2014
@@ -277,12 +309,11 @@ def sample_text_to_image(model, recipe, config, prompts):
     from train_diffusion import DEMO_PROMPTS, demo_caption_features, demo_prompt_features, parse_demo_prompt
     model.eval().to(config.device)
     schedule = diffusion.get_schedule(recipe.get("noise_schedule", "vp"))
-    data_dir = recipe["data_dir"] if config.data_dir == SampleConfig.data_dir else config.data_dir
-    steps, demo = config.steps or 50, recipe["dataset"] == "shapes_t2i"
+    data_dir = config.data_dir if "data_dir" in given else recipe["data_dir"]
+    demo = recipe["dataset"] == "shapes_t2i"
     if config.fid and demo:
         raise SystemExit("error: --fid compares with MS-COCO val2014; this model draws the shapes demo")
-    if config.sampler != "dpm":
-        raise SystemExit(f"error: text-to-image models sample with DPM-Solver++ only (got --sampler={config.sampler})")
+    _, steps = pick_sampler(config, ("dpm++",), "text-to-image models sample with guided DPM-Solver++")
     if demo:  # without prompts: every prompt of the demo, four times
         texts = read_prompts(config, prompts if prompts or config.prompts else DEMO_PROMPTS * 4)
 

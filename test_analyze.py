@@ -287,3 +287,11 @@ def test_cli_end_to_end(tmp_path):
     assert summary["softmax"] == pytest.approx({"runs": 1, "mean": 2.4, "std": 0.0, "min": 2.4, "max": 2.4})
     if analyze.pyplot() is not None:
         assert all(os.path.getsize(tmp_path / f) > 1000 for f in ("att.png", "col.png", "cmp.png"))
+
+
+def test_requirements_name_the_optional_packages_the_tests_need():
+    """lm-eval (the eval adapter's tests) and sentencepiece (the Llama-2 tokenizer file's) are installed with the rest,
+    so that a full run of the suite tests them instead of skipping them."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "requirements.txt")) as f:
+        names = {line.split("#")[0].strip().split(">")[0].split("=")[0].strip().lower() for line in f}
+    assert {"lm-eval", "sentencepiece"} <= names

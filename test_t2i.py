@@ -307,6 +307,10 @@ def test_prepare_train_sample_and_fid_on_a_tiny_coco(tiny_coco, tmp_path, monkey
     val_images = torch.stack([center_crop_independently(os.path.join(coco, "val2014", e["file_name"]), 32)
                               for e in prepare_coco.CocoFeatures(out, "val").entries])
     np.testing.assert_allclose(mu[:3], (val_images.double() / 255).mean((0, 2, 3)).numpy(), rtol=1e-5)
+    # a --data_dir given is the one used, even when it is sample.py's default (CIFAR-10's folder)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="no prepared MS-COCO features in data/cifar10"):
+        sample.main([f"--out_dir={run}", "--fid", "--num_samples=5", "--steps=2", "--data_dir=data/cifar10"])
 
 
 def test_prepare_refuses_another_autoencoder_and_finds_broken_shards(tiny_coco, tmp_path):
