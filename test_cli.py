@@ -377,6 +377,41 @@ def test_sample_reads_by_default_the_folder_train_lm_writes_by_default():
     assert sample.SampleConfig().out_dir == train_lm.TrainConfig().out_dir
 
 
+def test_a_new_run_never_replaces_an_earlier_one(tmp_path, lm_data, capsys):
+    """A new run into a folder holding one refuses before writing anything; --overwrite moves the old one aside."""
+    args = LM + [f"--data_dir={lm_data}", f"--out_dir={tmp_path / 'run'}", "--max_iters=2", "--eval_interval=2"]
+    train_lm.main(args)
+    files = {name: (tmp_path / "run" / name).read_bytes() for name in ("ckpt.pt", "log.jsonl")}
+    with pytest.raises(SystemExit, match=r"holds a run \(ckpt.pt, log.jsonl\): continue it with --resume, start "
+                                         r"this one in a new --out_dir, or give --overwrite"):
+        train_lm.main(args)
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in files} == files
+    with pytest.raises(SystemExit, match="holds a run"):
+        train_diffusion.main(DIFFUSION + [f"--out_dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit, match="--resume continues .* --overwrite moves it aside: give one"):
+        train_lm.main(args + ["--resume", "--overwrite"])
+    train_lm.main(args + ["--overwrite", "--max_iters=1"])
+    aside = [p for p in (tmp_path / "run").iterdir() if p.name.startswith("previous-")]
+    assert len(aside) == 1 and {name: (aside[0] / name).read_bytes() for name in files} == files
+    assert load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["iter"] == 1
+
+
+def test_resume_continues_the_run_it_names(tmp_path, lm_data, capsys):
+    """--resume takes the run's own config: keys not given come from the checkpoint (here block_size, which the
+    preset would set otherwise), a safe key given overrides it and says so, any other key given is refused."""
+    small = [k for k in LM if not k.startswith("--block_size")] + [f"--data_dir={lm_data}", f"--out_dir={tmp_path}"]
+    train_lm.main(small + ["--block_size=8", "--max_iters=2", "--eval_interval=2"])
+    with pytest.raises(SystemExit, match=r"--learning_rate=0.1: the run in .* has learning_rate=0.003, and --resume "
+                                         r"continues that run"):
+        train_lm.main(small + ["--resume", "--learning_rate=0.1"])
+    capsys.readouterr()
+    train_lm.main(small + ["--resume", "--max_iters=3", "--eval_interval=3"])
+    assert "resuming with max_iters=3 (the run had 2)" in capsys.readouterr().out
+    checkpoint = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert checkpoint["iter"] == 3
+    assert checkpoint["config"]["block_size"] == 8 and checkpoint["model_config"]["block_size"] == 8
+
+
 def test_resuming_a_finished_run_changes_nothing_and_says_where_it_resumes(tmp_path, lm_data, capsys):
     args = LM + [f"--data_dir={lm_data}", f"--out_dir={tmp_path}", "--max_iters=2", "--eval_interval=2"]
     train_lm.main(args)

@@ -33,9 +33,9 @@ from diffusion import (check_prediction, checkpoint_prediction, diffusion_loss, 
                        get_schedule, load_cifar10, noise_predictor, save_captioned_grid, save_grid)
 from model import UViC, UViCConfig, configure_adamw
 from train_utils import (Dtype, MetricsLog, SlowRun, StopNow, StopRequest, agree_on_step, autocast_context,
-                         check_at_least, check_betas, check_finite, check_out_dir, gather_generator_states,
-                         learning_rate, load_checkpoint, make_grad_scaler, make_out_dir, micro_steps_per_process,
-                         optimizer_step, parse_config, pick_fields, plot_loss_curve, print_config, require,
+                         check_at_least, check_betas, check_finite, check_new_run, check_out_dir,
+                         gather_generator_states, learning_rate, load_checkpoint, make_grad_scaler, make_out_dir,
+                         micro_steps_per_process, optimizer_step, parse_config, resume_config, pick_fields, plot_loss_curve, print_config, require,
                          resolve_device, resolve_dtype, restore_generator_state, rng_state, run_trainer,
                          save_checkpoint, set_rng_state, setup_distributed, unwrap, use_deterministic_algorithms)
 
@@ -83,7 +83,8 @@ class TrainConfig:
     grid_size: int = 64  # images in each sample grid
     sample_steps: int = 50  # DPM-Solver steps for the grids
     log_interval: int = 10
-    resume: bool = False
+    resume: bool = False  # continue the run in out_dir, with its config (see train_utils.RESUME_MAY_CHANGE)
+    overwrite: bool = False  # start a new run in an out_dir that holds one, moving the old one to out_dir/previous-<time>/
     # system
     device: str = "auto"  # auto: cuda if there is a GPU, else cpu
     dtype: Dtype = "auto"  # auto: bfloat16 on GPUs that have it, float16 (with loss scaling) on others, float32 on CPU
@@ -332,6 +333,13 @@ def check_config(config):
 def main(argv=None):
     config = parse_config(TrainConfig, PRESETS, argv)
     check_config(config)
+    check_new_run(config)
+    ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
+    checkpoint = load_checkpoint(ckpt_path) if config.resume else None
+    if checkpoint is not None:
+        if checkpoint.get("kind") != "diffusion":
+            raise SystemExit(f"error: {ckpt_path} is a {checkpoint.get('kind')!r} checkpoint, not a diffusion one")
+        config = resume_config(config, checkpoint, ckpt_path, argv)
     schedule = get_schedule(config.noise_schedule)
     text_to_image = config.dataset in ("coco", "shapes_t2i")
     ddp, rank, world_size, device = setup_distributed(resolve_device(config.device))
@@ -339,15 +347,11 @@ def main(argv=None):
     config.device, config.dtype = device, resolve_dtype(config.dtype, device)
     grad_accum = micro_steps_per_process(config.grad_accum, world_size)
     images_per_iter = config.batch_size * grad_accum * world_size
-    ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
     train_data, val_data = load_data(config, device, master, ddp)
 
     # model, EMA, optimizer, loss scaler, and the state they continue from on --resume
-    checkpoint = load_checkpoint(ckpt_path) if config.resume else None
     model_config = pick_fields(config, UViCConfig)
     if checkpoint is not None:
-        if checkpoint.get("kind") != "diffusion":
-            raise SystemExit(f"error: {ckpt_path} is a {checkpoint.get('kind')!r} checkpoint, not a diffusion one")
         trained_on = checkpoint_prediction(checkpoint)
         if trained_on != config.prediction:
             raise SystemExit(f"error: {ckpt_path} was trained with --prediction={trained_on}; "
@@ -356,8 +360,6 @@ def main(argv=None):
         if trained_on != config.noise_schedule:
             raise SystemExit(f"error: {ckpt_path} was trained with --noise_schedule={trained_on}; "
                              f"resume with the same (got --noise_schedule={config.noise_schedule})")
-        if dataclasses.asdict(model_config) != checkpoint["model_config"] and master:
-            print("note: resuming with the checkpoint's model config, not the command line's")
         model_config = UViCConfig(**checkpoint["model_config"])
         if master:
             print(f"resuming from {ckpt_path} at iteration {checkpoint['iter']}")
@@ -365,7 +367,7 @@ def main(argv=None):
         print(f"training a U-ViC on {config.dataset}; config:")
         print_config(config)
         print(f"{world_size} process(es), {grad_accum} micro-batches each, {images_per_iter} images per iteration")
-        make_out_dir(config.out_dir)
+        make_out_dir(config.out_dir, move_aside=config.overwrite)
 
     use_deterministic_algorithms(config.deterministic)
     torch.manual_seed(config.seed)  # the same initial weights on every rank

@@ -32,9 +32,9 @@ from data.prepare_lm import prepare_pystdlib
 from authors import authors_to_nanocog, load_weights_file
 from model import Cogformer, CogformerConfig, configure_adamw, document_ids
 from train_utils import (Dtype, MetricsLog, SlowRun, StopNow, StopRequest, agree_on_step, autocast_context,
-                         check_at_least, check_betas, check_finite, check_out_dir, gather_generator_states,
-                         learning_rate, load_checkpoint, make_grad_scaler, make_out_dir, micro_steps_per_process,
-                         optimizer_step, parse_config, peak_flops, pick_fields, plot_loss_curve, print_config,
+                         check_at_least, check_betas, check_finite, check_new_run, check_out_dir,
+                         gather_generator_states, learning_rate, load_checkpoint, make_grad_scaler, make_out_dir,
+                         micro_steps_per_process, optimizer_step, parse_config, resume_config, peak_flops, pick_fields, plot_loss_curve, print_config,
                          resolve_device, resolve_dtype, restore_generator_state, rng_state, run_trainer,
                          save_checkpoint, set_rng_state, setup_distributed, unwrap, use_deterministic_algorithms)
 
@@ -72,7 +72,8 @@ class TrainConfig:
     eval_interval: int = 1000
     eval_iters: int = 100  # batches per split in one evaluation
     log_interval: int = 10
-    resume: bool = False
+    resume: bool = False  # continue the run in out_dir, with its config (see train_utils.RESUME_MAY_CHANGE)
+    overwrite: bool = False  # start a new run in an out_dir that holds one, moving the old one to out_dir/previous-<time>/
     # system
     device: str = "auto"  # auto: cuda if there is a GPU, else cpu
     dtype: Dtype = "auto"  # auto: bfloat16 on GPUs that have it, float16 (with loss scaling) on others, float32 on CPU
@@ -147,12 +148,18 @@ def check_config(config):
 def main(argv=None):
     config = parse_config(TrainConfig, PRESETS, argv)
     check_config(config)
+    check_new_run(config)
+    ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
+    checkpoint = load_checkpoint(ckpt_path) if config.resume else None
+    if checkpoint is not None:
+        if checkpoint.get("kind") != "lm":
+            raise SystemExit(f"error: {ckpt_path} is a {checkpoint.get('kind')!r} checkpoint, not an LM's")
+        config = resume_config(config, checkpoint, ckpt_path, argv)
     ddp, rank, world_size, device = setup_distributed(resolve_device(config.device))
     master = rank == 0
     config.device, config.dtype = device, resolve_dtype(config.dtype, device)
     grad_accum = micro_steps_per_process(config.grad_accum, world_size)
     tokens_per_iter = config.batch_size * config.block_size * grad_accum * world_size
-    ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
 
     # data
     meta = load_meta(config.data_dir, master, ddp)
@@ -166,16 +173,11 @@ def main(argv=None):
                              f"not more than block_size {config.block_size}")
 
     # model, optimizer, loss scaler, and the state they continue from on --resume
-    checkpoint = load_checkpoint(ckpt_path) if config.resume else None
     model_config = pick_fields(config, CogformerConfig)
     if checkpoint is not None:
-        if checkpoint.get("kind") != "lm":
-            raise SystemExit(f"error: {ckpt_path} is a {checkpoint.get('kind')!r} checkpoint, not an LM's")
         if checkpoint["meta"]["tokenizer"] != meta["tokenizer"]:
             raise SystemExit(f"error: {ckpt_path} was trained with the {checkpoint['meta']['tokenizer']} tokenizer, "
                              f"{config.data_dir} holds {meta['tokenizer']} tokens")
-        if dataclasses.asdict(model_config) != checkpoint["model_config"] and master:
-            print("note: resuming with the checkpoint's model config, not the command line's")
         model_config = CogformerConfig(**checkpoint["model_config"])
         config.vocab_size = model_config.vocab_size
         if master:
@@ -201,7 +203,7 @@ def main(argv=None):
         print(f"training a Cogformer on {config.data_dir} ({meta['tokenizer']} tokens); config:")
         print_config(config)
         print(f"{world_size} process(es), {grad_accum} micro-batches each, {tokens_per_iter:,} tokens per iteration")
-        make_out_dir(config.out_dir)
+        make_out_dir(config.out_dir, move_aside=config.overwrite)
 
     use_deterministic_algorithms(config.deterministic)
     torch.manual_seed(config.seed)  # the same initial weights on every rank

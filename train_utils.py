@@ -16,6 +16,7 @@ import random
 import signal
 import sys
 import textwrap
+import time
 import tokenize
 import typing
 from contextlib import nullcontext
@@ -235,11 +236,57 @@ def check_out_dir(path, key="out_dir"):
             f"--{key}={path}: cannot be made or written ({ancestor} is not a folder we may write in)")
 
 
-def make_out_dir(path):
+def make_out_dir(path, move_aside=False):
+    """Make the run's folder; move_aside (--overwrite): an earlier run's files there go to path/previous-<time>/."""
     try:
         os.makedirs(path, exist_ok=True)
+        earlier = sorted(name for name in os.listdir(path) if not name.startswith("previous-"))
+        if move_aside and earlier:
+            aside = os.path.join(path, "previous-" + time.strftime("%Y%m%d-%H%M%S"))
+            os.makedirs(aside)  # (not exist_ok: two runs moved aside in one second would mix)
+            for name in earlier:
+                os.replace(os.path.join(path, name), os.path.join(aside, name))
+            print(f"--overwrite: moved the earlier run's {len(earlier)} file(s) to {aside}")
     except OSError as err:
-        raise SystemExit(f"error: cannot make --out_dir={path} ({err.strerror})") from None
+        raise SystemExit(f"error: cannot make --out_dir={path} ({err.strerror or err})") from None
+
+
+# --- a new run never replaces an earlier one, and --resume continues the run it names ------------------------------
+
+# On --resume every key comes from the checkpoint's config, except these: they change how long the run goes on and
+# how it reports, not what it trains, so given on the command line they override the checkpoint's (and say so).
+RESUME_MAY_CHANGE = ("max_iters", "eval_interval", "eval_iters", "log_interval", "grid_size", "sample_steps")
+# and these, which always come from this command: where the run is, how to treat it, where and how fast to run it
+THIS_COMMAND = ("out_dir", "resume", "overwrite", "device", "compile")
+
+
+def check_new_run(config):
+    """Before anything is written: a new run into a folder that holds one must say --overwrite."""
+    held = [name for name in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(config.out_dir, name))]
+    if config.resume and config.overwrite:
+        raise SystemExit("error: --resume continues the run in --out_dir and --overwrite moves it aside: give one")
+    if held and not config.resume and not config.overwrite:
+        raise SystemExit(f"error: --out_dir={config.out_dir} holds a run ({', '.join(held)}): continue it with "
+                         f"--resume, start this one in a new --out_dir, or give --overwrite to move the old one aside "
+                         f"to {os.path.join(config.out_dir, 'previous-<time>')}")
+
+
+def resume_config(config, checkpoint, ckpt_path, argv=None):
+    """The config of the run in ckpt_path: the checkpoint's, with this command's RESUME_MAY_CHANGE (printed) and
+    THIS_COMMAND keys. Another key given with a value that differs from the run's is an error that names it."""
+    given, saved = cli_keys(argv), checkpoint.get("config", {})
+    for f in dataclasses.fields(config):
+        if f.name in THIS_COMMAND or f.name not in saved:  # (a key newer than the checkpoint keeps this command's)
+            continue
+        ours, theirs = getattr(config, f.name), saved[f.name]
+        if f.name in given and ours != theirs:
+            if f.name not in RESUME_MAY_CHANGE:
+                raise SystemExit(f"error: --{f.name}={ours}: the run in {ckpt_path} has {f.name}={theirs!r}, and "
+                                 f"--resume continues that run (start a new one in a new --out_dir to change it)")
+            print(f"resuming with {f.name}={ours!r} (the run had {theirs!r})")
+        else:
+            setattr(config, f.name, theirs)
+    return config
 
 
 def print_config(config):
