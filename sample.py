@@ -12,10 +12,10 @@ Sample from a trained checkpoint: text from an LM (train_lm.py), images from a d
 The checkpoint's "kind" picks the branch, and the checkpoint says how to sample it: the network, an LM's tokenizer,
 a diffusion model's noise schedule (the VP-SDE, or the discrete "sd" one, which only DPM-Solver++ follows) and what its
 network predicts. A flag that contradicts the checkpoint is an error that names the key. A text-to-image model draws
-one image per prompt with DPM-Solver++. --init_from=FILE reads a released checkpoint
-instead, told apart by its content: the authors' LM format (a dict with model_cfg and model: Cogformer.from_authors,
-Llama-2 tokenizer, the prompt after BOS as in their evaluation) or a U-ViT / U-ViC text-to-image state dict
-(nnet_ema.pth: UViC.from_authors). Flags for another kind of model than the one sampled are errors.
+one image per prompt with DPM-Solver++. --init_from=FILE reads a released checkpoint instead, told apart by its
+content: the authors' LM format (a dict with model_cfg and model: Cogformer.from_authors, Llama-2 tokenizer, the prompt
+after BOS as in their evaluation) or a U-ViT / U-ViC text-to-image state dict (nnet_ema.pth: UViC.from_authors). Flags
+for another kind of model than the one sampled are errors.
 """
 
 import os
