@@ -1,7 +1,9 @@
 """
-Tests of the fused Cog attention kernel against the reference: `python -m pytest test_kernel.py`.
+Tests of the fused Cog attention kernels (the tuned tier, cog_attention_triton, and the compact tier,
+cog_attention(backend="compact")) against the reference, and of cog_attention's backend chooser:
+`python -m pytest test_kernel.py`.
 
-Without a GPU the kernel runs on CPU tensors in Triton's interpreter (small shapes, fp32 and fp16; its bf16 dots are
+Without a GPU the kernels run on CPU tensors in Triton's interpreter (small shapes, fp32 and fp16; its bf16 dots are
 wrong). The GPU tests (bf16/fp16 at realistic shapes, torch.compile) run only where CUDA is available.
 Every comparison is against the float64 reference computed FROM THE SAME ROUNDED inputs: in fp16/bf16 a logit near 0
 can change sign under rounding, which moves the output by about p * |v| (see PAPER.md).
@@ -10,6 +12,7 @@ can change sign under rounding, which moves the output by about p * |v| (see PAP
 import contextlib
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -97,8 +100,16 @@ def rel_l2(x, ref):
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
 
 
-def check(q, k, v, do, tol, deterministic=None, **kw):
-    got = run(cog_attention_triton, q, k, v, do, deterministic=deterministic, **kw)
+def compact(q, k, v, causal=False, scale=None, deterministic=None, doc_ids=None):
+    return cog_attention(q, k, v, causal, scale, deterministic, doc_ids, backend="compact")
+
+
+TIERS = {"tuned": cog_attention_triton, "compact": compact}
+tiers = pytest.mark.parametrize("tier", list(TIERS))
+
+
+def check(q, k, v, do, tol, deterministic=None, tier="tuned", **kw):
+    got = run(TIERS[tier], q, k, v, do, deterministic=deterministic, **kw)
     want = reference64(q, k, v, do, **kw)
     assert got[0].dtype == q.dtype and got[0].shape == q.shape
     for name, x, ref in zip(("o", "dq", "dk", "dv"), got, want):
@@ -132,26 +143,32 @@ CASES = [  # B, H, Tq, Tk, D, dtype, scale
 
 
 @cpu
+@tiers
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("B,H,Tq,Tk,D,dtype,scale", CASES)
-def test_matches_reference(B, H, Tq, Tk, D, dtype, scale, causal):
+def test_matches_reference(B, H, Tq, Tk, D, dtype, scale, causal, tier):
     q, k, v, do = make_inputs(B, H, Tq, Tk, D, dtype)
-    check(q, k, v, do, TOL[dtype], causal=causal, scale=scale)
+    check(q, k, v, do, TOL[dtype], causal=causal, scale=scale, tier=tier)
 
 
 @cpu
+@tiers
 @pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 16), (64, 64)])
-def test_other_block_shapes(block_m, block_n):
+def test_other_block_shapes(block_m, block_n, tier, monkeypatch):
     """The other tests use BLOCK_M < BLOCK_N; the loop bounds must hold for the other shapes too."""
+    tile = (block_m, block_n, 1, 1)
+    monkeypatch.setattr(cog_kernel, "INTERPRETER_TILES", {kind: [tile] for kind in ("fwd", "dkdv", "dq", "delta")})
+    monkeypatch.setattr(cog_kernel, "_verdicts", {})  # the chooser keeps the tile it checked
     with blocks(block_m, block_n):
         for Tq, Tk in ((37, 37), (21, 70), (1, 33)):
             for causal in (False, True):
-                check(*make_inputs(1, 2, Tq, Tk, 16, torch.float32), TOL[torch.float32], causal=causal)
+                check(*make_inputs(1, 2, Tq, Tk, 16, torch.float32), TOL[torch.float32], causal=causal, tier=tier)
 
 
 @cpu
+@tiers
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_noncontiguous_inputs(causal):
+def test_noncontiguous_inputs(causal, tier):
     B, H, T, D = 2, 3, 19, 32
     g = torch.Generator().manual_seed(1)
     q = torch.randn(B, T, H, D, generator=g).transpose(1, 2)  # (B, H, T, D) view of a (B, T, H, D) tensor
@@ -160,41 +177,44 @@ def test_noncontiguous_inputs(causal):
     q2 = torch.randn(B, H, D, T, generator=g).transpose(-2, -1)  # head dim not unit-stride: copied
     do = torch.randn(B, T, H, D, generator=g).transpose(1, 2)
     assert not any(t.is_contiguous() for t in (q, k, v, q2, do))
-    check(q, k, v, do, TOL[torch.float32], causal=causal)
-    check(q2, k, v, do, TOL[torch.float32], causal=causal)
+    check(q, k, v, do, TOL[torch.float32], causal=causal, tier=tier)
+    check(q2, k, v, do, TOL[torch.float32], causal=causal, tier=tier)
 
 
 @cpu
+@tiers
 @pytest.mark.parametrize("sign", [1.0, -1.0], ids=["positive", "negative"])
-def test_large_logits_of_one_sign(sign):
+def test_large_logits_of_one_sign(sign, tier):
     """Rows whose logits are all large and of one sign: the running max must be taken over |s|, not s."""
     q, k, v, do = make_inputs(1, 2, 19, 40, 32, torch.float32)
     u = torch.ones(32) / math.sqrt(32)
     q, k = sign * 4 * u + 0.3 * q, 4 * u + 0.3 * k  # q . k ~ sign * 16; with scale 10, |s| ~ 160
-    check(q, k, v, do, TOL[torch.float32], causal=True, scale=10.0)
+    check(q, k, v, do, TOL[torch.float32], causal=True, scale=10.0, tier=tier)
 
 
 @cpu
-def test_exact_zero_logits():
+@tiers
+def test_exact_zero_logits(tier):
     """sign(0) = 0: a key with logit exactly 0 counts in the denominator, has weight 0 and gets gradient 0 through s."""
     q, k, v, do = make_inputs(1, 1, 8, 8, 16, torch.float32)
     q, k = q.round(), k.round()  # small integers: exact logits
     k[..., 3, :] = 0.0  # key 3 has logit 0 for every query
     q[..., 5, :] = 0.0  # query 5 has logit 0 for every key
-    check(q, k, v, do, TOL[torch.float32])
-    check(q, k, v, do, TOL[torch.float32], causal=True)
+    check(q, k, v, do, TOL[torch.float32], tier=tier)
+    check(q, k, v, do, TOL[torch.float32], causal=True, tier=tier)
 
 
 @cpu
+@tiers
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_tiny_logits_keep_their_sign(dtype):
+def test_tiny_logits_keep_their_sign(dtype, tier):
     """Logits far below 1 but far above the 2^-32 window of the branch-free sign get the full weight sign(s) * p, as in
     the reference (they would get a fraction of it if the clamp did not work on rescaled weights)."""
     q, k, v, do = make_inputs(1, 1, 12, 12, 16, dtype)
     q = (q * 1e-3).to(dtype)  # |s| ~ 1e-3, so every |s| < p: only the rescaling makes clamp(s, -p, p) = sign(s) * p
     k = (k * 1e-3).to(dtype)
-    check(q, k, v, do, TOL[dtype])
-    check(q, k, v, do, TOL[dtype], causal=True)
+    check(q, k, v, do, TOL[dtype], tier=tier)
+    check(q, k, v, do, TOL[dtype], causal=True, tier=tier)
 
 
 @cpu
@@ -215,10 +235,12 @@ def test_deterministic_backward(causal, monkeypatch):
     previous = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        run(cog_attention, q, k, v, do, causal=causal)
+        run(cog_attention, q, k, v, do, causal=causal, backend="tuned")  # the first use also runs the check
+        launched = len(passes)
+        run(cog_attention, q, k, v, do, causal=causal, backend="tuned")
     finally:
         torch.use_deterministic_algorithms(previous)
-    assert len(passes) == 3
+    assert launched > 2 and len(passes) == launched + 1
 
 
 def spy_on(kernel, calls):
@@ -241,10 +263,11 @@ def test_misaligned_inputs_are_copied_for_the_descriptors():
 
 
 @cpu
-def test_many_heads_and_the_last_blocks_first():
+@tiers
+def test_many_heads_and_the_last_blocks_first(tier):
     """B * H is a 1-D grid's leading factor (no 65,535 limit on an axis); causal launches the last query blocks
     first. Many small heads check that every (block, head) is covered once."""
-    check(*make_inputs(5, 7, 40, 40, 16, torch.float32), TOL[torch.float32], causal=True)
+    check(*make_inputs(5, 7, 40, 40, 16, torch.float32), TOL[torch.float32], causal=True, tier=tier)
 
 
 @cpu
@@ -282,11 +305,12 @@ def packed_doc_ids(B, T, lengths, seed=0):
     (40, 40, [40], torch.float32),  # one document: the same as no mask
 ])
 def test_document_mask_matches_reference(Tq, Tk, lengths, dtype, causal, deterministic):
-    """With doc_ids, a query sees only its own document's keys: the kernel (which skips the other documents' blocks
-    and masks the rest) against the reference, forward and all three gradients."""
+    """With doc_ids, a query sees only its own document's keys: both kernels (the tuned one skips the other documents'
+    blocks and masks the rest; the compact one masks) against the reference, forward and all three gradients."""
     q, k, v, do = make_inputs(2, 2, Tq, Tk, 16, dtype)
     doc_ids = packed_doc_ids(2, Tk, lengths)
-    check(q, k, v, do, TOL[dtype], causal=causal, deterministic=deterministic, doc_ids=doc_ids)
+    for tier in TIERS if deterministic else ["tuned"]:  # the compact kernel is always deterministic
+        check(q, k, v, do, TOL[dtype], causal=causal, deterministic=deterministic, doc_ids=doc_ids, tier=tier)
 
 
 @cpu
@@ -324,9 +348,10 @@ def test_torch_compile_cpu():
 # --- errors and dispatch (any machine) --------------------------------------------------------------------------------
 
 
-def test_models_with_kernel_match_models_with_reference(monkeypatch):
+@pytest.mark.parametrize("backend", cog_kernel.BACKENDS)
+def test_models_give_the_same_numbers_through_every_backend(backend, monkeypatch):
     """Cogformer (also with document masks) and UViC give the same outputs, parameter gradients and KV-cache
-    generations with the kernel (cog_attention routes to it here) as with the reference."""
+    generations through each backend (chosen by COG_BACKEND, as a user would) as through the reference itself."""
     import model as model_module
 
     def run(make_model, inputs, loss_of):
@@ -346,12 +371,12 @@ def test_models_with_kernel_match_models_with_reference(monkeypatch):
              (lambda: model_module.Cogformer(lm_config), (idx,), lambda m, idx: m(idx, doc_ids=doc_ids)[0]),
              (lambda: model_module.UViC(uvic_config), (x, t), lambda m, x, t: m(x, t))]
     calls = []
-    kernel = cog_kernel_tuned.cog_attention_triton
-    monkeypatch.setattr(cog_kernel, "cog_attention_triton", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    spy_on_forwards(monkeypatch, calls)
+    monkeypatch.setenv("COG_BACKEND", backend)
     with_kernel = [run(*case) for case in cases]
     torch.manual_seed(1)
     generated_with_kernel = model_module.Cogformer(lm_config).to(DEVICE).generate(idx[:, :5], 8, temperature=0)
-    assert len(calls) > 0
+    assert set(calls) == {backend} - {"reference"}  # every call went through the backend asked for
     monkeypatch.setattr(model_module, "cog_attention", cog_attention_reference)
     with_reference = [run(*case) for case in cases]
     torch.manual_seed(1)
@@ -421,49 +446,190 @@ def test_bf16_refused_in_interpreter():
         cog_attention_triton(*make_inputs(1, 1, 4, 4, 16, torch.bfloat16)[:3])
 
 
-def test_triton_versions_that_cannot_run_the_kernels(monkeypatch):
-    """Triton before 3.5 cannot compile the kernels, and 3.6's interpreter (torch 2.11's Triton) breaks under NumPy
-    2.4: both are named; in the interpreter the model then falls back to the reference."""
-    import numpy
-    monkeypatch.setattr(cog_kernel_tuned, "_INTERPRET", True)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for triton_version, numpy_version, problem in [("3.6.0", "2.4.1", "NumPy 2.4"), ("3.6.0", "2.3.5", None),
-                                                   ("3.7.0", "2.4.1", None), ("3.10.0+git1", "3.0.0rc1", None),
-                                                   ("3.4.0", "2.2.0", "too old")]:
-        monkeypatch.setattr(cog_kernel_tuned.triton, "__version__", triton_version)
-        monkeypatch.setattr(numpy, "__version__", numpy_version)
-        q = torch.randn(1, 1, 4, 16)
-        assert cog_kernel._use_triton(q) == (problem is None)
-        if problem is None:
-            assert cog_kernel_tuned.kernel_problem() is None, (triton_version, numpy_version)
-        else:
-            assert problem in cog_kernel_tuned.kernel_problem()
-            with pytest.raises(RuntimeError, match=problem):
-                cog_attention_triton(q, q, q)
+# --- the chooser (any machine: CPU tensors in the interpreter, or CUDA) ------------------------------------------------
 
 
-def test_dispatcher(monkeypatch):
-    calls = []
+@pytest.fixture
+def fresh_chooser(monkeypatch):
+    """A chooser that has checked nothing yet: each configuration's first use checks (and warns) again."""
+    monkeypatch.setattr(cog_kernel, "_verdicts", {})
 
-    def spy(q, k, v, causal=False, scale=None, deterministic=None, doc_ids=None):
-        calls.append(q.dtype)
-        return cog_attention_reference(q, k, v, causal, scale, doc_ids)
 
-    monkeypatch.setattr(cog_kernel, "cog_attention_triton", spy)
-    q, k, v, _ = make_inputs(1, 2, 5, 5, 16, torch.float32)
-    cog_attention(q, k, v, causal=True)  # CUDA, or CPU with the interpreter on
-    assert calls == [torch.float32]
-    cog_attention(q.double(), k.double(), v.double())  # float64: reference
-    cog_attention(*make_inputs(1, 1, 2, 2, 300, torch.float32)[:3])  # head dim 300: reference
-    assert calls == [torch.float32]
-    cog_attention(*make_inputs(1, 1, 2, 2, 24, torch.float32)[:3])  # any head dim up to 256: kernel
-    assert calls == [torch.float32, torch.float32]
-    if not CUDA:
-        cog_attention(*make_inputs(1, 1, 4, 4, 16, torch.bfloat16)[:3])  # bf16 in the interpreter: reference
-        monkeypatch.delenv("TRITON_INTERPRET")  # read at call time: plain CPU goes to the reference
+def raising(*args):
+    raise RuntimeError("out of resources: shared memory, Required: 262144, Hardware limit: 101376")
+
+
+def wrong_forward(name):
+    real = cog_kernel._FORWARD[name]
+
+    def forward(*args):
+        o, lse = real(*args)
+        return o * 1.5, lse
+    return forward
+
+
+def spy_on_forwards(monkeypatch, calls):
+    for name in ("tuned", "compact"):
+        real = cog_kernel._FORWARD[name]
+        monkeypatch.setitem(cog_kernel._FORWARD, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+
+
+def test_chooser_skips_a_failing_and_a_wrong_backend(fresh_chooser, monkeypatch):
+    """A tier that raises and a tier that returns wrong numbers are each skipped with one warning that names the
+    configuration and the error (and, once only the reference is left, its memory); the run goes on with the
+    reference's numbers, and the next call of that configuration warns no more."""
+    monkeypatch.setitem(cog_kernel._FORWARD, "tuned", raising)
+    monkeypatch.setitem(cog_kernel._FORWARD, "compact", wrong_forward("compact"))
+    q, k, v, do = make_inputs(1, 2, 19, 23, 16, torch.float32)
+    with pytest.warns(RuntimeWarning) as record:
+        got = run(cog_attention, q, k, v, do, causal=True)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 2, messages
+    assert f"skipping the tuned backend for {q.device} float32 head dim 16 causal: RuntimeError: out of resources" \
+        in messages[0]
+    assert "skipping the compact backend" in messages[1] and "wrong numbers: output is off by" in messages[1]
+    assert "B*H*Tq*Tk*4 bytes per weight matrix" in messages[1] and "(B=1, H=2, Tq=19, Tk=23)" in messages[1]
+    want = run(cog_attention_reference, q, k, v, do, causal=True)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(cog_attention, q, k, v, do, causal=True)
+    with pytest.warns(RuntimeWarning) as record:
+        run(cog_attention, q, k, v, do)  # another configuration: checked and warned of on its own
+    assert [str(w.message).split(":")[1] for w in record] == [" skipping the tuned backend for cpu float32 head dim 16",
+                                                             " skipping the compact backend for cpu float32 head dim 16"]
+
+
+def test_backend_asked_for_by_name_raises(fresh_chooser, monkeypatch):
+    monkeypatch.setitem(cog_kernel._FORWARD, "tuned", raising)
+    monkeypatch.setitem(cog_kernel._FORWARD, "compact", wrong_forward("compact"))
+    q, k, v, _ = make_inputs(1, 2, 9, 9, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="backend 'tuned' failed for .* head dim 16: RuntimeError: out of resources"):
+        cog_attention(q, k, v, backend="tuned")
+    monkeypatch.setenv("COG_BACKEND", "compact")
+    with pytest.raises(RuntimeError, match="backend 'compact' failed .*wrong numbers") as error:
         cog_attention(q, k, v)
-        cog_attention(q.cpu(), k.cpu(), v.cpu())
-        assert calls == [torch.float32, torch.float32]
+    assert "\n" not in str(error.value)
+    with pytest.raises(RuntimeError, match="backend 'compact' cannot run here: .*not torch.float64"):
+        cog_attention(q.double(), k.double(), v.double())
+    monkeypatch.setenv("COG_BACKEND", "fast")
+    with pytest.raises(ValueError, match="backend must be auto, tuned, compact or reference .*got 'fast'"):
+        cog_attention(q, k, v)
+    monkeypatch.setenv("COG_BACKEND", "reference")  # asked for: neither broken tier is tried, nothing warns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(cog_attention(q, k, v), cog_attention_reference(q, k, v))
+
+
+def test_a_backend_that_fails_later_is_skipped_from_then_on(fresh_chooser, monkeypatch):
+    """A tier that passed its first-use check but fails later (e.g. out of resources at a bigger shape) is skipped
+    with a warning, in the backward as in the forward; the gradients come from the reference's."""
+    q, k, v, do = make_inputs(1, 2, 19, 23, 16, torch.float32)
+    run(cog_attention, q, k, v, do)
+    monkeypatch.setitem(cog_kernel._BACKWARD, "tuned", raising)
+    with pytest.warns(RuntimeWarning, match="skipping the tuned backend .*out of resources"):
+        got = run(cog_attention, q, k, v, do)
+    for name, x, ref in zip(("o", "dq", "dk", "dv"), got, reference64(q, k, v, do)):
+        assert max_err(x, ref) < TOL[torch.float32], name
+    calls = []
+    spy_on_forwards(monkeypatch, calls)
+    run(cog_attention, q, k, v, do)
+    assert calls == ["compact", "compact"]  # its first-use check, then the call
+
+
+@cpu
+def test_a_tile_that_fails_is_dropped(fresh_chooser, monkeypatch):
+    """The compact tier checks its tiles in order: one that fails is dropped with a warning, the next one runs."""
+    tiles = [(16, 16, 1, 1), (32, 16, 1, 1)]
+    monkeypatch.setattr(cog_kernel, "INTERPRETER_TILES", {kind: tiles for kind in ("fwd", "dkdv", "dq", "delta")})
+    real = cog_kernel.compact_forward
+
+    def forward(q, k, v, causal, scale, doc_ids, tile):
+        o, lse = real(q, k, v, causal, scale, doc_ids, tile)
+        return (o.flip(-1) if tile["fwd"] == tiles[0] else o), lse  # the first tile's numbers are wrong
+    monkeypatch.setitem(cog_kernel._FORWARD, "compact", forward)
+    q, k, v, do = make_inputs(1, 2, 19, 23, 16, torch.float32)
+    with pytest.warns(RuntimeWarning, match=r"compact backend, .*: dropped tile \(16, 16\): RuntimeError: wrong numbers"):
+        check(q, k, v, do, TOL[torch.float32], tier="compact")
+    assert cog_kernel._verdicts[("compact", cog_kernel._config(q, False, None, False))] == (True, {
+        kind: tiles[1] for kind in ("fwd", "dkdv", "dq", "delta")})
+
+
+def test_too_old_triton_falls_back_on_every_device(fresh_chooser, monkeypatch):
+    """Triton before 3.5 cannot compile the tuned kernel: auto names it and goes on with the next tier (on a GPU as on
+    the CPU); asked for by name, the tuned tier raises."""
+    monkeypatch.setattr(cog_kernel_tuned.triton, "__version__", "3.4.0")
+    q, k, v, do = make_inputs(1, 2, 19, 23, 16, torch.float32)
+    with pytest.warns(RuntimeWarning, match="skipping the tuned backend .*Triton 3.4.0 is too old"):
+        got = run(cog_attention, q, k, v, do, causal=True)
+    for name, x, ref in zip(("o", "dq", "dk", "dv"), got, reference64(q, k, v, do, causal=True)):
+        assert max_err(x, ref) < TOL[torch.float32], name
+    with pytest.raises(RuntimeError, match="backend 'tuned' failed .*too old"):
+        cog_attention(q, k, v, backend="tuned")
+
+
+def test_decode_steps_of_few_sequences_take_the_reference(fresh_chooser, monkeypatch):
+    calls = []
+    spy_on_forwards(monkeypatch, calls)
+    q, k, v, _ = make_inputs(2, 2, 1, 30, 16, torch.float32)
+    torch.testing.assert_close(cog_attention(q, k, v, causal=True), cog_attention_reference(q, k, v, causal=True))
+    assert calls == []
+    monkeypatch.setattr(cog_kernel, "DECODE_REFERENCE_MAX_HEADS", 3)  # B * H = 4 decode rows: the fused tier
+    cog_attention(q, k, v, causal=True)
+    assert calls[-1] == "tuned"
+    calls.clear()
+    cog_attention(q, k, v, causal=True, backend="compact")  # asked for by name: whatever the shape
+    assert calls == ["compact", "compact"]  # its check, then the call
+
+
+def test_deterministic_reaches_the_backend(fresh_chooser, monkeypatch):
+    seen = []
+    real = cog_kernel._BACKWARD["tuned"]
+    monkeypatch.setitem(cog_kernel._BACKWARD, "tuned", lambda *a: seen.append(a[8]) or real(*a))
+    q, k, v, do = make_inputs(1, 2, 19, 23, 16, torch.float32)
+    run(cog_attention, q, k, v, do)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        run(cog_attention, q, k, v, do)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert seen == [False, False, True, True]  # (each first use: the check, then the call)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_reference_backward_is_autograd_of_the_reference(causal):
+    """The chooser's reference backward (the kernels' formulas on the materialised weights) is the definition's
+    gradient, with exact zero logits and document masks."""
+    q, k, v, do = make_inputs(2, 2, 11, 15, 8, torch.float64, device="cpu")
+    q[0, 0, 3], k[1, 1, 5] = 0.0, 0.0
+    doc_ids = packed_doc_ids(2, 15, [4, 6, 5]).cpu()
+    for ids in (None, doc_ids):
+        want = run(cog_attention_reference, q, k, v, do, causal=causal, scale=0.7, doc_ids=ids)[1:]
+        got = cog_kernel.cog_attention_reference_backward(do, q, k, v, causal=causal, scale=0.7, doc_ids=ids)
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y)
+
+
+@cpu
+def test_torch_compile_chooses_at_run_time(fresh_chooser, monkeypatch):
+    """fullgraph compile through cog_attention gives the eager output and gradients; the choice is made inside the
+    custom op as the graph runs, so a tier that fails after compilation is skipped with a warning, no recompile."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    q, k, v, do = make_inputs(1, 2, 20, 20, 16, torch.float32)
+    f = lambda q, k, v: cog_attention(q * 0.5, k, v, causal=True) * 2.0  # noqa: E731
+    eager = run(f, q, k, v, do)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled_f = torch.compile(f, backend=counter, fullgraph=True)
+    for x, y in zip(eager, run(compiled_f, q, k, v, do)):
+        torch.testing.assert_close(x, y)
+    monkeypatch.setitem(cog_kernel._FORWARD, "tuned", raising)
+    with pytest.warns(RuntimeWarning, match="skipping the tuned backend .*out of resources"):
+        again = run(compiled_f, q, k, v, do)
+    for x, y in zip(eager, again):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    assert counter.frame_count == 1
 
 
 # --- GPU ------------------------------------------------------------------------------------------------------------
