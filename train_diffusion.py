@@ -4,13 +4,13 @@ Train a U-ViC (U-ViT with Cog attention, arXiv 2411.07176) as U-ViT trains its C
     python train_diffusion.py --compile                        # the paper's 44M U-ViC on CIFAR-10, one GPU
     torchrun --standalone --nproc_per_node=4 train_diffusion.py --compile --batch_size=32 --grad_accum=4
     python train_diffusion.py --preset=demo                    # a small U-ViC on coloured shapes, CPU, 6.5-10.5 min
-    python train_diffusion.py --preset=demo --attn=softmax     # the U-ViT baseline
+    python train_diffusion.py --preset=demo --attn=softmax --out_dir=out/demo_diffusion_softmax   # the U-ViT baseline
     python train_diffusion.py --preset=demo --resume           # continue from out_dir/ckpt.pt, bit for bit
     python train_diffusion.py --preset=demo_t2i                # text-to-image on captioned shapes, CPU, ~6 min
     python train_diffusion.py --preset=coco --compile          # text-to-image on MS-COCO (data/prepare_coco.py first)
     python train_diffusion.py --preset=coco --init_from=cog_nnet_ema.pth   # fine-tune the authors' released U-ViC
 
-Any field of TrainConfig is a --key=value override. Every eval_interval iterations: a checkpoint, the EMA model's
+Any field of TrainConfig is a --key=value override; one run per out_dir (see train_lm.py). Every eval_interval iterations: a checkpoint, the EMA model's
 loss on held-out images (fixed t and noise), and out_dir/samples_XXXXXX.png drawn by the EMA model with DPM-Solver
 (text-to-image: DPM-Solver++ with guidance, captioned; the shapes demo also scores whether each sample matches its
 prompt). Sample and measure FID afterwards with sample.py.

@@ -4,12 +4,14 @@ Train a Cogformer language model (arXiv 2411.07176) the way nanoGPT trains GPT-2
     python train_lm.py --compile                               # the paper's model on RedPajama, one GPU
     torchrun --standalone --nproc_per_node=8 train_lm.py --compile   # the same on 8 GPUs, no code change
     python train_lm.py --preset=demo                           # a small Cogformer on Python's own sources, CPU
-    python train_lm.py --preset=demo --attn=softmax            # the Transformer baseline
+    python train_lm.py --preset=demo --attn=softmax --out_dir=out/demo_softmax   # the Transformer baseline
     python train_lm.py --preset=demo --resume                  # continue from out_dir/ckpt.pt, bit for bit
     python train_lm.py --preset=1b --doc_mask                  # a 1.0B Cogformer, attention within documents
     python train_lm.py --init_from=cog_ckpt_100.00_Bi.pt --data_dir=data/redpajama_llama2   # fine-tune theirs
 
-Any field of TrainConfig is a --key=value override. Data folders come from data/prepare_lm.py.
+Any field of TrainConfig is a --key=value override. Data folders come from data/prepare_lm.py. One run per out_dir:
+a new run into a folder that holds one stops and says so (--resume continues it with its own config, --overwrite
+moves it to out_dir/previous-<time>/).
 """
 
 import dataclasses
