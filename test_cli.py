@@ -382,17 +382,19 @@ def test_a_new_run_never_replaces_an_earlier_one(tmp_path, lm_data, capsys):
     args = LM + [f"--data_dir={lm_data}", f"--out_dir={tmp_path / 'run'}", "--max_iters=2", "--eval_interval=2"]
     train_lm.main(args)
     files = {name: (tmp_path / "run" / name).read_bytes() for name in ("ckpt.pt", "log.jsonl")}
-    with pytest.raises(SystemExit, match=r"holds a run \(ckpt.pt, log.jsonl\): continue it with --resume, start "
-                                         r"this one in a new --out_dir, or give --overwrite"):
+    with pytest.raises(SystemExit, match=r"holds a run \(ckpt.pt, ckpt.prev.pt, log.jsonl\): continue it with "
+                                         r"--resume, start this one in a new --out_dir, or give --overwrite"):
         train_lm.main(args)
     assert {name: (tmp_path / "run" / name).read_bytes() for name in files} == files
     with pytest.raises(SystemExit, match="holds a run"):
         train_diffusion.main(DIFFUSION + [f"--out_dir={tmp_path / 'run'}"])
     with pytest.raises(SystemExit, match="--resume continues .* --overwrite moves it aside: give one"):
         train_lm.main(args + ["--resume", "--overwrite"])
+    (tmp_path / "run" / "notes.txt").write_text("mine")  # not the run's: it stays where it is
     train_lm.main(args + ["--overwrite", "--max_iters=1"])
     aside = [p for p in (tmp_path / "run").iterdir() if p.name.startswith("previous-")]
     assert len(aside) == 1 and {name: (aside[0] / name).read_bytes() for name in files} == files
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine" and not (aside[0] / "notes.txt").exists()
     assert load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["iter"] == 1
 
 

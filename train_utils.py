@@ -236,11 +236,19 @@ def check_out_dir(path, key="out_dir"):
             f"--{key}={path}: cannot be made or written ({ancestor} is not a folder we may write in)")
 
 
+RUN_FILES = ("ckpt.pt", "ckpt.prev.pt", "log.jsonl", "loss.png")  # what a trainer writes, with its samples_*.png
+
+
+def is_run_file(name):
+    return name in RUN_FILES or (name.startswith("samples_") and name.endswith(".png"))
+
+
 def make_out_dir(path, move_aside=False):
-    """Make the run's folder; move_aside (--overwrite): an earlier run's files there go to path/previous-<time>/."""
+    """Make the run's folder; move_aside (--overwrite): an earlier run's files there (only those: the folder may hold
+    others) go to path/previous-<time>/."""
     try:
         os.makedirs(path, exist_ok=True)
-        earlier = sorted(name for name in os.listdir(path) if not name.startswith("previous-"))
+        earlier = sorted(name for name in os.listdir(path) if is_run_file(name))
         if move_aside and earlier:
             aside = os.path.join(path, "previous-" + time.strftime("%Y%m%d-%H%M%S"))
             os.makedirs(aside)  # (not exist_ok: two runs moved aside in one second would mix)
@@ -262,7 +270,7 @@ THIS_COMMAND = ("out_dir", "resume", "overwrite", "device", "compile")
 
 def check_new_run(config):
     """Before anything is written: a new run into a folder that holds one must say --overwrite."""
-    held = [name for name in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(config.out_dir, name))]
+    held = [name for name in RUN_FILES[:3] if os.path.exists(os.path.join(config.out_dir, name))]
     if config.resume and config.overwrite:
         raise SystemExit("error: --resume continues the run in --out_dir and --overwrite moves it aside: give one")
     if held and not config.resume and not config.overwrite:
