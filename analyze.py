@@ -1,5 +1,5 @@
 """
-The paper's instruments (arXiv 2411.07176; PAPER.md sections 2 and 4) for any checkpoint that train_lm.py writes.
+The paper's instruments (arXiv 2411.07176; docs/paper.md, "The analyses") for any checkpoint that train_lm.py writes.
 
     python analyze.py attention --out_dir=out/demo_cog [--text=FILE]   # the last token's weights, every layer and head
     python analyze.py collapse --out_dirs=out/demo_cog,out/demo_softmax # representational-collapse probes
@@ -536,7 +536,7 @@ def harness_lm(scorer):
     return NanoCogLM()
 
 
-# zero-shot accuracy (acc, %) of the authors' released 141M checkpoints in their lm-eval logs (PAPER.md section 2)
+# zero-shot accuracy (acc, %) of the authors' released 141M checkpoints in their lm-eval logs (docs/paper.md)
 AUTHORS_LOGGED = {
     "softmax": {"arc_challenge": 19.54, "arc_easy": 42.34, "piqa": 57.73, "mnli": 33.21, "mrpc": 68.63, "qqp": 36.82,
                 "rte": 51.99},

@@ -6,7 +6,7 @@ cog_attention(backend="compact")) against the reference, and of cog_attention's 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter (small shapes, fp32 and fp16; its bf16 dots are
 wrong). The GPU tests (bf16/fp16 at realistic shapes, torch.compile) run only where CUDA is available.
 Every comparison is against the float64 reference computed FROM THE SAME ROUNDED inputs: in fp16/bf16 a logit near 0
-can change sign under rounding, which moves the output by about p * |v| (see PAPER.md).
+can change sign under rounding, which moves the output by about p * |v| (see docs/paper.md, "The gradient").
 """
 
 import contextlib

@@ -360,7 +360,7 @@ def test_missing_dataset_and_models_are_clear_errors(tiny_coco, tmp_path):
 
 def authors_state_dict(embed=32, depth=3, in_chans=4, patch=2, side=4, clip_dim=12, n_clip=77, mlp=4, seed=0):
     """Random tensors under the names and shapes of U-ViT's text-to-image network, written from its layout
-    (PAPER.md section 3), not from our model."""
+    (docs/paper.md, "U-ViC"), not from our model."""
     D, H = embed, mlp * embed
     shapes = {"pos_embed": (1, 1 + n_clip + side * side, D), "patch_embed.proj.weight": (D, in_chans, patch, patch),
               "patch_embed.proj.bias": (D,), "context_embed.weight": (D, clip_dim), "context_embed.bias": (D,),

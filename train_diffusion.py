@@ -102,7 +102,7 @@ PRESETS = {
                  batch_size=64, max_iters=9000, learning_rate=2e-3, min_lr=1e-4, warmup_iters=100, beta1=0.9,
                  beta2=0.99, weight_decay=0.0, ema_decay=0.99, out_dir="out/demo_diffusion", eval_interval=1000,
                  eval_iters=4, grid_size=64, sample_steps=25, log_interval=100),
-    # U-ViT's MS-COCO recipe (PAPER.md): 4x32x32 SD latents, 77 CLIP tokens, discrete DDPM with SD's betas, noise
+    # U-ViT's MS-COCO recipe (docs/paper.md): 4x32x32 SD latents, 77 CLIP tokens, discrete DDPM with SD's betas, noise
     # prediction, p_uncond 0.1, AdamW (0.9, 0.9), 5000 warmup steps, batch 256, 1M steps; bf16 autocast on GPUs
     "coco": dict(dataset="coco", data_dir="data/coco", img_size=32, in_chans=4, num_clip_token=77, clip_dim=768,
                  noise_schedule="sd", beta1=0.9, beta2=0.9, batch_size=256, max_iters=1_000_000, warmup_iters=5000,
