@@ -4,16 +4,16 @@ Train a U-ViC (U-ViT with Cog attention, arXiv 2411.07176) as U-ViT trains its C
     python train_diffusion.py --compile                        # the paper's 44M U-ViC on CIFAR-10, one GPU
     torchrun --standalone --nproc_per_node=4 train_diffusion.py --compile --batch_size=32 --grad_accum=4
     python train_diffusion.py --preset=demo                    # a small U-ViC on coloured shapes, CPU, 6.5-10.5 min
-    python train_diffusion.py --preset=demo --attn=softmax --out_dir=out/demo_diffusion_softmax   # the U-ViT baseline
+    python train_diffusion.py --preset=demo --attn=softmax --out_dir=out/demo_softmax_diffusion   # U-ViT
     python train_diffusion.py --preset=demo --resume           # continue from out_dir/ckpt.pt, bit for bit
     python train_diffusion.py --preset=demo_t2i                # text-to-image on captioned shapes, CPU, ~6 min
     python train_diffusion.py --preset=coco --compile          # text-to-image on MS-COCO (data/prepare_coco.py first)
     python train_diffusion.py --preset=coco --init_from=cog_nnet_ema.pth   # fine-tune the authors' released U-ViC
 
-Any field of TrainConfig is a --key=value override; one run per out_dir (see train_lm.py). Every eval_interval iterations: a checkpoint, the EMA model's
-loss on held-out images (fixed t and noise), and out_dir/samples_XXXXXX.png drawn by the EMA model with DPM-Solver
-(text-to-image: DPM-Solver++ with guidance, captioned; the shapes demo also scores whether each sample matches its
-prompt). Sample and measure FID afterwards with sample.py.
+Any field of TrainConfig is a --key=value override; one run per out_dir (see train_lm.py). Every eval_interval
+iterations: a checkpoint, the EMA model's loss on held-out images (fixed t and noise), and out_dir/samples_XXXXXX.png
+drawn by the EMA model with DPM-Solver (text-to-image: DPM-Solver++ with guidance, captioned; the shapes demo also
+scores whether each sample matches its prompt). Sample and measure FID afterwards with sample.py.
 """
 
 import copy
@@ -33,11 +33,11 @@ from diffusion import (check_prediction, checkpoint_prediction, diffusion_loss, 
                        get_schedule, load_cifar10, noise_predictor, save_captioned_grid, save_grid)
 from model import UViC, UViCConfig, configure_adamw
 from train_utils import (Dtype, MetricsLog, SlowRun, StopNow, StopRequest, agree_on_step, autocast_context,
-                         check_at_least, check_betas, check_finite, check_new_run, check_out_dir,
-                         gather_generator_states, learning_rate, load_checkpoint, make_grad_scaler, make_out_dir,
-                         micro_steps_per_process, optimizer_step, parse_config, resume_config, pick_fields, plot_loss_curve, print_config, require,
-                         resolve_device, resolve_dtype, restore_generator_state, rng_state, run_trainer,
-                         save_checkpoint, set_rng_state, setup_distributed, unwrap, use_deterministic_algorithms)
+                         check_at_least, check_betas, check_finite, check_out_dir, gather_generator_states,
+                         learning_rate, make_grad_scaler, make_out_dir, micro_steps_per_process, optimizer_step,
+                         parse_config, pick_fields, plot_loss_curve, print_config, require, resolve_device,
+                         resolve_dtype, restore_generator_state, rng_state, run_trainer, save_checkpoint, set_rng_state,
+                         setup_distributed, start_or_resume, unwrap, use_deterministic_algorithms)
 
 
 @dataclass
@@ -83,8 +83,8 @@ class TrainConfig:
     grid_size: int = 64  # images in each sample grid
     sample_steps: int = 50  # DPM-Solver steps for the grids
     log_interval: int = 10
-    resume: bool = False  # continue the run in out_dir, with its config (see train_utils.RESUME_MAY_CHANGE)
-    overwrite: bool = False  # start a new run in an out_dir that holds one, moving the old one to out_dir/previous-<time>/
+    resume: bool = False  # continue the run in out_dir, with its config (train_utils.RESUME_MAY_CHANGE)
+    overwrite: bool = False  # a new run where out_dir holds one: the old one moves to out_dir/previous-<time>/
     # system
     device: str = "auto"  # auto: cuda if there is a GPU, else cpu
     dtype: Dtype = "auto"  # auto: bfloat16 on GPUs that have it, float16 (with loss scaling) on others, float32 on CPU
@@ -333,13 +333,7 @@ def check_config(config):
 def main(argv=None):
     config = parse_config(TrainConfig, PRESETS, argv)
     check_config(config)
-    check_new_run(config)
-    ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
-    checkpoint = load_checkpoint(ckpt_path) if config.resume else None
-    if checkpoint is not None:
-        if checkpoint.get("kind") != "diffusion":
-            raise SystemExit(f"error: {ckpt_path} is a {checkpoint.get('kind')!r} checkpoint, not a diffusion one")
-        config = resume_config(config, checkpoint, ckpt_path, argv)
+    config, ckpt_path, checkpoint = start_or_resume(config, "diffusion", "a diffusion one", argv)
     schedule = get_schedule(config.noise_schedule)
     text_to_image = config.dataset in ("coco", "shapes_t2i")
     ddp, rank, world_size, device = setup_distributed(resolve_device(config.device))

@@ -34,11 +34,11 @@ from data.prepare_lm import prepare_pystdlib
 from authors import authors_to_nanocog, load_weights_file
 from model import Cogformer, CogformerConfig, configure_adamw, document_ids
 from train_utils import (Dtype, MetricsLog, SlowRun, StopNow, StopRequest, agree_on_step, autocast_context,
-                         check_at_least, check_betas, check_finite, check_new_run, check_out_dir,
-                         gather_generator_states, learning_rate, load_checkpoint, make_grad_scaler, make_out_dir,
-                         micro_steps_per_process, optimizer_step, parse_config, resume_config, peak_flops, pick_fields, plot_loss_curve, print_config,
-                         resolve_device, resolve_dtype, restore_generator_state, rng_state, run_trainer,
-                         save_checkpoint, set_rng_state, setup_distributed, unwrap, use_deterministic_algorithms)
+                         check_at_least, check_betas, check_finite, check_out_dir, gather_generator_states,
+                         learning_rate, make_grad_scaler, make_out_dir, micro_steps_per_process, optimizer_step,
+                         parse_config, peak_flops, pick_fields, plot_loss_curve, print_config, resolve_device,
+                         resolve_dtype, restore_generator_state, rng_state, run_trainer, save_checkpoint, set_rng_state,
+                         setup_distributed, start_or_resume, unwrap, use_deterministic_algorithms)
 
 
 @dataclass
@@ -74,8 +74,8 @@ class TrainConfig:
     eval_interval: int = 1000
     eval_iters: int = 100  # batches per split in one evaluation
     log_interval: int = 10
-    resume: bool = False  # continue the run in out_dir, with its config (see train_utils.RESUME_MAY_CHANGE)
-    overwrite: bool = False  # start a new run in an out_dir that holds one, moving the old one to out_dir/previous-<time>/
+    resume: bool = False  # continue the run in out_dir, with its config (train_utils.RESUME_MAY_CHANGE)
+    overwrite: bool = False  # a new run where out_dir holds one: the old one moves to out_dir/previous-<time>/
     # system
     device: str = "auto"  # auto: cuda if there is a GPU, else cpu
     dtype: Dtype = "auto"  # auto: bfloat16 on GPUs that have it, float16 (with loss scaling) on others, float32 on CPU
@@ -150,13 +150,7 @@ def check_config(config):
 def main(argv=None):
     config = parse_config(TrainConfig, PRESETS, argv)
     check_config(config)
-    check_new_run(config)
-    ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
-    checkpoint = load_checkpoint(ckpt_path) if config.resume else None
-    if checkpoint is not None:
-        if checkpoint.get("kind") != "lm":
-            raise SystemExit(f"error: {ckpt_path} is a {checkpoint.get('kind')!r} checkpoint, not an LM's")
-        config = resume_config(config, checkpoint, ckpt_path, argv)
+    config, ckpt_path, checkpoint = start_or_resume(config, "lm", "an LM's", argv)
     ddp, rank, world_size, device = setup_distributed(resolve_device(config.device))
     master = rank == 0
     config.device, config.dtype = device, resolve_dtype(config.dtype, device)

@@ -279,6 +279,20 @@ def check_new_run(config):
                          f"to {os.path.join(config.out_dir, 'previous-<time>')}")
 
 
+def start_or_resume(config, kind, what, argv=None):
+    """Before anything is written: a new run may not replace one (check_new_run); --resume loads the run's checkpoint,
+    which must be of this kind ("lm" or "diffusion"; `what` names it in the error), and its config (resume_config).
+    Returns (config, ckpt_path, checkpoint or None)."""
+    check_new_run(config)
+    ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
+    if not config.resume:
+        return config, ckpt_path, None
+    checkpoint = load_checkpoint(ckpt_path)
+    if checkpoint.get("kind") != kind:
+        raise SystemExit(f"error: {ckpt_path} is a {checkpoint.get('kind')!r} checkpoint, not {what}")
+    return resume_config(config, checkpoint, ckpt_path, argv), ckpt_path, checkpoint
+
+
 def resume_config(config, checkpoint, ckpt_path, argv=None):
     """The config of the run in ckpt_path: the checkpoint's, with this command's RESUME_MAY_CHANGE (printed) and
     THIS_COMMAND keys. Another key given with a value that differs from the run's is an error that names it."""
