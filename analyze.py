@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from cog_kernel import causal_mask, cog_attention_weights
 from data.prepare_lm import Tokenizer
 from model import Cogformer, CogformerConfig
-from train_utils import (check_at_least, load_checkpoint, parse_config, print_config, read_log, require,
+from train_utils import (check_at_least, fresh_path, load_checkpoint, parse_config, print_config, read_log, require,
                          resolve_device, run_script)
 
 # -----------------------------------------------------------------------------
@@ -77,8 +77,8 @@ def run_folder(run):
 def output_paths(cfg, name):
     """The PNG, and the JSON with the numbers: in the first run's folder, named after the PNG."""
     folder = run_folder(run_dirs(cfg)[0])
-    png = cfg.png or os.path.join(folder, f"{name}.png")
-    return png, os.path.join(folder, os.path.splitext(os.path.basename(png))[0] + ".json")
+    png = fresh_path(cfg.png or os.path.join(folder, f"{name}.png"))  # (an earlier one stays)
+    return png, fresh_path(os.path.join(folder, os.path.splitext(os.path.basename(png))[0] + ".json"))
 
 
 def load_run(run, device, cfg):
@@ -587,7 +587,7 @@ def cmd_eval(cfg):
         table[label] = accs
         if run[1]:  # one of the authors' checkpoints: set its numbers beside their logged ones
             logged[label] = AUTHORS_LOGGED[model.config.attn]
-        write_json(os.path.join(run_folder(run), "eval.json"), {"tasks": accs, "limit": cfg.limit,
+        write_json(fresh_path(os.path.join(run_folder(run), "eval.json")), {"tasks": accs, "limit": cfg.limit,
                                                                 "results": out["results"]})
     print(eval_table(table, tasks, logged))
     if cfg.limit:

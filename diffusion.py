@@ -408,6 +408,8 @@ def cifar10_train_stats(data_dir, inception, device):
         print(f"computing the FID statistics of the CIFAR-10 training set into {path} (once)")
         images, _ = load_cifar10(data_dir, train=True)
         mu, sigma = feature_stats(inception_features(inception, images, device))
-        np.savez(path, mu=mu, sigma=sigma)
+        with open(path + ".tmp", "wb") as f:  # written whole, then renamed: an interrupted run leaves no half cache
+            np.savez(f, mu=mu, sigma=sigma)
+        os.replace(path + ".tmp", path)
     stats = np.load(path, allow_pickle=False)
     return stats["mu"], stats["sigma"]

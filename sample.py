@@ -26,8 +26,8 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from train_utils import (Dtype, autocast_context, check_at_least, cli_keys, load_checkpoint, parse_config,
-                         require, resolve_device, resolve_dtype, run_script)
+from train_utils import (Dtype, autocast_context, check_at_least, cli_keys, fresh_path, load_checkpoint,
+                         parse_config, require, resolve_device, resolve_dtype, run_script)
 
 
 @dataclass
@@ -241,7 +241,8 @@ def sample_images(checkpoint, config, given, ckpt_path):
     shape = (model_config.in_chans, model_config.img_size, model_config.img_size)
     images = diffusion.generate(eps_fn, num_samples, shape, sampler, steps, config.seed, config.device,
                                 config.batch_size, progress=True, schedule=schedule)
-    output = config.output or os.path.join(config.out_dir, f"samples_{sampler.replace('+', 'p')}{steps}.png")
+    name = f"samples_{sampler.replace('+', 'p')}{steps}.png"
+    output = fresh_path(config.output or os.path.join(config.out_dir, name))  # (an earlier grid stays)
     diffusion.save_grid(images[:256], output)
     print(f"wrote {output}")
     if config.fid:
@@ -344,7 +345,7 @@ def sample_text_to_image(model, recipe, config, given, prompts):
             fid_features.append(diffusion.inception_features(inception, diffusion.to_uint8(images), config.device))
     images = torch.cat(kept)
     folder = "." if config.init_from else config.out_dir
-    output = config.output or os.path.join(folder, f"samples_t2i_cfg{config.cfg_scale:g}.png")
+    output = fresh_path(config.output or os.path.join(folder, f"samples_t2i_cfg{config.cfg_scale:g}.png"))
     diffusion.save_captioned_grid(images[:64], texts[:64], output)
     print(f"wrote {output}")
     if demo:  # scored by code: the colour and shape of each sample against its prompt

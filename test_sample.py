@@ -99,3 +99,14 @@ def test_flag_kinds_are_stated_in_code_for_every_flag():
 def test_attn_is_for_released_files_only(tmp_path):
     with pytest.raises(SystemExit, match="--attn=softmax: for --init_from only"):
         sample.main([f"--out_dir={tmp_path}", "--attn=softmax"])
+
+
+def test_new_outputs_never_replace_earlier_ones(tmp_path):
+    """A second grid with the same name goes beside the first (samples_dpm2-2.png), which stays as it was."""
+    out = str(tmp_path / "run")
+    train_diffusion.main(["--preset=demo", *TINY, "--max_iters=1", "--eval_interval=1", f"--out_dir={out}"])
+    first = os.path.join(out, "samples_dpm2.png")
+    sample.main([f"--out_dir={out}", "--steps=2", "--num_samples=2"])
+    before = open(first, "rb").read()
+    sample.main([f"--out_dir={out}", "--steps=2", "--num_samples=2", "--seed=7"])
+    assert open(first, "rb").read() == before and os.path.exists(os.path.join(out, "samples_dpm2-2.png"))

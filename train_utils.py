@@ -311,6 +311,17 @@ def resume_config(config, checkpoint, ckpt_path, argv=None):
     return config
 
 
+def fresh_path(path):
+    """path, or if a file is there already the first free one of path-2, path-3, ... (before the extension): a new
+    output (a sample grid, a plot, its numbers) never replaces an earlier one."""
+    root, ext = os.path.splitext(path)
+    n = 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{root}-{n}{ext}"
+    return path
+
+
 def print_config(config):
     width = max(len(f.name) for f in dataclasses.fields(config))
     for f in dataclasses.fields(config):
