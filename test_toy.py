@@ -14,6 +14,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensor
 CFG = toy.ToyConfig(seeds=1, steps=60, batch_size=64, n_embd=16, max_len=16, eval_size=4000, catch_up="")
 
 
+@pytest.fixture
+def one_thread():
+    """As toy.py runs: one thread is much faster on these tiny matrices; the suite's setting comes back after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_majority_generator_follows_the_rule():
     g = torch.Generator().manual_seed(0)
     seen_counts = set()
@@ -54,7 +63,7 @@ def hand_set_cog_head(model):
     model.lm_head.weight[toy.YES, 4], model.lm_head.weight[toy.NO, 4] = 1.0, -1.0
 
 
-def test_hand_set_cog_head_solves_majority_exactly():
+def test_hand_set_cog_head_solves_majority_exactly(one_thread):
     model = toy.make_model("cog", 1, 1, CFG)
     hand_set_cog_head(model)
     assert toy.accuracy(model, "majority", CFG, seed=1) == 1.0
@@ -95,7 +104,7 @@ def test_softmax_share_on_x_grows_with_the_count_of_x(seed, query):
 
 
 @pytest.mark.parametrize("attn", ["cog", "softmax"])
-def test_training_lowers_the_loss(attn):
+def test_training_lowers_the_loss(attn, one_thread):
     g = torch.Generator().manual_seed(99)
     held_out = [toy.majority_batch(32, n, g) for n in range(1, 17)]  # every length: batches differ a lot in difficulty
 

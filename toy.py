@@ -15,7 +15,6 @@ approximate the answer through the weight left on the query itself.
 The models are the project's Cogformer with attention-only blocks (ffn_hidden=0): all layers Cog (softmax_layers="")
 or all softmax, trained with Adam on the prediction at the last position. Progress goes to stderr (tqdm).
 """
-import math
 import os
 import statistics
 import time
@@ -38,8 +37,8 @@ warnings.filterwarnings("ignore", message=".*zero-element tensors.*")
 class ToyConfig:
     tasks: str = "majority"  # comma-separated; the tasks: majority
     seeds: int = 3  # seeds per (task, model); the table gives mean and spread over them
-    steps: int = 1000  # Adam steps per model
-    batch_size: int = 128
+    steps: int = 500  # Adam steps per model
+    batch_size: int = 64
     learning_rate: float = 1e-2
     n_embd: int = 16
     max_len: int = 16  # the most X and Y tokens in a sequence
@@ -191,6 +190,13 @@ def run_task(task, cfg, shapes, progress):
     return rows, first
 
 
+def majority_example(max_len):
+    """A fixed example for the picture: Y outnumbers X, query B (answer YES)."""
+    items = "XYYXYYXYXYYY"[:max_len]
+    return torch.tensor([{"X": X, "Y": Y}[c] for c in items] + [B])
+
+
+
 def main(argv=None):
     cfg = parse_config(ToyConfig, None, argv, usage="python toy.py [--key=value ...]", description=__doc__)
     check_at_least(cfg, 1, "seeds", "steps", "batch_size", "n_embd", "eval_size")
@@ -203,6 +209,7 @@ def main(argv=None):
     for png in pngs:  # before any training: refuse rather than overwrite an earlier picture
         require(not os.path.exists(png), f"{png} exists: pass a fresh --out_dir")
     print_config(cfg)
+    torch.set_num_threads(1)  # tiny matrices: more threads only wait on each other (10x slower on a busy machine)
     os.makedirs(cfg.out_dir, exist_ok=True)
     t0 = time.time()
     rows = []
@@ -221,12 +228,6 @@ def main(argv=None):
         print(f"| {task} | {attn} | {heads} | {layers} | {spread(accs)} |")
     print(f"\n{cfg.steps} steps per model, {time.time() - t0:.0f} s in all")
     return rows
-
-
-def majority_example(max_len):
-    """A fixed example for the picture: Y outnumbers X, query B (answer YES)."""
-    items = "XYYXYYXYXYYY"[:max_len]
-    return torch.tensor([{"X": X, "Y": Y}[c] for c in items] + [B])
 
 
 if __name__ == "__main__":
