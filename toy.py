@@ -37,7 +37,7 @@ warnings.filterwarnings("ignore", message=".*zero-element tensors.*")
 class ToyConfig:
     tasks: str = "majority"  # comma-separated; the tasks: majority
     seeds: int = 3  # seeds per (task, model); the table gives mean and spread over them
-    steps: int = 500  # Adam steps per model
+    steps: int = 1000  # Adam steps per model
     batch_size: int = 64
     learning_rate: float = 1e-2
     n_embd: int = 16
@@ -150,14 +150,16 @@ def spread(values):
            f"({min(values):.3f}-{max(values):.3f})"
 
 
-def attention_runs(models, example):
-    """analyze.attention_figure's input: each model's last-token weights on one example, every layer and head."""
+def attention_runs(models, examples):
+    """analyze.attention_figure's input: each model's last-token weights on each example, every layer and head."""
     runs = []
     for label, model in models:
-        maps, _ = attention_maps(model, example[None])
-        rows = torch.stack([w[0, :, -1, :] for w in maps])  # (L, nh, T)
-        runs.append({"label": label, "tokens": [VOCAB[i] for i in example.tolist()], "weights": rows.tolist(),
-                     "layers": [{"layer": i, "kind": b.attn.kind} for i, b in enumerate(model.blocks)]})
+        for example in examples:
+            maps, _ = attention_maps(model, example[None])
+            rows = torch.stack([w[0, :, -1, :] for w in maps])  # (L, nh, T)
+            tokens = [VOCAB[i] for i in example.tolist()]
+            runs.append({"label": f"{label}, query {tokens[-1]}", "tokens": tokens, "weights": rows.tolist(),
+                         "layers": [{"layer": i, "kind": b.attn.kind} for i, b in enumerate(model.blocks)]})
     return runs
 
 
@@ -190,11 +192,10 @@ def run_task(task, cfg, shapes, progress):
     return rows, first
 
 
-def majority_example(max_len):
-    """A fixed example for the picture: Y outnumbers X, query B (answer YES)."""
-    items = "XYYXYYXYXYYY"[:max_len]
-    return torch.tensor([{"X": X, "Y": Y}[c] for c in items] + [B])
-
+def majority_examples(max_len):
+    """Fixed examples for the picture: one sequence of X and Y (Y outnumbers X), asked with A (NO) and with B (YES)."""
+    items = [{"X": X, "Y": Y}[c] for c in "XYYXYYXYXYYY"[:max_len]]
+    return [torch.tensor(items + [query]) for query in (A, B)]
 
 
 def main(argv=None):
@@ -218,10 +219,10 @@ def main(argv=None):
         for task, png in zip(tasks, pngs):
             task_rows, first = run_task(task, cfg, shapes, progress)
             rows += task_rows
-            example = majority_example(cfg.max_len)
             with torch.no_grad():
-                runs = attention_runs([(f"{a}, 1 head", first[a]) for a in ("cog", "softmax")], example)
-            write_picture(png, runs, "query B's weights")
+                runs = attention_runs([(f"{a}, 1 head", first[a]) for a in ("cog", "softmax")],
+                                      majority_examples(cfg.max_len))
+            write_picture(png, runs, "the last token's weights")
     print(f"\n| task | attention | heads | layers | accuracy: mean ± std (min-max) over {cfg.seeds} seeds |")
     print("|---|---|---|---|---|")
     for task, attn, heads, layers, accs in rows:
