@@ -18,7 +18,6 @@ or all softmax, trained with Adam on the prediction at the last position. Progre
 import os
 import statistics
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +27,6 @@ from tqdm import tqdm
 from analyze import attention_figure, attention_maps, pyplot
 from model import Cogformer, CogformerConfig
 from train_utils import check_at_least, parse_config, print_config, require, run_script
-
-# ffn_hidden=0 builds empty MLP weights, and initializing them warns; the blocks are then attention-only, as meant
-warnings.filterwarnings("ignore", message=".*zero-element tensors.*")
 
 
 @dataclass
