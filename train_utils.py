@@ -248,10 +248,10 @@ def make_out_dir(path, move_aside=False):
     others) go to path/previous-<time>/."""
     try:
         os.makedirs(path, exist_ok=True)
-        earlier = sorted(name for name in os.listdir(path) if is_run_file(name))
-        if move_aside and earlier:
-            aside = os.path.join(path, "previous-" + time.strftime("%Y%m%d-%H%M%S"))
-            os.makedirs(aside)  # (not exist_ok: two runs moved aside in one second would mix)
+        earlier = sorted(name for name in os.listdir(path) if is_run_file(name)) if move_aside else []
+        if earlier:
+            aside = fresh_path(os.path.join(path, "previous-" + time.strftime("%Y%m%d-%H%M%S")))
+            os.makedirs(aside)
             for name in earlier:
                 os.replace(os.path.join(path, name), os.path.join(aside, name))
             print(f"--overwrite: moved the earlier run's {len(earlier)} file(s) to {aside}")
@@ -270,6 +270,7 @@ THIS_COMMAND = ("out_dir", "resume", "overwrite", "device", "compile")
 
 def check_new_run(config):
     """Before anything is written: a new run into a folder that holds one must say --overwrite."""
+    # a checkpoint or a log make a run (its pictures alone do not)
     held = [name for name in RUN_FILES[:3] if os.path.exists(os.path.join(config.out_dir, name))]
     if config.resume and config.overwrite:
         raise SystemExit("error: --resume continues the run in --out_dir and --overwrite moves it aside: give one")
