@@ -4,7 +4,7 @@ Train a Cogformer language model (arXiv 2411.07176) the way nanoGPT trains GPT-2
     python train_lm.py --compile                               # the paper's model on RedPajama, one GPU
     torchrun --standalone --nproc_per_node=8 train_lm.py --compile   # the same on 8 GPUs, no code change
     python train_lm.py --preset=demo                           # a small Cogformer on Python's own sources, CPU
-    python train_lm.py --preset=demo --attn=softmax --out_dir=out/demo_lm_softmax   # the Transformer baseline
+    python train_lm.py --preset=demo --attn=softmax --out_dir=out/demo_softmax   # the Transformer baseline
     python train_lm.py --preset=demo --resume                  # continue the run in out_dir, bit for bit
     python train_lm.py --preset=1b --doc_mask                  # a 1.0B Cogformer, attention within documents
     python train_lm.py --init_from=cog_ckpt_100.00_Bi.pt --data_dir=data/redpajama_llama2   # fine-tune theirs
