@@ -1,8 +1,7 @@
 """
-What train_lm.py and train_diffusion.py share: the command line (a preset plus --key=value overrides), run folders
-(a new run never replaces an earlier one; --resume restores the run it continues), atomic checkpoints with RNG
-state, saving on Ctrl-C / SIGTERM, DDP set-up, mixed precision, the learning-rate schedule, the NaN guard, MFU
-against the real GPU's peak, and the JSONL log with its loss-curve PNG.
+What train_lm.py and train_diffusion.py share: the command line (a preset plus --key=value overrides),
+atomic checkpoints with RNG state, saving on Ctrl-C / SIGTERM, DDP set-up, mixed precision, the learning-rate
+schedule, the NaN guard, MFU against the real GPU's peak, and the JSONL log with its loss-curve PNG.
 """
 
 import ast
@@ -313,8 +312,7 @@ def resumed_config(config, saved, argv=None, master=True):
     """--resume: the run's config as the checkpoint saved it (saved), with this invocation's INVOCATION_KEYS and the
     RESUME_OVERRIDES given on the command line (each printed). Any other key given must keep the checkpoint's value."""
     given, values, changed = cli_keys(argv), {}, []
-    current = dataclasses.asdict(config)
-    for key, value in current.items():
+    for key, value in dataclasses.asdict(config).items():
         if key in INVOCATION_KEYS:
             values[key] = value
         elif key in given and key in RESUME_OVERRIDES:
@@ -323,11 +321,11 @@ def resumed_config(config, saved, argv=None, master=True):
         elif key in given and value != saved[key]:
             raise SystemExit(f"error: --{key}={value}: the run in {config.out_dir} was trained with {key}="
                              f"{saved[key]!r}; --resume continues it unchanged (a different run: another --out_dir), "
-                             f"and may change only {', '.join(k for k in RESUME_OVERRIDES if k in current)}")
+                             f"and may change only {', '.join(RESUME_OVERRIDES)}")
         else:
             values[key] = saved[key]
-    for line in changed if master else []:
-        print(line)
+    if master:
+        print("\n".join(changed), end="\n" if changed else "")
     return dataclasses.replace(config, **values)
 
 
