@@ -407,7 +407,7 @@ def test_finetune_the_authors_checkpoint(tmp_path, llama_dir):
     assert sum(model(x, y)[1].item() for x, y in batches) / 2 != pytest.approx(masked, rel=1e-3)
     assert saved["model_config"]["n_embd"] == 16 and saved["model_config"]["block_size"] == 24
     assert saved["config"]["init_from"] == path and saved["config"]["n_layer"] == 4
-    train_lm.main(common + ["--max_iters=20", "--learning_rate=3e-3", "--overwrite"])
+    train_lm.main(common + ["--max_iters=20", "--learning_rate=3e-3"])
     evals = [r["train_loss"] for r in read_log(out / "log.jsonl") if "train_loss" in r]
     assert evals[-1] < evals[0] - 0.5  # it learns (the val split is one short text it never sees)
     prepare_lm.main([f"--files={tmp_path}/a.jsonl", f"--out_dir={tmp_path / 'bytes'}", "--tokenizer=bytes",
