@@ -4,14 +4,13 @@ Train a U-ViC (U-ViT with Cog attention, arXiv 2411.07176) as U-ViT trains its C
     python train_diffusion.py --compile                        # the paper's 44M U-ViC on CIFAR-10, one GPU
     torchrun --standalone --nproc_per_node=4 train_diffusion.py --compile --batch_size=32 --grad_accum=4
     python train_diffusion.py --preset=demo                    # a small U-ViC on coloured shapes, CPU, 6.5-10.5 min
-    python train_diffusion.py --preset=demo --attn=softmax --out_dir=out/demo_diffusion_softmax   # the U-ViT baseline
-    python train_diffusion.py --preset=demo --resume           # continue the run in out_dir, bit for bit
+    python train_diffusion.py --preset=demo --attn=softmax     # the U-ViT baseline
+    python train_diffusion.py --preset=demo --resume           # continue from out_dir/ckpt.pt, bit for bit
     python train_diffusion.py --preset=demo_t2i                # text-to-image on captioned shapes, CPU, ~6 min
     python train_diffusion.py --preset=coco --compile          # text-to-image on MS-COCO (data/prepare_coco.py first)
     python train_diffusion.py --preset=coco --init_from=cog_nnet_ema.pth   # fine-tune the authors' released U-ViC
 
-Any field of TrainConfig is a --key=value override; each run has its own out_dir, and --resume continues the run in it
-with its own config (as in train_lm.py). Every eval_interval iterations: a checkpoint, the EMA model's
+Any field of TrainConfig is a --key=value override. Every eval_interval iterations: a checkpoint, the EMA model's
 loss on held-out images (fixed t and noise), and out_dir/samples_XXXXXX.png drawn by the EMA model with DPM-Solver
 (text-to-image: DPM-Solver++ with guidance, captioned; the shapes demo also scores whether each sample matches its
 prompt). Sample and measure FID afterwards with sample.py.
@@ -29,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from diffusion import (check_prediction, diffusion_loss, ema_update, generate, generate_guided,
+from diffusion import (check_prediction, checkpoint_prediction, diffusion_loss, ema_update, generate, generate_guided,
                        get_schedule, load_cifar10, noise_predictor, save_captioned_grid, save_grid)
 from data.shapes import (DEMO_PROMPTS, DEMO_WORDS, captioned_shapes_batch, demo_caption_features, demo_prompt_features,
                          parse_demo_prompt, score_shapes, shapes_batch)
@@ -37,10 +36,10 @@ from data.shapes import BACKGROUND, COLOR_NAMES, SHAPE_NAMES  # noqa: F401 (for 
 from model import UViC, UViCConfig, configure_adamw
 from train_utils import (Dtype, MetricsLog, SlowRun, StopNow, StopRequest, agree_on_step, autocast_context,
                          check_at_least, check_betas, check_finite, check_out_dir, gather_generator_states,
-                         learning_rate, make_grad_scaler, make_out_dir, micro_steps_per_process, optimizer_step,
-                         parse_config, pick_fields, plot_loss_curve, print_config, require, resolve_device,
-                         resolve_dtype, restore_generator_state, rng_state, run_trainer, save_checkpoint, set_rng_state,
-                         setup_distributed, start_or_resume, unwrap, use_deterministic_algorithms)
+                         learning_rate, load_checkpoint, make_grad_scaler, make_out_dir, micro_steps_per_process,
+                         optimizer_step, parse_config, pick_fields, plot_loss_curve, print_config, require,
+                         resolve_device, resolve_dtype, restore_generator_state, rng_state, run_trainer,
+                         save_checkpoint, set_rng_state, setup_distributed, unwrap, use_deterministic_algorithms)
 
 
 @dataclass
@@ -86,8 +85,7 @@ class TrainConfig:
     grid_size: int = 64  # images in each sample grid
     sample_steps: int = 50  # DPM-Solver steps for the grids
     log_interval: int = 10
-    resume: bool = False  # continue the run in out_dir: its config wins (see train_utils.RESUME_OVERRIDES)
-    overwrite: bool = False  # start afresh in an out_dir that holds a run, moving that run to out_dir/previous-<time>/
+    resume: bool = False
     # system
     device: str = "auto"  # auto: cuda if there is a GPU, else cpu
     dtype: Dtype = "auto"  # auto: bfloat16 on GPUs that have it, float16 (with loss scaling) on others, float32 on CPU
@@ -248,7 +246,6 @@ def check_config(config):
 
 def main(argv=None):
     config = parse_config(TrainConfig, PRESETS, argv)
-    config, checkpoint = start_or_resume(config, "diffusion", argv)  # --resume: the checkpoint's run, config included
     check_config(config)
     schedule = get_schedule(config.noise_schedule)
     text_to_image = config.dataset in ("coco", "shapes_t2i")
@@ -261,12 +258,29 @@ def main(argv=None):
     train_data, val_data = load_data(config, device, master, ddp)
 
     # model, EMA, optimizer, loss scaler, and the state they continue from on --resume
-    model_config = UViCConfig(**checkpoint["model_config"]) if checkpoint else pick_fields(config, UViCConfig)
+    checkpoint = load_checkpoint(ckpt_path) if config.resume else None
+    model_config = pick_fields(config, UViCConfig)
+    if checkpoint is not None:
+        if checkpoint.get("kind") != "diffusion":
+            raise SystemExit(f"error: {ckpt_path} is a {checkpoint.get('kind')!r} checkpoint, not a diffusion one")
+        trained_on = checkpoint_prediction(checkpoint)
+        if trained_on != config.prediction:
+            raise SystemExit(f"error: {ckpt_path} was trained with --prediction={trained_on}; "
+                             f"resume with the same (got --prediction={config.prediction})")
+        trained_on = checkpoint["config"].get("noise_schedule", "vp")
+        if trained_on != config.noise_schedule:
+            raise SystemExit(f"error: {ckpt_path} was trained with --noise_schedule={trained_on}; "
+                             f"resume with the same (got --noise_schedule={config.noise_schedule})")
+        if dataclasses.asdict(model_config) != checkpoint["model_config"] and master:
+            print("note: resuming with the checkpoint's model config, not the command line's")
+        model_config = UViCConfig(**checkpoint["model_config"])
+        if master:
+            print(f"resuming from {ckpt_path} at iteration {checkpoint['iter']}")
     if master:
         print(f"training a U-ViC on {config.dataset}; config:")
         print_config(config)
         print(f"{world_size} process(es), {grad_accum} micro-batches each, {images_per_iter} images per iteration")
-        make_out_dir(config.out_dir, config.overwrite)
+        make_out_dir(config.out_dir)
 
     use_deterministic_algorithms(config.deterministic)
     torch.manual_seed(config.seed)  # the same initial weights on every rank

@@ -5,14 +5,11 @@ Train a Cogformer language model (arXiv 2411.07176) the way nanoGPT trains GPT-2
     torchrun --standalone --nproc_per_node=8 train_lm.py --compile   # the same on 8 GPUs, no code change
     python train_lm.py --preset=demo                           # a small Cogformer on Python's own sources, CPU
     python train_lm.py --preset=demo --attn=softmax --out_dir=out/demo_softmax   # the Transformer baseline
-    python train_lm.py --preset=demo --resume                  # continue the run in out_dir, bit for bit
+    python train_lm.py --preset=demo --resume                  # continue from out_dir/ckpt.pt, bit for bit
     python train_lm.py --preset=1b --doc_mask                  # a 1.0B Cogformer, attention within documents
     python train_lm.py --init_from=cog_ckpt_100.00_Bi.pt --data_dir=data/redpajama_llama2   # fine-tune theirs
 
-Any field of TrainConfig is a --key=value override. Data folders come from data/prepare_lm.py. Each run has its own
-out_dir: a new run into a folder that holds one stops with an error (--overwrite moves the old run to
-out_dir/previous-<time>/), and --resume continues the run saved there with its own config (the keys it may change are
-train_utils.RESUME_OVERRIDES).
+Any field of TrainConfig is a --key=value override. Data folders come from data/prepare_lm.py.
 """
 
 import dataclasses
@@ -36,10 +33,10 @@ from model import (Cogformer, CogformerConfig, authors_to_nanocog, configure_ada
                    load_weights_file)
 from train_utils import (Dtype, MetricsLog, SlowRun, StopNow, StopRequest, agree_on_step, autocast_context,
                          check_at_least, check_betas, check_finite, check_out_dir, gather_generator_states,
-                         learning_rate, make_grad_scaler, make_out_dir, micro_steps_per_process, optimizer_step,
-                         parse_config, peak_flops, pick_fields, plot_loss_curve, print_config, resolve_device,
-                         resolve_dtype, restore_generator_state, rng_state, run_trainer, save_checkpoint, set_rng_state,
-                         setup_distributed, start_or_resume, unwrap, use_deterministic_algorithms)
+                         learning_rate, load_checkpoint, make_grad_scaler, make_out_dir, micro_steps_per_process,
+                         optimizer_step, parse_config, peak_flops, pick_fields, plot_loss_curve, print_config,
+                         resolve_device, resolve_dtype, restore_generator_state, rng_state, run_trainer,
+                         save_checkpoint, set_rng_state, setup_distributed, unwrap, use_deterministic_algorithms)
 
 
 @dataclass
@@ -75,8 +72,7 @@ class TrainConfig:
     eval_interval: int = 1000
     eval_iters: int = 100  # batches per split in one evaluation
     log_interval: int = 10
-    resume: bool = False  # continue the run in out_dir: its config wins (see train_utils.RESUME_OVERRIDES)
-    overwrite: bool = False  # start afresh in an out_dir that holds a run, moving that run to out_dir/previous-<time>/
+    resume: bool = False
     # system
     device: str = "auto"  # auto: cuda if there is a GPU, else cpu
     dtype: Dtype = "auto"  # auto: bfloat16 on GPUs that have it, float16 (with loss scaling) on others, float32 on CPU
@@ -150,7 +146,6 @@ def check_config(config):
 
 def main(argv=None):
     config = parse_config(TrainConfig, PRESETS, argv)
-    config, checkpoint = start_or_resume(config, "lm", argv)  # --resume: the checkpoint's run, config included
     check_config(config)
     ddp, rank, world_size, device = setup_distributed(resolve_device(config.device))
     master = rank == 0
@@ -171,13 +166,20 @@ def main(argv=None):
                              f"not more than block_size {config.block_size}")
 
     # model, optimizer, loss scaler, and the state they continue from on --resume
+    checkpoint = load_checkpoint(ckpt_path) if config.resume else None
     model_config = pick_fields(config, CogformerConfig)
     if checkpoint is not None:
+        if checkpoint.get("kind") != "lm":
+            raise SystemExit(f"error: {ckpt_path} is a {checkpoint.get('kind')!r} checkpoint, not an LM's")
         if checkpoint["meta"]["tokenizer"] != meta["tokenizer"]:
             raise SystemExit(f"error: {ckpt_path} was trained with the {checkpoint['meta']['tokenizer']} tokenizer, "
                              f"{config.data_dir} holds {meta['tokenizer']} tokens")
+        if dataclasses.asdict(model_config) != checkpoint["model_config"] and master:
+            print("note: resuming with the checkpoint's model config, not the command line's")
         model_config = CogformerConfig(**checkpoint["model_config"])
         config.vocab_size = model_config.vocab_size
+        if master:
+            print(f"resuming from {ckpt_path} at iteration {checkpoint['iter']}")
     released = None  # the authors' weights, converted, for --init_from (a resumed run has its own)
     if config.init_from and checkpoint is None:
         if meta["tokenizer"] != "llama2":
@@ -199,7 +201,7 @@ def main(argv=None):
         print(f"training a Cogformer on {config.data_dir} ({meta['tokenizer']} tokens); config:")
         print_config(config)
         print(f"{world_size} process(es), {grad_accum} micro-batches each, {tokens_per_iter:,} tokens per iteration")
-        make_out_dir(config.out_dir, config.overwrite)
+        make_out_dir(config.out_dir)
 
     use_deterministic_algorithms(config.deterministic)
     torch.manual_seed(config.seed)  # the same initial weights on every rank

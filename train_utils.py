@@ -16,7 +16,6 @@ import random
 import signal
 import sys
 import textwrap
-import time
 import tokenize
 import typing
 from contextlib import nullcontext
@@ -236,97 +235,11 @@ def check_out_dir(path, key="out_dir"):
             f"--{key}={path}: cannot be made or written ({ancestor} is not a folder we may write in)")
 
 
-def make_out_dir(path, overwrite=False):
-    """The run's folder, made; with --overwrite, the earlier run in it is moved aside first (move_run_aside)."""
+def make_out_dir(path):
     try:
         os.makedirs(path, exist_ok=True)
-        if overwrite and run_files(path):
-            move_run_aside(path)
     except OSError as err:
         raise SystemExit(f"error: cannot make --out_dir={path} ({err.strerror})") from None
-
-
-# -----------------------------------------------------------------------------
-# run folders: a fresh run never replaces an earlier one, and --resume continues the run it finds, unchanged
-
-# What a resumed run may change, given on the command line: how long it runs and how it is watched, evaluated and
-# computed. Every other key keeps the checkpoint's value; giving another value for it is an error, as it would make a
-# different run (block_size, batch_size, learning rate and schedule, data, img_size, the model's fields, ...).
-RESUME_OVERRIDES = ("max_iters", "eval_interval", "eval_iters", "log_interval", "grid_size", "sample_steps",
-                    "cfg_scale", "dtype", "compile", "deterministic")
-# What this invocation says, never the checkpoint: where the run is and which device of this machine runs it.
-INVOCATION_KEYS = ("resume", "overwrite", "out_dir", "device")
-RUN_FILES = ("ckpt.pt", "ckpt.prev.pt", "log.jsonl")  # a folder holding any of these holds a run
-
-
-def run_files(out_dir):
-    return [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
-
-
-def check_fresh_run(config):
-    """A new run into a folder that holds one refuses in one line, before anything is written (--overwrite: it is moved
-    aside by make_out_dir)."""
-    require(not (config.resume and config.overwrite), "--resume continues the run in --out_dir, --overwrite moves it "
-            "aside to start a new one: give one of them")
-    found = run_files(config.out_dir) if os.path.isdir(config.out_dir) else []
-    require(config.resume or config.overwrite or not found,
-            f"{config.out_dir} holds a run ({', '.join(found)}): continue it with --resume, start a new one with "
-            "another --out_dir, or move it aside to a subfolder with --overwrite")
-
-
-def move_run_aside(out_dir):
-    """--overwrite: everything in out_dir but earlier runs moved aside goes to out_dir/previous-<time>/; nothing is
-    deleted."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside, n = os.path.join(out_dir, f"previous-{stamp}"), 1
-    while os.path.exists(aside):  # two runs moved aside within a second
-        n += 1
-        aside = os.path.join(out_dir, f"previous-{stamp}-{n}")
-    os.makedirs(aside)
-    for name in sorted(os.listdir(out_dir)):
-        if not name.startswith("previous-"):
-            os.replace(os.path.join(out_dir, name), os.path.join(aside, name))
-    print(f"--overwrite: moved the earlier run in {out_dir} to {aside}")
-
-
-def start_or_resume(config, kind, argv=None):
-    """(config, checkpoint) of the run to train: a fresh one (checkpoint None, out_dir checked by check_fresh_run) or,
-    with --resume, the checkpoint of kind ("lm", "diffusion") in out_dir and the run's config restored from it."""
-    check_fresh_run(config)
-    if not config.resume:
-        return config, None
-    ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
-    checkpoint = load_checkpoint(ckpt_path)
-    require(checkpoint.get("kind") == kind,
-            f"{ckpt_path} is a {checkpoint.get('kind')!r} checkpoint, not a {kind!r} one")
-    master = int(os.environ.get("RANK", 0)) == 0
-    # a key an older checkpoint lacks was added later with a default that keeps what the code did before
-    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
-    config = resumed_config(config, {**defaults, **checkpoint["config"]}, argv, master)
-    if master:
-        print(f"resuming from {ckpt_path} at iteration {checkpoint['iter']}")
-    return config, checkpoint
-
-
-def resumed_config(config, saved, argv=None, master=True):
-    """--resume: the run's config as the checkpoint saved it (saved), with this invocation's INVOCATION_KEYS and the
-    RESUME_OVERRIDES given on the command line (each printed). Any other key given must keep the checkpoint's value."""
-    given, values, changed = cli_keys(argv), {}, []
-    for key, value in dataclasses.asdict(config).items():
-        if key in INVOCATION_KEYS:
-            values[key] = value
-        elif key in given and key in RESUME_OVERRIDES:
-            values[key] = value
-            changed += [f"resume: --{key}={value} in place of the run's {saved[key]!r}"] if value != saved[key] else []
-        elif key in given and value != saved[key]:
-            raise SystemExit(f"error: --{key}={value}: the run in {config.out_dir} was trained with {key}="
-                             f"{saved[key]!r}; --resume continues it unchanged (a different run: another --out_dir), "
-                             f"and may change only {', '.join(RESUME_OVERRIDES)}")
-        else:
-            values[key] = saved[key]
-    if master:
-        print("\n".join(changed), end="\n" if changed else "")
-    return dataclasses.replace(config, **values)
 
 
 def print_config(config):
