@@ -16,6 +16,7 @@ import torch
 import diffusion
 import sample
 import train_diffusion
+from data import shapes
 from diffusion import (BETA_0, BETA_1, T_END, alpha_sigma, ema_update, feature_stats, frechet_distance, generate,
                        load_cifar10, log_snr, noise_predictor, sample_dpm, sample_em, t_of_log_snr)
 from model import UViC, UViCConfig
@@ -159,9 +160,9 @@ def test_samplers_are_seeded_and_finite(sampler):
 
 
 def test_shapes_are_one_coloured_shape_on_the_background():
-    x = train_diffusion.shapes_batch(32, 16, torch.Generator().manual_seed(0), "cpu")
+    x = shapes.shapes_batch(32, 16, torch.Generator().manual_seed(0), "cpu")
     assert x.shape == (32, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
-    background = torch.full((3,), train_diffusion.BACKGROUND * 2 - 1)
+    background = torch.full((3,), shapes.BACKGROUND * 2 - 1)
     for img in x:
         colors = torch.unique(img.flatten(1).T, dim=0)
         assert len(colors) == 2 and (colors == background).all(1).any()
