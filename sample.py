@@ -307,7 +307,7 @@ def sample_text_to_image(model, recipe, config, given, prompts):
     its prompt's colour and shape. MS-COCO --fid: FID of num_samples images drawn for val captions against val2014
     (data_dir: the prepare_coco.py folder; left at its default, the training run's or data/coco)."""
     import diffusion
-    from train_diffusion import DEMO_PROMPTS, demo_caption_features, demo_prompt_features, parse_demo_prompt
+    from data.shapes import DEMO_PROMPTS, demo_caption_features, demo_prompt_features, parse_demo_prompt
     model.eval().to(config.device)
     schedule = diffusion.get_schedule(recipe.get("noise_schedule", "vp"))
     data_dir = config.data_dir if "data_dir" in given else recipe["data_dir"]
@@ -349,7 +349,7 @@ def sample_text_to_image(model, recipe, config, given, prompts):
     diffusion.save_captioned_grid(images[:64], texts[:64], output)
     print(f"wrote {output}")
     if demo:  # scored by code: the colour and shape of each sample against its prompt
-        from train_diffusion import score_shapes
+        from data.shapes import score_shapes
         kind, color = (torch.tensor(v) for v in zip(*map(parse_demo_prompt, texts)))
         matches, iou = score_shapes(images, kind, color)
         print(f"{int(matches.sum())} of {n} samples ({matches.float().mean().item():.1%}) match their prompt's colour "

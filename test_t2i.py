@@ -19,6 +19,7 @@ import diffusion
 import sample
 import train_diffusion
 from data import prepare_coco
+from data import shapes as demo_shapes
 from diffusion import SD, generate_guided, noise_predictor, sample_dpm_pp
 from model import UViC, UViCConfig
 from test_diffusion import fake_inception
@@ -516,34 +517,34 @@ def test_authors_checkpoint_samples_and_fine_tunes(tiny_coco, tmp_path):
 
 def test_shapes_captions_and_scorer():
     g = torch.Generator().manual_seed(0)
-    images, kind, color = train_diffusion.captioned_shapes_batch(96, 16, g, "cpu")
+    images, kind, color = demo_shapes.captioned_shapes_batch(96, 16, g, "cpu")
     # the same draws as the unconditional demo's shapes (its tuned results stay valid)
-    assert torch.equal(images, train_diffusion.shapes_batch(96, 16, torch.Generator().manual_seed(0), "cpu"))
-    matches, iou = train_diffusion.score_shapes(images, kind, color)
+    assert torch.equal(images, demo_shapes.shapes_batch(96, 16, torch.Generator().manual_seed(0), "cpu"))
+    matches, iou = demo_shapes.score_shapes(images, kind, color)
     assert matches.all() and iou.min() > 0.9  # every training image matches its own caption
-    assert not train_diffusion.score_shapes(images, (kind + 1) % 3, color)[0].any()  # another shape: no match
-    assert not train_diffusion.score_shapes(images, kind, (color + 1) % 4)[0].any()  # another colour: no match
-    background = torch.full_like(images, train_diffusion.BACKGROUND * 2 - 1)
-    assert not train_diffusion.score_shapes(background, kind, color)[0].any()
+    assert not demo_shapes.score_shapes(images, (kind + 1) % 3, color)[0].any()  # another shape: no match
+    assert not demo_shapes.score_shapes(images, kind, (color + 1) % 4)[0].any()  # another colour: no match
+    background = torch.full_like(images, demo_shapes.BACKGROUND * 2 - 1)
+    assert not demo_shapes.score_shapes(background, kind, color)[0].any()
     blobs = torch.where(torch.rand(images.shape[-2:], generator=g) < 0.5, images, background)  # ragged halves
-    assert train_diffusion.score_shapes(blobs, kind, color)[0].float().mean() < 0.2
+    assert demo_shapes.score_shapes(blobs, kind, color)[0].float().mean() < 0.2
     # captions: three one-hot words; the empty caption is three blanks
-    features = train_diffusion.demo_prompt_features(["a red circle", "a yellow triangle"])
-    words = train_diffusion.DEMO_WORDS
+    features = demo_shapes.demo_prompt_features(["a red circle", "a yellow triangle"])
+    words = demo_shapes.DEMO_WORDS
     assert features.shape == (2, 3, len(words)) and torch.equal(features.sum(-1), torch.ones(2, 3))
     assert [words[i] for i in features[1].argmax(-1)] == ["a", "yellow", "triangle"]
-    assert torch.equal(train_diffusion.demo_caption_features(kind[:2], color[:2]),
-                       train_diffusion.demo_prompt_features([f"a {train_diffusion.COLOR_NAMES[c]} "
-                                                             f"{train_diffusion.SHAPE_NAMES[k]}"
+    assert torch.equal(demo_shapes.demo_caption_features(kind[:2], color[:2]),
+                       demo_shapes.demo_prompt_features([f"a {demo_shapes.COLOR_NAMES[c]} "
+                                                             f"{demo_shapes.SHAPE_NAMES[k]}"
                                                              for k, c in zip(kind[:2], color[:2])]))
-    assert [words[i] for i in train_diffusion.demo_caption_features(None, None)[0].argmax(-1)] == ["", "", ""]
+    assert [words[i] for i in demo_shapes.demo_caption_features(None, None)[0].argmax(-1)] == ["", "", ""]
     with pytest.raises(SystemExit, match="colour from red, green, blue, yellow"):
-        train_diffusion.demo_prompt_features(["a purple circle"])
+        demo_shapes.demo_prompt_features(["a purple circle"])
 
 
 def test_guidance_dropout_uses_the_empty_caption():
     config = train_diffusion.TrainConfig(dataset="shapes_t2i", img_size=16)
-    empty = train_diffusion.demo_caption_features(None, None)
+    empty = demo_shapes.demo_caption_features(None, None)
     g = torch.Generator().manual_seed(0)
     _, context = train_diffusion.get_t2i_batch(None, config, 2000, g, "cpu", empty, p_uncond=0.1)
     dropped = (context == empty).all(-1).all(-1)

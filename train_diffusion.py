@@ -32,7 +32,6 @@ from diffusion import (check_prediction, checkpoint_prediction, diffusion_loss, 
                        get_schedule, load_cifar10, noise_predictor, save_captioned_grid, save_grid)
 from data.shapes import (DEMO_PROMPTS, DEMO_WORDS, captioned_shapes_batch, demo_caption_features, demo_prompt_features,
                          parse_demo_prompt, score_shapes, shapes_batch)
-from data.shapes import BACKGROUND, COLOR_NAMES, SHAPE_NAMES  # noqa: F401 (for older imports from this script)
 from model import UViC, UViCConfig, configure_adamw
 from train_utils import (Dtype, MetricsLog, SlowRun, StopNow, StopRequest, agree_on_step, autocast_context,
                          check_at_least, check_betas, check_finite, check_out_dir, gather_generator_states,
