@@ -144,7 +144,7 @@ def flex_cog_attention(q, k, v, causal=False, flex=None):
     from torch.nn.attention.flex_attention import flex_attention
 
     flex = flex or flex_attention
-    (B, H, Tq, D), Tk = q.shape, k.size(2)
+    Tq, Tk = q.size(2), k.size(2)
     block_mask = causal_block_mask(Tq, Tk, str(q.device)) if causal else None
     positive = lambda score, b, h, i, j: torch.where(score >= 0, score, float("-inf"))  # noqa: E731
     negative = lambda score, b, h, i, j: torch.where(score < 0, -score, float("-inf"))  # noqa: E731
@@ -622,10 +622,10 @@ DELTA_TILE = (64, None, 4, None)  # the tuned delta pre-pass: BLOCK_M = 64, defa
 
 
 def tier_kernels(tier):
-    """{kind: jit function} of a fused tier, or None where this checkout has no such tier."""
+    """{kind: jit function} of a fused tier."""
     if tier == "tuned":
         return {kind: jit_function(getattr(cog_kernel_tuned, name)) for kind, name in TUNED_KERNELS.items()}
-    return getattr(cog_kernel, "compact_kernels", lambda: None)()
+    return cog_kernel.compact_kernels()
 
 
 def tier_tiles(tier, kind, D, dtype, shared_memory):
@@ -643,7 +643,7 @@ def portability_jobs(args):
     for target in args.targets:
         for tier in ("tuned", "compact"):
             kernels = tier_kernels(tier)
-            for kind in kernels or ():
+            for kind in kernels:
                 if kind not in args.kernels:
                     continue
                 masks = [(False, False)] if kind == "delta" else [(c, d) for c in (False, True) for d in (False, True)]
@@ -708,7 +708,6 @@ def portability(args):
     jobs = portability_jobs(args)
     if not jobs:
         sys.exit("--portability: nothing to compile for these --targets, --kernels, --dtypes and --head_dims")
-    missing = [] if tier_kernels("compact") else ["compact (cog_kernel.compact_kernels is missing)"]
     workers = args.workers or os.cpu_count()
     t0 = time.perf_counter()
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_quiet_worker)
@@ -734,7 +733,7 @@ def portability(args):
     spilled = [r for r in results if r["spills"]]
     print(f"\n{len(results) - len(failed)} of {len(results)} compile, {len(failed)} fail, {len(spilled)} spill "
           f"registers ({', '.join(args.targets)}; {', '.join(args.dtypes)}; head dims "
-          f"{', '.join(map(str, args.head_dims))}){'; not built: ' + ', '.join(missing) if missing else ''}")
+          f"{', '.join(map(str, args.head_dims))})")
     if failed:
         sys.exit(1)
 

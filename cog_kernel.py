@@ -334,6 +334,8 @@ def compact_kernels():
 
 
 def padded_head_dim(D):
+    """The tile width for head dim D: the next power of two, at least 16 (the smallest dot). The kernels take it as
+    their BLOCK_D argument: computed inside them, it is not a constant to Triton 3.6 (3.9 takes it)."""
     return max(16, 1 << (D - 1).bit_length())
 
 
@@ -356,7 +358,7 @@ def _launch(kind, grid_rows, tile, q, *args, **constants):
 def compact_forward(q, k, v, causal, scale, doc_ids, tile):
     """o and lse (base 2, fp32, (B, H, Tq)) through the compact forward; scale > 0."""
     q, k, v = (t.contiguous() for t in (q, k, v))
-    (B, H, Tq, D), Tk = q.shape, k.size(2)
+    (B, H, Tq, _), Tk = q.shape, k.size(2)
     o, lse = torch.empty_like(q), q.new_empty((B, H, Tq), dtype=torch.float32)
     docs = None if doc_ids is None else doc_ids.to(torch.int32).contiguous()
     _launch("fwd", Tq, tile, q, q, k, v, o, lse, docs, scale * LOG2E, H, Tq, Tk, CAUSAL=causal,
@@ -367,7 +369,7 @@ def compact_forward(q, k, v, causal, scale, doc_ids, tile):
 def compact_backward(do, q, k, v, o, lse, causal, scale, doc_ids, tile):
     """dq, dk, dv through the delta pre-pass and the two backward passes."""
     do, q, k, v, o = (t.contiguous() for t in (do, q, k, v, o))
-    (B, H, Tq, D), Tk = q.shape, k.size(2)
+    H, Tq, Tk = q.size(1), q.size(2), k.size(2)
     dq, dk, dv, delta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lse)
     docs = None if doc_ids is None else doc_ids.to(torch.int32).contiguous()
     _launch("delta", Tq, tile, q, o, do, delta, Tq)
@@ -430,22 +432,18 @@ def _problem(name):
     return None
 
 
-def _pad16(t):  # the tuned kernel's tensor descriptors need rows of a 16-byte multiple: zero columns add nothing
-    pad = -t.size(-1) % (16 // t.element_size())
-    return torch.nn.functional.pad(t, (0, pad)) if pad else t
-
-
 def _tuned_forward(q, k, v, causal, scale, doc_ids, tile):
     import cog_kernel_tuned as tuned
     docs = None if doc_ids is None else tuned.document_table(doc_ids)
-    o, lse = tuned.attention_forward(_pad16(q), _pad16(k), _pad16(v), causal, scale, docs)
+    o, lse = tuned.attention_forward(*(tuned.pad_rows(t) for t in (q, k, v)), causal, scale, docs)
     return o[..., :q.size(-1)], lse
 
 
 def _tuned_backward(do, q, k, v, o, lse, causal, scale, deterministic, doc_ids, tile):
     import cog_kernel_tuned as tuned
     docs = None if doc_ids is None else tuned.document_table(doc_ids)
-    grads = tuned.attention_backward(*(_pad16(t) for t in (do, q, k, v, o)), lse, causal, scale, deterministic, docs)
+    grads = tuned.attention_backward(*(tuned.pad_rows(t) for t in (do, q, k, v, o)), lse, causal, scale, deterministic,
+                                     docs)
     return tuple(g[..., :q.size(-1)] for g in grads)
 
 

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from cog_kernel import check_attention_inputs, cog_attention_reference
+from cog_kernel import check_attention_inputs, cog_attention_reference, padded_head_dim
 
 try:
     import triton
@@ -140,12 +140,6 @@ SMALL_TILES = {"fwd": {128: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3)]},
                "dq": {128: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)]}}
 SMALL_TILES["dkdv"] = SMALL_TILES["bwd"]
 FALLBACK_TILE = (32, 32, 4, 1)  # where none of the listed tiles fits in shared memory (fp32 inputs at head dim 128+)
-
-
-def padded_head_dim(D):
-    """The tile width for head dim D: the next power of two, at least 16 (the smallest dot). The kernels take it as
-    their BLOCK_D argument: computed inside them, it is not a constant to Triton 3.6 (3.9 takes it)."""
-    return max(16, 1 << (D - 1).bit_length())
 
 
 def _autotune(kind, docs=False):
@@ -746,10 +740,13 @@ def cog_attention_triton(q, k, v, causal=False, scale=None, deterministic=None, 
         return cog_attention_reference(q, k, v, causal, scale, doc_ids)
     if scale < 0:  # the kernels need c > 0 (sign(s) = sign(q . k)): move the sign into q, exactly
         q, scale = -q, -scale
-    # the tensor descriptors need rows of a 16-byte multiple: pad with zero columns, which add nothing to q . k
-    pad = -D % (16 // q.element_size())
-    if pad:
-        q, k, v = (torch.nn.functional.pad(t, (0, pad)) for t in (q, k, v))
     docs = None if doc_ids is None else document_table(doc_ids)
-    o = _cog_attention_fwd(q, k, v, bool(causal), scale, bool(deterministic), docs)[0]
-    return o[..., :D] if pad else o
+    o = _cog_attention_fwd(*(pad_rows(t) for t in (q, k, v)), bool(causal), scale, bool(deterministic), docs)[0]
+    return o[..., :D]
+
+
+def pad_rows(t):
+    """The tensor descriptors need rows of a 16-byte multiple: pad with zero columns, which add nothing to q . k
+    (nor to o, dq, dk, dv: callers cut them off)."""
+    pad = -t.size(-1) % (16 // t.element_size())
+    return torch.nn.functional.pad(t, (0, pad)) if pad else t

@@ -67,19 +67,16 @@ def test_candidate_tiles_fit_each_target():
                     assert need <= shared or tile == cog_kernel_tuned.FALLBACK_TILE
 
 
-def test_portability_jobs_narrow_and_take_the_compact_tier(monkeypatch):
-    """--targets/--dtypes/--head_dims/--kernels narrow the matrix; the compact tier joins it once cog_kernel has
-    compact_kernels (its tiles from COMPACT_TILES)."""
+def test_portability_jobs_narrow_and_take_both_tiers():
+    """--targets/--dtypes/--head_dims/--kernels narrow the matrix; both tiers are in it, each with every tile it may
+    run: the tuned tier's candidate_tiles for the target's shared memory, the compact tier's COMPACT_TILES."""
     args = bench.parse_args(["--portability", "--targets=sm80", "--dtypes=fp16", "--head_dims=64", "--kernels=fwd"])
-    monkeypatch.delattr(bench.cog_kernel, "compact_kernels", raising=False)
     jobs = bench.portability_jobs(args)
-    assert {j[:5] for j in jobs} == {("sm80", "tuned", "fwd", "fp16", 64)}
-    assert len(jobs) == 4 * len(cog_kernel_tuned.candidate_tiles("fwd", 64, 2, 163 * 1024))  # causal x docs
-    monkeypatch.setattr(bench.cog_kernel, "compact_kernels", lambda: {"fwd": None, "dq": None}, raising=False)
-    monkeypatch.setattr(bench.cog_kernel, "COMPACT_TILES", {"fwd": [(64, 64, 4, 2)], "dq": [(64, 64, 4, 2)]},
-                        raising=False)
-    compact = [j for j in bench.portability_jobs(args) if j[1] == "compact"]
-    assert [j[7] for j in compact] == [(64, 64, 4, 2)] * 4
+    assert {j[:5] for j in jobs} == {("sm80", tier, "fwd", "fp16", 64) for tier in ("tuned", "compact")}
+    tuned = [j for j in jobs if j[1] == "tuned"]
+    assert len(tuned) == 4 * len(cog_kernel_tuned.candidate_tiles("fwd", 64, 2, 163 * 1024))  # causal x docs
+    compact = [j for j in jobs if j[1] == "compact"]
+    assert [j[7] for j in compact] == [tile for tile in bench.cog_kernel.COMPACT_TILES["fwd"] for _ in range(4)]
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
