@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from cog_kernel import causal_mask, cog_attention_weights
 from data.prepare_lm import Tokenizer
 from model import Cogformer, CogformerConfig
-from train_utils import (check_at_least, fresh_path, load_checkpoint, parse_config, print_config, read_log, require,
-                         resolve_device, run_script)
+from train_utils import (check_at_least, fresh_path, load_checkpoint, option, parse_config, print_config, read_log,
+                         require, resolve_device, run_script)
 
 # -----------------------------------------------------------------------------
 # command line: one config per subcommand, parsed by train_utils.parse_config
@@ -36,26 +36,29 @@ from train_utils import (check_at_least, fresh_path, load_checkpoint, parse_conf
 
 @dataclass
 class RunsConfig:
-    out_dir: str = ""  # a run folder (ckpt.pt, log.jsonl); several comma-separated
-    out_dirs: str = ""  # the same, for several runs
-    init_from: str = ""  # the authors' released checkpoint file(s), comma-separated or the flag repeated
-    tokenizer: str = ""  # the run's own (another is an error); for the authors' files: llama2, or gpt2, bytes
-    tokenizer_path: str = ""  # llama2: a folder, hub id or tokenizer.model file; "": meta-llama/Llama-2-7b-hf
+    out_dir: str = option("", "a run folder (ckpt.pt, log.jsonl); several comma-separated", section="the runs")
+    out_dirs: str = option("", "the same, for several runs")
+    init_from: str = option("", "the authors' released checkpoint file(s), comma-separated or the flag repeated")
+    tokenizer: str = option("", "the run's own (another is an error); for the authors' files: llama2, or gpt2, bytes")
+    tokenizer_path: str = option("", 'llama2: a folder, hub id or tokenizer.model file; "": meta-llama/Llama-2-7b-hf')
     device: str = "auto"
-    png: str = ""  # default: <first run folder>/<subcommand>.png; the numbers go to <first run folder>/<png name>.json
+    png: str = option("", "default: <first run folder>/<subcommand>.png; the numbers go to <first run folder>/<png "
+                      "name>.json")
 
 
 @dataclass
 class AttentionConfig(RunsConfig):
-    text: str = ""  # a text file; default: a paragraph that suits the checkpoint's training data
+    text: str = option("", "a text file; default: a paragraph that suits the checkpoint's training data",
+                       section="the text")
 
 
 @dataclass
 class EvalConfig(RunsConfig):
-    tasks: str = "arc_easy,arc_challenge,piqa,mnli,mrpc,qqp,rte,sst2"
+    tasks: str = option("arc_easy,arc_challenge,piqa,mnli,mrpc,qqp,rte,sst2", "lm-eval's task names",
+                        section="the evaluation")
     batch_size: int = 16
-    limit: int = 0  # examples per task, 0 for all (a smaller number is a quick check, not a result)
-    include_path: str = ""  # a folder of extra task YAML files, as lm-eval's --include_path
+    limit: int = option(0, "examples per task, 0 for all (a smaller number is a quick check, not a result)")
+    include_path: str = option("", "a folder of extra task YAML files, as lm-eval's --include_path")
 
 
 def run_dirs(cfg):

@@ -11,7 +11,7 @@ through from_authors (the converters are in authors.py).
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -93,16 +93,21 @@ def configure_adamw(model, weight_decay, learning_rate, betas, device_type):
 
 @dataclass
 class CogformerConfig:
-    block_size: int = 2048  # context length
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64; the paper used Llama-2's 32000
+    # a field's metadata["help"] is its --help text in the trainers (which take these fields as flags)
+    block_size: int = field(default=2048, metadata={"help": "context length"})
+    vocab_size: int = field(default=50304, metadata={
+        "help": "GPT-2's 50257 padded up to a multiple of 64; the paper used Llama-2's 32000"})
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    ffn_hidden: int = 2304  # SwiGLU width: 141.18M parameters with the paper's 32k vocabulary; 0 = attention only
+    ffn_hidden: int = field(default=2304, metadata={
+        "help": "SwiGLU width: 141.18M parameters with the paper's 32k vocabulary; 0: attention only"})
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
-    attn: str = "cog"  # the attention kind of every layer but softmax_layers: "cog", or "softmax" (the baseline)
-    softmax_layers: str = "0,-1"  # the layers that use softmax whatever attn is (the paper's: first and last; "": none)
+    attn: str = field(default="cog", metadata={"choices": tuple(ATTENTION),
+                      "help": "the attention of every layer but softmax_layers; softmax: the Transformer baseline"})
+    softmax_layers: str = field(default="0,-1", metadata={
+        "help": "the layers that use softmax whatever attn is (the paper's: first and last; \"\": none)"})
 
     def __post_init__(self):
         check_attn(self.attn)
@@ -311,17 +316,20 @@ class Cogformer(nn.Module):
 
 @dataclass
 class UViCConfig:
-    img_size: int = 32  # U-ViT-S/2 for CIFAR-10
+    img_size: int = field(default=32, metadata={"help": "the defaults: U-ViT-S/2 for CIFAR-10"})
     patch_size: int = 2
     in_chans: int = 3
     embed_dim: int = 512
-    depth: int = 13  # depth // 2 in-blocks, one mid-block, depth // 2 out-blocks
+    depth: int = field(default=13, metadata={"help": "depth // 2 in-blocks, one mid-block, depth // 2 out-blocks"})
     num_heads: int = 8
     mlp_ratio: float = 4.0
-    attn: str = "cog"  # the attention kind of every block but softmax_layers: "cog", or "softmax" (U-ViT)
-    softmax_layers: str = "0,-1"  # the blocks (in-, mid-, out-blocks in order) that use softmax whatever attn is
-    clip_dim: int = 768  # width of the text features (CLIP ViT-L/14's last hidden state)
-    num_clip_token: int = 0  # text tokens per caption: 77 for MS-COCO; 0 = unconditional (no context_embed)
+    attn: str = field(default="cog", metadata={"choices": tuple(ATTENTION),
+                      "help": "the attention of every block but softmax_layers; softmax: the U-ViT baseline"})
+    softmax_layers: str = field(default="0,-1", metadata={
+        "help": "the blocks (in-, mid-, out-blocks in order) that use softmax whatever attn is"})
+    clip_dim: int = field(default=768, metadata={"help": "width of the text features (CLIP ViT-L/14's hidden state)"})
+    num_clip_token: int = field(default=0, metadata={
+        "help": "text tokens per caption: 77 for MS-COCO; 0: unconditional (no context_embed)"})
 
     def __post_init__(self):
         check_attn(self.attn)

@@ -26,42 +26,43 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from train_utils import (Dtype, autocast_context, check_at_least, cli_keys, fresh_path, load_checkpoint,
+from train_utils import (Dtype, autocast_context, check_at_least, cli_keys, fresh_path, load_checkpoint, option,
                          parse_config, require, resolve_device, resolve_dtype, run_script)
 
 
 @dataclass
 class SampleConfig:
-    # shared by all kinds
-    out_dir: str = "out/lm"  # the folder holding ckpt.pt (train_lm.py's default run folder)
-    init_from: str = ""  # a released checkpoint instead of out_dir's: the authors' LM or MS-COCO U-ViC / U-ViT
-    num_samples: Optional[int] = None  # none: 3 texts, or a grid of 64 images
+    out_dir: str = option("out/lm", "the folder holding ckpt.pt (train_lm.py's default run folder)",
+                          section="shared by all kinds")
+    init_from: str = option("", "a released checkpoint instead of out_dir's: the authors' LM or MS-COCO U-ViC / U-ViT")
+    num_samples: Optional[int] = option(None, "none: 3 texts, or a grid of 64 images")
     seed: int = 1337
     device: str = "auto"
     dtype: Dtype = "auto"
-    # language models
-    start: str = "\n"  # the prompt, or FILE:path to read it from a file
+    start: str = option("\n", "the prompt, or FILE:path to read it from a file", section="language models")
     max_new_tokens: int = 300
-    temperature: float = 0.8  # < 1 sharper, > 1 more random, 0 greedy
-    top_k: Optional[int] = 200  # keep only the k most likely tokens; none: all
-    tokenizer: str = ""  # the checkpoint's (another is an error); with --init_from: llama2, or gpt2, bytes
-    tokenizer_path: str = ""  # llama2: a folder, hub id or tokenizer.model file; "": meta-llama/Llama-2-7b-hf
-    # diffusion models
-    sampler: str = ""  # dpm (DPM-Solver-2), em (Euler-Maruyama, the FID protocol), dpm++; "": the schedule's
-    steps: int = 0  # 0: the sampler's default, 50 for dpm and dpm++, 1000 for em
-    output: str = ""  # the grid PNG; "": out_dir/samples_<sampler><steps>.png (dpm++ as dpmpp)
-    use_ema: bool = True  # the EMA weights (as the paper samples) or the raw ones
-    batch_size: int = 500  # images sampled at once
-    fid: bool = False  # also measure FID against CIFAR-10's training set (pytorch-fid's Inception features)
-    data_dir: str = "data/cifar10"  # CIFAR-10 and its cached FID statistics, for --fid
-    # text-to-image models (MS-COCO, the shapes demo): DPM-Solver++ with classifier-free guidance
-    prompt: str = ""  # a caption to draw; repeat --prompt=... for several
-    prompts: str = ""  # a text file with one caption per line
-    cfg_scale: float = 1.0  # guidance: cond + cfg_scale * (cond - uncond); 0: none; the paper's FID uses 1
-    attn: str = ""  # --init_from only: cog or softmax; "": read from the file's path (cog_nnet_ema.pth is Cog)
-    vae: str = ""  # MS-COCO: the autoencoder that decodes; "": the one the features were prepared with, or SD v1's
-    text_encoder: str = ""  # MS-COCO: the CLIP text encoder of --prompt; "": likewise, or CLIP ViT-L/14
-    fid_stats: str = ""  # MS-COCO --fid: an .npz with val2014's mu and sigma (U-ViT's file); "": computed, cached
+    temperature: float = option(0.8, "< 1 sharper, > 1 more random, 0 greedy")
+    top_k: Optional[int] = option(200, "keep only the k most likely tokens; none: all")
+    tokenizer: str = option("", "the checkpoint's (another is an error); with --init_from: llama2, or gpt2, bytes")
+    tokenizer_path: str = option("", 'llama2: a folder, hub id or tokenizer.model file; "": meta-llama/Llama-2-7b-hf')
+    sampler: str = option("", "dpm (DPM-Solver-2), em (Euler-Maruyama, the FID protocol), dpm++; \"\": the schedule's",
+                          section="diffusion models")
+    steps: int = option(0, "0: the sampler's default, 50 for dpm and dpm++, 1000 for em")
+    output: str = option("", 'the grid PNG; "": out_dir/samples_<sampler><steps>.png (dpm++ as dpmpp)')
+    use_ema: bool = option(True, "the EMA weights (as the paper samples) or the raw ones")
+    batch_size: int = option(500, "images sampled at once")
+    fid: bool = option(False, "also measure FID against CIFAR-10's training set (pytorch-fid's Inception features)")
+    data_dir: str = option("data/cifar10", "CIFAR-10 and its cached FID statistics, for --fid")
+    prompt: str = option("", "a caption to draw; repeat --prompt=... for several", section="text-to-image models "
+                         "(MS-COCO, the shapes demo): DPM-Solver++ with classifier-free guidance")
+    prompts: str = option("", "a text file with one caption per line")
+    cfg_scale: float = option(1.0, "guidance: cond + cfg_scale * (cond - uncond); 0: none; the paper's FID uses 1")
+    attn: str = option("", '--init_from only: cog or softmax; "": read from the file\'s path (cog_nnet_ema.pth is Cog)')
+    vae: str = option("", 'MS-COCO: the autoencoder that decodes; "": the one the features were prepared with, '
+                      "or SD v1's")
+    text_encoder: str = option("", 'MS-COCO: the CLIP text encoder of --prompt; "": likewise, or CLIP ViT-L/14')
+    fid_stats: str = option("", "MS-COCO --fid: an .npz with val2014's mu and sigma (U-ViT's file); \"\": "
+                            "computed, cached")
 
 
 def sample_text(model, tokenizer_name, config):

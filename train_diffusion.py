@@ -19,79 +19,65 @@ scores whether each sample matches its prompt). Sample and measure FID afterward
 import copy
 import dataclasses
 import os
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from diffusion import (check_prediction, checkpoint_prediction, diffusion_loss, ema_update, generate, generate_guided,
                        get_schedule, load_cifar10, noise_predictor, save_captioned_grid, save_grid)
 from data.shapes import (DEMO_PROMPTS, DEMO_WORDS, captioned_shapes_batch, demo_caption_features, demo_prompt_features,
                          parse_demo_prompt, score_shapes, shapes_batch)
 from model import UViC, UViCConfig, configure_adamw
-from train_utils import (Dtype, MetricsLog, SlowRun, StopNow, StopRequest, agree_on_step, autocast_context,
-                         check_at_least, check_betas, check_finite, check_out_dir, gather_generator_states,
-                         learning_rate, make_grad_scaler, make_out_dir, micro_steps_per_process, optimizer_step,
-                         parse_config, pick_fields, plot_loss_curve, print_config, require, resolve_device,
-                         resolve_dtype, restore_generator_state, rng_state, run_trainer, save_checkpoint, set_rng_state,
-                         setup_distributed, start_or_resume, unwrap, use_deterministic_algorithms)
+from train_utils import (RunOptions, TrainLoop, check_at_least, check_betas, check_out_dir, make_out_dir, option,
+                         pick_fields, plot_loss_curve, print_config, require, resolve_dtype, run_trainer,
+                         seed_and_precision, start_run, unwrap)
+
+
+DATASETS = ("cifar10", "shapes", "shapes_t2i", "coco")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(UViCConfig, RunOptions):
+    """The model's fields (UViCConfig; the defaults are U-ViT-S/2, 44M parameters), how the run starts and runs
+    (RunOptions), and these."""
     preset: str = "paper"
-    dataset: str = "cifar10"  # or "shapes": coloured circles, squares and triangles drawn on the fly (offline)
-    data_dir: str = "data/cifar10"  # CIFAR-10 is downloaded here by torchvision on first use
-    # text-to-image: dataset "coco" (data/prepare_coco.py's features in data_dir) or "shapes_t2i" (captioned shapes)
-    num_clip_token: int = 0  # text tokens per caption (77 for MS-COCO's CLIP features); 0: unconditional
-    clip_dim: int = 768  # width of the text features
-    p_uncond: float = 0.1  # classifier-free guidance training: the caption is replaced by the empty one this often
-    cfg_scale: float = 1.0  # guidance of the eval grids: cond + cfg_scale * (cond - uncond)
-    latent_scale: float = 0.23010  # MS-COCO: Stable Diffusion latents times this have about unit variance (U-ViT's)
-    init_from: str = ""  # start from the authors' released weights (a U-ViT / U-ViC state dict, nnet_ema.pth)
-    # model: the names of UViCConfig; the defaults are U-ViT-S/2 (44M parameters)
-    img_size: int = 32
-    patch_size: int = 2
-    in_chans: int = 3
-    embed_dim: int = 512
-    depth: int = 13
-    num_heads: int = 8
-    mlp_ratio: float = 4.0
-    attn: Literal["cog", "softmax"] = "cog"  # softmax: the U-ViT baseline
-    softmax_layers: str = "0,-1"  # with attn=cog, the layers that keep softmax (the paper's first and last; "": none)
-    prediction: str = "eps"  # what the network predicts: "eps", the noise (U-ViT), or "v" (see diffusion.PREDICTIONS)
-    noise_schedule: str = "vp"  # "vp": the VP-SDE (U-ViT's CIFAR-10); "sd": discrete DDPM with SD's betas (MS-COCO)
-    # optimisation: U-ViT's CIFAR-10 recipe (batch 128, AdamW, 2500 warmup steps then constant, EMA 0.9999)
-    batch_size: int = 128  # micro-batch per GPU
-    grad_accum: int = 1  # micro-batches per step over all GPUs together (divided by the number of GPUs)
+    dataset: str = option("cifar10", "cifar10; shapes: coloured circles, squares and triangles drawn on the fly "
+                          "(offline); coco or shapes_t2i: text-to-image", choices=DATASETS, section="data")
+    data_dir: str = option("data/cifar10", "CIFAR-10 is downloaded here by torchvision on first use; coco: "
+                           "data/prepare_coco.py's features")
+    prediction: str = option("eps", "what the network predicts: eps, the noise (U-ViT), or v (see "
+                             "diffusion.PREDICTIONS)", section="diffusion")
+    noise_schedule: str = option("vp", "vp: the VP-SDE (U-ViT's CIFAR-10); sd: discrete DDPM with SD's betas "
+                                 "(MS-COCO)")
+    p_uncond: float = option(0.1, "text-to-image: classifier-free guidance training replaces the caption by the "
+                             "empty one this often")
+    cfg_scale: float = option(1.0, "text-to-image: guidance of the eval grids, cond + cfg_scale * (cond - uncond)")
+    latent_scale: float = option(0.23010, "MS-COCO: Stable Diffusion latents times this have about unit variance "
+                                 "(U-ViT's)")
+    init_from: str = option("", "start from the authors' released weights (a U-ViT / U-ViC state dict, "
+                            "nnet_ema.pth)")
+    batch_size: int = option(128, "micro-batch per GPU", section="optimisation: U-ViT's CIFAR-10 recipe (batch 128, "
+                             "AdamW, 2500 warmup steps then constant, EMA 0.9999)")
+    grad_accum: int = option(1, "micro-batches per step over all GPUs together (divided by the number of GPUs)")
     max_iters: int = 500_000
     learning_rate: float = 2e-4
     warmup_iters: int = 2500
-    min_lr: Optional[float] = None  # none: constant after warmup (U-ViT); a value: cosine decay to it at max_iters
+    min_lr: Optional[float] = option(None, "none: constant after warmup (U-ViT); a value: cosine decay to it at "
+                                     "max_iters")
     weight_decay: float = 0.03
     beta1: float = 0.99
     beta2: float = 0.999
-    grad_clip: float = 0.0  # 0: no clipping (U-ViT does not clip)
+    grad_clip: float = option(0.0, "0: no clipping (U-ViT does not clip)")
     ema_decay: float = 0.9999
-    # evaluation, samples, logging, checkpoints
-    out_dir: str = "out/diffusion"
-    eval_interval: int = 5000  # checkpoint, EMA val loss and an EMA sample grid
-    eval_iters: int = 10  # held-out batches in one val-loss estimate
-    grid_size: int = 64  # images in each sample grid
-    sample_steps: int = 50  # DPM-Solver steps for the grids
+    out_dir: str = option("out/diffusion", "the run's folder: ckpt.pt, log.jsonl, loss.png, samples_*.png",
+                          section="evaluation, samples, logging, checkpoints")
+    eval_interval: int = option(5000, "iterations between a checkpoint, the EMA val loss and an EMA sample grid")
+    eval_iters: int = option(10, "held-out batches in one val-loss estimate")
+    grid_size: int = option(64, "images in each sample grid")
+    sample_steps: int = option(50, "DPM-Solver steps for the grids")
     log_interval: int = 10
-    resume: bool = False  # continue the run in out_dir, with its config (train_utils.RESUME_MAY_CHANGE)
-    overwrite: bool = False  # a new run where out_dir holds one: the old one moves to out_dir/previous-<time>/
-    # system
-    device: str = "auto"  # auto: cuda if there is a GPU, else cpu
-    dtype: Dtype = "auto"  # auto: bfloat16 on GPUs that have it, float16 (with loss scaling) on others, float32 on CPU
-    compile: bool = False
-    deterministic: bool = False  # bit-reproducible GPU runs (slower): deterministic algorithms, two-pass Cog backward
-    seed: int = 1337
 
 
 PRESETS = {
@@ -120,9 +106,6 @@ PRESETS = {
 
 # -----------------------------------------------------------------------------
 # data: CIFAR-10 in memory on the device, MS-COCO features, or shapes drawn on the fly (data/shapes.py)
-
-DATASETS = ("cifar10", "shapes", "shapes_t2i", "coco")
-
 
 def get_batch(data, config, batch_size, generator, device):
     """A batch in [-1, 1]: random CIFAR-10 images (with replacement), flipped left-right half the time; or shapes."""
@@ -230,7 +213,6 @@ def check_config(config):
                    "grad_clip")
     check_betas(config)
     require(0 <= config.ema_decay <= 1, f"--ema_decay={config.ema_decay}: must be in [0, 1]")
-    require(config.dataset in DATASETS, f"--dataset={config.dataset}: choose from {', '.join(DATASETS)}")
     require(not config.dataset.startswith("shapes") or config.in_chans == 3,
             f"--in_chans={config.in_chans}: the shapes are RGB images, in_chans must be 3")
     text_to_image = config.dataset in ("coco", "shapes_t2i")
@@ -240,80 +222,86 @@ def check_config(config):
     require(config.dataset != "shapes_t2i" or (config.num_clip_token, config.clip_dim) == (3, len(DEMO_WORDS)),
             f"the shapes' captions are 3 one-hot words: --num_clip_token=3 --clip_dim={len(DEMO_WORDS)}")
     check_out_dir(config.out_dir)
-    pick_fields(config, UViCConfig)  # the model's own checks: patches tile the image, ...
     resolve_dtype(config.dtype, "cpu")
 
 
+def draw_grid(ema, config, val_data, schedule, ctx, empty_context, decode, grid_path, stop):
+    """The EMA model's sample grid (the same starting noise every time); a stop request ends it within a sampler step.
+    Text-to-image: the grid's prompts drawn with guidance, captioned, and for the shapes the share of samples that
+    match their prompt, with guidance and without (returned as metrics)."""
+    device = config.device
+    shape = (config.in_chans, config.img_size, config.img_size)
+    if empty_context is None:  # unconditional
+        eps_fn = noise_predictor(ema, ctx, config.prediction, schedule)
+        images = generate(lambda x, t: stop.poll() or eps_fn(x, t), config.grid_size, shape,
+                          "dpm" if config.noise_schedule == "vp" else "dpm++", config.sample_steps, config.seed,
+                          device, batch_size=config.grid_size, schedule=schedule)
+        save_grid(images, grid_path)
+        return {}
+    prompts, context = t2i_grid_prompts(val_data, config, device)
+
+    def draw(scale):
+        stop.poll()
+        return next(generate_guided(ema, [context], empty_context, scale, shape, config.sample_steps, config.seed,
+                                    device, schedule, config.prediction, ctx))
+    samples = draw(config.cfg_scale)
+    if decode is not None:
+        save_captioned_grid(decode(samples), prompts, grid_path)
+    if val_data is not None:
+        return {}
+    kind, color = (torch.tensor(v, device=device) for v in zip(*map(parse_demo_prompt, prompts)))
+
+    def share_matching(samples):
+        return score_shapes(samples.clamp(-1, 1), kind, color)[0].float().mean().item()
+    return {"match": share_matching(samples), "match_unguided": share_matching(draw(0.0))}
+
+
+def check_resumed(run):
+    """A resumed run samples as it was trained: the same prediction and noise schedule."""
+    for key, trained_on in (("prediction", checkpoint_prediction(run.checkpoint)),
+                            ("noise_schedule", run.checkpoint["config"].get("noise_schedule", "vp"))):
+        if trained_on != getattr(run.config, key):
+            raise SystemExit(f"error: {run.ckpt_path} was trained with --{key}={trained_on}; resume with the same "
+                             f"(got --{key}={getattr(run.config, key)})")
+
+
 def main(argv=None):
-    config = parse_config(TrainConfig, PRESETS, argv)
-    check_config(config)
-    config, ckpt_path, checkpoint = start_or_resume(config, "diffusion", "a diffusion one", argv)
+    run = start_run(TrainConfig, PRESETS, check_config, "diffusion", "a diffusion one", argv)
+    config, device, master = run.config, run.device, run.master
     schedule = get_schedule(config.noise_schedule)
     text_to_image = config.dataset in ("coco", "shapes_t2i")
-    ddp, rank, world_size, device = setup_distributed(resolve_device(config.device))
-    master = rank == 0
-    config.device, config.dtype = device, resolve_dtype(config.dtype, device)
-    grad_accum = micro_steps_per_process(config.grad_accum, world_size)
-    images_per_iter = config.batch_size * grad_accum * world_size
-    train_data, val_data = load_data(config, device, master, ddp)
+    images_per_iter = config.batch_size * run.grad_accum * run.world_size
+    train_data, val_data = load_data(config, device, master, run.ddp)
 
-    # model, EMA, optimizer, loss scaler, and the state they continue from on --resume
+    # the model (a new one, the authors' with --init_from, or the run's own on --resume) and its EMA
     model_config = pick_fields(config, UViCConfig)
-    if checkpoint is not None:
-        trained_on = checkpoint_prediction(checkpoint)
-        if trained_on != config.prediction:
-            raise SystemExit(f"error: {ckpt_path} was trained with --prediction={trained_on}; "
-                             f"resume with the same (got --prediction={config.prediction})")
-        trained_on = checkpoint["config"].get("noise_schedule", "vp")
-        if trained_on != config.noise_schedule:
-            raise SystemExit(f"error: {ckpt_path} was trained with --noise_schedule={trained_on}; "
-                             f"resume with the same (got --noise_schedule={config.noise_schedule})")
-        model_config = UViCConfig(**checkpoint["model_config"])
-        if master:
-            print(f"resuming from {ckpt_path} at iteration {checkpoint['iter']}")
+    if run.checkpoint is not None:
+        check_resumed(run)
+        model_config = UViCConfig(**run.checkpoint["model_config"])
     if master:
         print(f"training a U-ViC on {config.dataset}; config:")
         print_config(config)
-        print(f"{world_size} process(es), {grad_accum} micro-batches each, {images_per_iter} images per iteration")
+        print(f"{run.world_size} process(es), {run.grad_accum} micro-batches each, {images_per_iter} images per "
+              "iteration")
         make_out_dir(config.out_dir, move_aside=config.overwrite)
-
-    use_deterministic_algorithms(config.deterministic)
-    torch.manual_seed(config.seed)  # the same initial weights on every rank
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    seed_and_precision(config)
     model = UViC(model_config).to(device)
-    if config.init_from and checkpoint is None:  # the authors' released weights; the EMA starts from them too
+    if config.init_from and run.checkpoint is None:  # the authors' released weights; the EMA starts from them too
         model.load_state_dict(authors_weights(config.init_from, model_config))
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # float32 always; this is the model that samples
+    if run.checkpoint is not None:
+        ema.load_state_dict(run.checkpoint["ema"])
+    if master:
+        print(f"parameters: {model.num_params()['total']:,} total; blocks: {' '.join(model_config.block_kinds())}")
     optimizer = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
                                 device.split(":")[0])
-    scaler = make_grad_scaler(device, config.dtype)
-    ctx = autocast_context(device, config.dtype)
     # batches, flips, t and noise: a generator of our own, checkpointed, so a resumed run draws what the full run would
-    gen = torch.Generator(device).manual_seed(config.seed + 1 + rank)
-    start_iter, evaluated = 0, None  # evaluated: the last iteration evaluated
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        ema.load_state_dict(checkpoint["ema"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_iter = checkpoint["iter"]
-        evaluated = start_iter if checkpoint.get("eval_done", True) else None
-        set_rng_state(checkpoint["rng"])
-        restore_generator_state(gen, checkpoint["data_rng"], rank, world_size, master)
-        checkpoint = None  # free the memory
-    if master:
-        counts = model.num_params()
-        print(f"parameters: {counts['total']:,} total; blocks: {' '.join(model_config.block_kinds())}")
+    gen = torch.Generator(device).manual_seed(config.seed + 1 + run.rank)
     tokens = (model_config.img_size // model_config.patch_size) ** 2 + 1  # the patches and the time token
-    slow_run = SlowRun(device, 6 * model.num_params()["total"] * tokens * images_per_iter,
-                       f"{images_per_iter} images per step, and each evaluation {config.eval_iters} batches and a "
-                       f"{config.grid_size}-image grid of {config.sample_steps} sampler steps", master)
-    if config.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[device] if device.startswith("cuda") else None)
-    shape = (model_config.in_chans, model_config.img_size, model_config.img_size)
+    loop = TrainLoop(run, model, model_config, optimizer, gen, (images_per_iter, "images"),
+                     6 * model.num_params()["total"] * tokens * images_per_iter,
+                     f"{images_per_iter} images per step, and each evaluation {config.eval_iters} batches and a "
+                     f"{config.grid_size}-image grid of {config.sample_steps} sampler steps")
     empty_context, decode = None, None  # text-to-image: the empty caption's features; latents -> pixels for grids
     if text_to_image:
         empty_context = demo_caption_features(None, None) if train_data is None else \
@@ -327,6 +315,11 @@ def main(argv=None):
             return get_t2i_batch(data, config, config.batch_size, generator, device, empty_context, p_uncond)
         return get_batch(data, config, config.batch_size, generator, device), None
 
+    def micro_loss(micro):
+        x0, context = draw_batch(train_data, gen, config.p_uncond)
+        with loop.ctx:
+            return diffusion_loss(loop.model, x0, gen, config.prediction, schedule, context)
+
     @torch.no_grad()
     def estimate_val_loss():
         """The EMA model's mean loss on eval_iters held-out batches with the same t and noise at every evaluation
@@ -334,131 +327,32 @@ def main(argv=None):
         val_gen = torch.Generator(device).manual_seed(config.seed + 100_000)
         losses = []
         for _ in range(config.eval_iters):
-            stop.poll()
+            loop.stop.poll()
             x0, context = draw_batch(val_data, val_gen, 0.0)
-            with ctx:
+            with loop.ctx:
                 losses.append(diffusion_loss(ema, x0, val_gen, config.prediction, schedule, context).item())
         return sum(losses) / len(losses)
 
-    def draw_t2i_grid(grid_path):
-        """The grid's prompts drawn by the EMA model with guidance, captioned. For the shapes, the share of samples
-        that match their prompt, with guidance and without."""
-        prompts, context = t2i_grid_prompts(val_data, config, device)
-
-        def draw(scale):
-            stop.poll()
-            return next(generate_guided(ema, [context], empty_context, scale, shape, config.sample_steps, config.seed,
-                                        device, schedule, config.prediction, ctx))
-        samples = draw(config.cfg_scale)
-        if decode is not None:
-            save_captioned_grid(decode(samples), prompts, grid_path)
-        if val_data is not None:
-            return {}
-        kind, color = (torch.tensor(v, device=device) for v in zip(*map(parse_demo_prompt, prompts)))
-
-        def share_matching(samples):
-            return score_shapes(samples.clamp(-1, 1), kind, color)[0].float().mean().item()
-        return {"match": share_matching(samples), "match_unguided": share_matching(draw(0.0))}
-
-    def save(it):
-        """Every rank's generator state is gathered; the master writes out_dir/ckpt.pt atomically. eval_done: whether
-        the evaluation at it is done (if not, a resumed run does it)."""
-        data_rng = gather_generator_states(gen, ddp, world_size)
-        if master:
-            save_checkpoint({"kind": "diffusion", "model": unwrap(model).state_dict(), "ema": ema.state_dict(),
-                             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                             "model_config": dataclasses.asdict(model_config), "config": dataclasses.asdict(config),
-                             "iter": it, "eval_done": evaluated == it, "rng": rng_state(), "data_rng": data_rng},
-                            ckpt_path)
-
     def evaluate(it):
         """Val loss and a sample grid from the EMA model (the same starting noise every time)."""
-        if master:
-            val_loss = estimate_val_loss()
-            grid_path = os.path.join(config.out_dir, f"samples_{it:06d}.png")
-            metrics = {}
-            if text_to_image:
-                metrics = draw_t2i_grid(grid_path)
-            else:
-                eps_fn = noise_predictor(ema, ctx, config.prediction, schedule)
-                images = generate(lambda x, t: stop.poll() or eps_fn(x, t),  # a stop request ends it within a step
-                                  config.grid_size, shape, "dpm" if config.noise_schedule == "vp" else "dpm++",
-                                  config.sample_steps, config.seed, device, batch_size=config.grid_size,
-                                  schedule=schedule)
-                save_grid(images, grid_path)
-            note = ""
-            if "match" in metrics:
-                note = (f"; match their prompt: {metrics['match']:.0%} guided (cfg {config.cfg_scale}), "
-                        f"{metrics['match_unguided']:.0%} unguided")
-            print(f"eval at iter {it}: val loss (EMA) {val_loss:.4f}; samples in {grid_path}{note}")
-            log.write(iter=it, images=it * images_per_iter, val_loss=val_loss, **metrics)
+        val_loss = estimate_val_loss()
+        grid_path = os.path.join(config.out_dir, f"samples_{it:06d}.png")
+        metrics = draw_grid(ema, config, val_data, schedule, loop.ctx, empty_context, decode, grid_path, loop.stop)
+        note = ""
+        if "match" in metrics:
+            note = (f"; match their prompt: {metrics['match']:.0%} guided (cfg {config.cfg_scale}), "
+                    f"{metrics['match_unguided']:.0%} unguided")
+        print(f"eval at iter {it}: val loss (EMA) {val_loss:.4f}; samples in {grid_path}{note}")
+        loop.log.write(iter=it, images=it * images_per_iter, val_loss=val_loss, **metrics)
 
     def plot():
-        plot_loss_curve(log.path, os.path.join(config.out_dir, "loss.png"),
+        plot_loss_curve(loop.log.path, os.path.join(config.out_dir, "loss.png"),
                         f"U-ViC (attn={model_config.attn}) on {config.dataset}", log_y=True)
 
-    def stop_and_save(it):
-        save(it)
-        if master:
-            print(f"stopped: saved {ckpt_path} at iteration {it}; continue with --resume")
-
-    log = MetricsLog(config.out_dir, resume_iter=start_iter if config.resume else None) if master else None
-    stop = StopRequest(ddp)
-    it = start_iter
-    t_last, iters_timed = time.time(), 0
-    while True:
-        lr = learning_rate(it, config.learning_rate, config.warmup_iters, config.max_iters, config.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        gen_state = gen.get_state()  # a stop inside this iteration saves the state from its start
-
-        try:
-            # evaluate and checkpoint, once per iteration (a resumed run's checkpoint says whether it was done)
-            if (it % config.eval_interval == 0 or it >= config.max_iters) and evaluated != it:
-                evaluate(it)
-                evaluated = it
-                save(it)
-                if master:
-                    plot()
-                t_last, iters_timed = time.time(), 0
-            if it >= config.max_iters:
-                break
-
-            # one optimizer step: grad_accum micro-batches, gradients all-reduced only after the last one
-            t_step = time.time()
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(grad_accum):
-                stop.poll()
-                x0, context = draw_batch(train_data, gen, config.p_uncond)
-                sync = model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext()
-                with sync:
-                    with ctx:
-                        loss = diffusion_loss(model, x0, gen, config.prediction, schedule, context)
-                    scaler.scale(loss / grad_accum).backward()
-                loss_sum += loss.detach()
-            loss_value, stop_now = agree_on_step(loss_sum, grad_accum, stop, ddp, world_size)
-            check_finite(loss_value, it, ckpt_path)  # before the update: the checkpoint on disk stays the last good one
-            optimizer_step(model, optimizer, scaler, config.grad_clip)
-            ema_update(ema, unwrap(model), config.ema_decay)
-        except StopNow:  # inside the evaluation or the step: nothing of this iteration is kept, --resume redoes it
-            gen.set_state(gen_state)
-            stop_and_save(it)
-            break
-        slow_run.first_step(time.time() - t_step, config.max_iters - it - 1)
-
-        iters_timed += 1
-        if it % config.log_interval == 0 and master:
-            dt = (time.time() - t_last) / iters_timed
-            print(f"iter {it}: loss {loss_value:.4f}, lr {lr:.1e}, {dt * 1000:.1f}ms/iter, "
-                  f"{images_per_iter / dt:,.1f} images/s", flush=True)
-            log.write(iter=it, loss=loss_value, lr=lr, ms_per_iter=dt * 1000, images_per_s=images_per_iter / dt)
-            t_last, iters_timed = time.time(), 0
-        it += 1
-        if stop_now:
-            stop_and_save(it)
-            break
+    it = loop.run_loop(micro_loss, evaluate, lambda: {"ema": ema.state_dict()}, plot,
+                       after_step=lambda: ema_update(ema, unwrap(loop.model), config.ema_decay))
     if master and it >= config.max_iters:
-        print(f"done: checkpoint {ckpt_path}, samples, log and loss.png in {config.out_dir}; "
+        print(f"done: checkpoint {run.ckpt_path}, samples, log and loss.png in {config.out_dir}; "
               f"sample with: python sample.py --out_dir={config.out_dir}")
 
 

@@ -17,10 +17,7 @@ moves it to out_dir/previous-<time>/).
 import dataclasses
 import json
 import os
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal
 
 # on a busy CPU, spinning OpenMP threads make each step several times slower: let idle ones sleep (before torch loads)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -28,60 +25,43 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402 (and the imports below)
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.prepare_lm import prepare_pystdlib
 from authors import authors_to_nanocog, load_weights_file
 from model import Cogformer, CogformerConfig, configure_adamw, document_ids
-from train_utils import (Dtype, MetricsLog, SlowRun, StopNow, StopRequest, agree_on_step, autocast_context,
-                         check_at_least, check_betas, check_finite, check_out_dir, gather_generator_states,
-                         learning_rate, make_grad_scaler, make_out_dir, micro_steps_per_process, optimizer_step,
-                         parse_config, peak_flops, pick_fields, plot_loss_curve, print_config, resolve_device,
-                         resolve_dtype, restore_generator_state, rng_state, run_trainer, save_checkpoint, set_rng_state,
-                         setup_distributed, start_or_resume, unwrap, use_deterministic_algorithms)
+from train_utils import (RunOptions, TrainLoop, check_at_least, check_betas, check_out_dir, make_out_dir, option,
+                         pick_fields, plot_loss_curve, print_config, resolve_dtype, run_trainer, seed_and_precision,
+                         start_run)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(CogformerConfig, RunOptions):
+    """The model's fields (CogformerConfig; the defaults are the paper's 12 x 768 Cogformer), how the run starts and
+    runs (RunOptions), and these."""
+    vocab_size: int = option(0, "0: the dataset's vocabulary size, padded up to a multiple of 64")
     preset: str = "paper"
-    data_dir: str = "data/redpajama"  # a folder made by data/prepare_lm.py: train.bin, val.bin, meta.json
-    # model: the names of CogformerConfig; the defaults are the paper's 12 x 768 Cogformer
-    block_size: int = 2048
-    vocab_size: int = 0  # 0: the dataset's vocabulary size, padded up to a multiple of 64
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    ffn_hidden: int = 2304
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    attn: Literal["cog", "softmax"] = "cog"  # softmax: the Transformer baseline
-    softmax_layers: str = "0,-1"  # with attn=cog, the layers that keep softmax (the paper's first and last; "": none)
-    init_from: str = ""  # the authors' released checkpoint to fine-tune or continue (its architecture wins)
-    doc_mask: bool = False  # attend only within a document (packed documents; a new one at each BOS, else end-of-text)
-    # optimisation (our choices, the paper does not say): 16 x 2048 x 16 = 524,288 tokens per step
-    batch_size: int = 16  # micro-batch per GPU
-    grad_accum: int = 16  # micro-batches per step over all GPUs together (divided by the number of GPUs)
-    max_iters: int = 190_735  # 100B tokens, the paper's budget (RedPajama-1T-Sample holds ~1B: see data/prepare_lm.py)
+    data_dir: str = option("data/redpajama", "a folder made by data/prepare_lm.py: train.bin, val.bin, meta.json",
+                           section="data and initial weights")
+    init_from: str = option("", "the authors' released checkpoint to fine-tune or continue (its architecture wins)")
+    doc_mask: bool = option(False, "attend only within a document (packed documents; a new one at each BOS, else "
+                            "end-of-text)")
+    batch_size: int = option(16, "micro-batch per GPU", section="optimisation (our choices, the paper does not say): "
+                             "16 x 2048 x 16 = 524,288 tokens per step")
+    grad_accum: int = option(16, "micro-batches per step over all GPUs together (divided by the number of GPUs)")
+    max_iters: int = option(190_735, "100B tokens, the paper's budget (RedPajama-1T-Sample holds ~1B: see "
+                            "data/prepare_lm.py)")
     learning_rate: float = 6e-4
-    min_lr: float = 6e-5  # cosine decay from learning_rate to min_lr at max_iters
+    min_lr: float = option(6e-5, "cosine decay from learning_rate to min_lr at max_iters")
     warmup_iters: int = 2000
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0  # 0: no clipping
-    # evaluation, logging, checkpoints
-    out_dir: str = "out/lm"
-    eval_interval: int = 1000
-    eval_iters: int = 100  # batches per split in one evaluation
+    grad_clip: float = option(1.0, "0: no clipping")
+    out_dir: str = option("out/lm", "the run's folder: ckpt.pt, log.jsonl, loss.png",
+                          section="evaluation, logging, checkpoints")
+    eval_interval: int = option(1000, "iterations between evaluations (each saves a checkpoint)")
+    eval_iters: int = option(100, "batches per split in one evaluation")
     log_interval: int = 10
-    resume: bool = False  # continue the run in out_dir, with its config (train_utils.RESUME_MAY_CHANGE)
-    overwrite: bool = False  # a new run where out_dir holds one: the old one moves to out_dir/previous-<time>/
-    # system
-    device: str = "auto"  # auto: cuda if there is a GPU, else cpu
-    dtype: Dtype = "auto"  # auto: bfloat16 on GPUs that have it, float16 (with loss scaling) on others, float32 on CPU
-    compile: bool = False
-    deterministic: bool = False  # bit-reproducible GPU runs (slower): deterministic algorithms, two-pass Cog backward
-    seed: int = 1337
 
 
 PRESETS = {
@@ -143,24 +123,11 @@ def check_config(config):
                    "grad_clip")
     check_betas(config)
     check_out_dir(config.out_dir)
-    pick_fields(config, CogformerConfig)  # the model's own checks: heads divide the width, ...
     resolve_dtype(config.dtype, "cpu")
 
 
-def main(argv=None):
-    config = parse_config(TrainConfig, PRESETS, argv)
-    check_config(config)
-    config, ckpt_path, checkpoint = start_or_resume(config, "lm", "an LM's", argv)
-    ddp, rank, world_size, device = setup_distributed(resolve_device(config.device))
-    master = rank == 0
-    config.device, config.dtype = device, resolve_dtype(config.dtype, device)
-    grad_accum = micro_steps_per_process(config.grad_accum, world_size)
-    tokens_per_iter = config.batch_size * config.block_size * grad_accum * world_size
-
-    # data
-    meta = load_meta(config.data_dir, master, ddp)
-    padded_vocab = -(-meta["vocab_size"] // 64) * 64
-    config.vocab_size = config.vocab_size or padded_vocab
+def check_dataset(config, meta):
+    """The model's vocabulary must hold the dataset's tokens, and each split more than one window."""
     if config.vocab_size < meta["vocab_size"]:
         raise SystemExit(f"error: vocab_size {config.vocab_size} < the dataset's {meta['vocab_size']}")
     for split in ("train", "val"):
@@ -168,189 +135,118 @@ def main(argv=None):
             raise SystemExit(f"error: {config.data_dir}/{split}.bin holds {meta[f'{split}_tokens']} tokens, "
                              f"not more than block_size {config.block_size}")
 
-    # model, optimizer, loss scaler, and the state they continue from on --resume
-    model_config = pick_fields(config, CogformerConfig)
-    if checkpoint is not None:
-        if checkpoint["meta"]["tokenizer"] != meta["tokenizer"]:
-            raise SystemExit(f"error: {ckpt_path} was trained with the {checkpoint['meta']['tokenizer']} tokenizer, "
-                             f"{config.data_dir} holds {meta['tokenizer']} tokens")
-        model_config = CogformerConfig(**checkpoint["model_config"])
+
+def released_model(config, meta, master):
+    """--init_from: the authors' weights, converted, and their architecture (which wins over the command line's;
+    config is updated so that the printed and saved config say what is trained)."""
+    if meta["tokenizer"] != "llama2":
+        raise SystemExit(f"error: the authors' models read Llama-2 tokens; {config.data_dir} holds "
+                         f"{meta['tokenizer']} tokens (prepare it with data/prepare_lm.py --tokenizer=llama2)")
+    try:
+        released_config, weights = authors_to_nanocog(load_weights_file(config.init_from))
+    except ValueError as err:
+        raise SystemExit(f"error: --init_from={config.init_from}: {err}") from None
+    model_config = dataclasses.replace(released_config, block_size=config.block_size)
+    if dataclasses.asdict(model_config) != dataclasses.asdict(pick_fields(config, CogformerConfig)) and master:
+        print(f"note: the model's architecture comes from {config.init_from}, not from the command line")
+    for f in dataclasses.fields(CogformerConfig):
+        setattr(config, f.name, getattr(model_config, f.name))
+    if model_config.vocab_size < meta["vocab_size"]:
+        raise SystemExit(f"error: {config.init_from} has {model_config.vocab_size} tokens, the dataset "
+                         f"{meta['vocab_size']}")
+    return model_config, weights
+
+
+def main(argv=None):
+    run = start_run(TrainConfig, PRESETS, check_config, "lm", "an LM's", argv)
+    config, device, master = run.config, run.device, run.master
+    tokens_per_iter = config.batch_size * config.block_size * run.grad_accum * run.world_size
+
+    # data
+    meta = load_meta(config.data_dir, master, run.ddp)
+    config.vocab_size = config.vocab_size or -(-meta["vocab_size"] // 64) * 64  # padded up to a multiple of 64
+    check_dataset(config, meta)
+
+    # the model: a new one, the authors' (--init_from), or the run's own (--resume)
+    model_config, released = pick_fields(config, CogformerConfig), None
+    if run.checkpoint is not None:
+        if run.checkpoint["meta"]["tokenizer"] != meta["tokenizer"]:
+            raise SystemExit(f"error: {run.ckpt_path} was trained with the {run.checkpoint['meta']['tokenizer']} "
+                             f"tokenizer, {config.data_dir} holds {meta['tokenizer']} tokens")
+        model_config = CogformerConfig(**run.checkpoint["model_config"])
         config.vocab_size = model_config.vocab_size
-        if master:
-            print(f"resuming from {ckpt_path} at iteration {checkpoint['iter']}")
-    released = None  # the authors' weights, converted, for --init_from (a resumed run has its own)
-    if config.init_from and checkpoint is None:
-        if meta["tokenizer"] != "llama2":
-            raise SystemExit(f"error: the authors' models read Llama-2 tokens; {config.data_dir} holds "
-                             f"{meta['tokenizer']} tokens (prepare it with data/prepare_lm.py --tokenizer=llama2)")
-        try:
-            released_config, released = authors_to_nanocog(load_weights_file(config.init_from))
-        except ValueError as err:
-            raise SystemExit(f"error: --init_from={config.init_from}: {err}") from None
-        model_config = dataclasses.replace(released_config, block_size=config.block_size)
-        if dataclasses.asdict(model_config) != dataclasses.asdict(pick_fields(config, CogformerConfig)) and master:
-            print(f"note: the model's architecture comes from {config.init_from}, not from the command line")
-        for f in dataclasses.fields(CogformerConfig):  # the printed and saved config say what is trained
-            setattr(config, f.name, getattr(model_config, f.name))
-        if model_config.vocab_size < meta["vocab_size"]:
-            raise SystemExit(f"error: {config.init_from} has {model_config.vocab_size} tokens, the dataset "
-                             f"{meta['vocab_size']}")
+    elif config.init_from:
+        model_config, released = released_model(config, meta, master)
     if master:
         print(f"training a Cogformer on {config.data_dir} ({meta['tokenizer']} tokens); config:")
         print_config(config)
-        print(f"{world_size} process(es), {grad_accum} micro-batches each, {tokens_per_iter:,} tokens per iteration")
+        print(f"{run.world_size} process(es), {run.grad_accum} micro-batches each, {tokens_per_iter:,} tokens per "
+              "iteration")
         make_out_dir(config.out_dir, move_aside=config.overwrite)
-
-    use_deterministic_algorithms(config.deterministic)
-    torch.manual_seed(config.seed)  # the same initial weights on every rank
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    seed_and_precision(config)
     model = Cogformer(model_config)
     if released is not None:
         model.load_state_dict(released)
         released = None  # free the memory
     model = model.to(device)
-    optimizer = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
-                                device.split(":")[0])
-    scaler = make_grad_scaler(device, config.dtype)
-    ctx = autocast_context(device, config.dtype)
-    data_gen = torch.Generator().manual_seed(config.seed + 1 + rank)  # training batches; its state is checkpointed
-    start_iter, best_val_loss, evaluated = 0, float("inf"), None  # evaluated: the last iteration evaluated
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_iter, best_val_loss = checkpoint["iter"], checkpoint["best_val_loss"]
-        evaluated = start_iter if checkpoint.get("eval_done", True) else None
-        set_rng_state(checkpoint["rng"])
-        restore_generator_state(data_gen, checkpoint["data_rng"], rank, world_size, master)
-        checkpoint = None  # free the memory
     if master:
         counts = model.num_params()
         print(f"parameters: {counts['total']:,} total, {counts['non_embedding']:,} non-embedding; "
               f"layers: {' '.join(model_config.layer_kinds())}")
-    flops_per_token = model.flops_per_token()
-    slow_run = SlowRun(device, flops_per_token * tokens_per_iter, f"{tokens_per_iter:,} tokens per step, and "
-                       f"each evaluation {2 * config.eval_iters} batches of {config.batch_size} x {config.block_size} "
-                       "tokens", master)
-    if config.compile:
-        model = torch.compile(model)
-    eval_model = model  # evaluated on the master only, so without the DDP wrapper
-    if ddp:
-        model = DDP(model, device_ids=[device] if device.startswith("cuda") else None)
-
+    optimizer = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
+                                device.split(":")[0])
+    best_val_loss = run.checkpoint["best_val_loss"] if run.checkpoint is not None else float("inf")
+    data_gen = torch.Generator().manual_seed(config.seed + 1 + run.rank)  # training batches; checkpointed
+    loop = TrainLoop(run, model, model_config, optimizer, data_gen, (tokens_per_iter, "tokens"),
+                     model.flops_per_token() * tokens_per_iter,
+                     f"{tokens_per_iter:,} tokens per step, and each evaluation {2 * config.eval_iters} batches of "
+                     f"{config.batch_size} x {config.block_size} tokens")
     doc_start = meta["eot_token"] if meta.get("bos_token") is None else meta["bos_token"]
 
-    def doc_ids(x):
-        """--doc_mask: the document id of every token of the batch, for attention within documents only."""
-        return document_ids(x, doc_start) if config.doc_mask else None
+    def loss_of(model, x, y):
+        with loop.ctx:  # --doc_mask: attention within documents only
+            return model(x, y, doc_ids=document_ids(x, doc_start) if config.doc_mask else None)[1]
+
+    def batch(split, generator):
+        return get_batch(config.data_dir, split, config.batch_size, config.block_size, generator, device)
 
     @torch.no_grad()
-    def estimate_loss():
+    def evaluate(it):
         """Mean loss over eval_iters batches of each split; the same batches at every evaluation."""
-        eval_model.eval()
-        out = {}
+        nonlocal best_val_loss
+        loop.eval_model.eval()
+        losses = {}
         for k, split in enumerate(("train", "val")):
             gen = torch.Generator().manual_seed(config.seed + 100_000 + k)
-            losses = torch.zeros(config.eval_iters)
-            for i in range(config.eval_iters):
-                stop.poll()
-                x, y = get_batch(config.data_dir, split, config.batch_size, config.block_size, gen, device)
-                with ctx:
-                    _, loss = eval_model(x, y, doc_ids=doc_ids(x))
-                losses[i] = loss.item()
-            out[split] = losses.mean().item()
-        eval_model.train()
-        return out
+            total = 0.0
+            for _ in range(config.eval_iters):
+                loop.stop.poll()
+                total += loss_of(loop.eval_model, *batch(split, gen)).item()
+            losses[split] = total / config.eval_iters
+        loop.eval_model.train()
+        best_val_loss = min(best_val_loss, losses["val"])
+        print(f"eval at iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        loop.log.write(iter=it, tokens=it * tokens_per_iter, train_loss=losses["train"], val_loss=losses["val"])
 
-    def save(it):
-        """Every rank's sampler state is gathered; the master writes out_dir/ckpt.pt atomically. eval_done: whether
-        the evaluation at it is done (if not, a resumed run does it)."""
-        data_rng = gather_generator_states(data_gen, ddp, world_size)
-        if master:
-            save_checkpoint({"kind": "lm", "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(model_config),
-                             "config": dataclasses.asdict(config), "iter": it, "eval_done": evaluated == it,
-                             "best_val_loss": best_val_loss, "rng": rng_state(), "data_rng": data_rng, "meta": meta},
-                            ckpt_path)
+    next_batch = None
+
+    def micro_loss(micro):
+        """The loss of one micro-batch; the next one is fetched while the GPU works on this one."""
+        nonlocal next_batch
+        x, y = batch("train", data_gen) if micro == 0 else next_batch
+        loss = loss_of(loop.model, x, y)
+        if micro < run.grad_accum - 1:
+            next_batch = batch("train", data_gen)
+        return loss
 
     def plot():
-        plot_loss_curve(log.path, os.path.join(config.out_dir, "loss.png"),
+        plot_loss_curve(loop.log.path, os.path.join(config.out_dir, "loss.png"),
                         f"Cogformer (attn={model_config.attn}) on {os.path.basename(config.data_dir)}")
 
-    def stop_and_save(it):
-        save(it)
-        if master:
-            plot()
-            print(f"stopped: saved {ckpt_path} at iteration {it}; continue with --resume")
-
-    log = MetricsLog(config.out_dir, resume_iter=start_iter if config.resume else None) if master else None
-    stop = StopRequest(ddp)
-    peak = peak_flops(device)
-    it = start_iter
-    t_last, iters_timed = time.time(), 0
-    while True:
-        lr = learning_rate(it, config.learning_rate, config.warmup_iters, config.max_iters, config.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        data_state = data_gen.get_state()  # a stop inside this iteration saves the state from its start
-
-        try:
-            # evaluate and checkpoint, once per iteration (a resumed run's checkpoint says whether it was done)
-            if (it % config.eval_interval == 0 or it >= config.max_iters) and evaluated != it:
-                if master:
-                    losses = estimate_loss()
-                    best_val_loss = min(best_val_loss, losses["val"])
-                    print(f"eval at iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                    log.write(iter=it, tokens=it * tokens_per_iter, train_loss=losses["train"],
-                              val_loss=losses["val"])
-                evaluated = it
-                save(it)
-                if master:
-                    plot()
-                t_last, iters_timed = time.time(), 0
-            if it >= config.max_iters:
-                break
-
-            # one optimizer step: grad_accum micro-batches, gradients all-reduced only after the last one
-            t_step = time.time()
-            loss_sum = torch.zeros((), device=device)
-            x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, data_gen, device)
-            for micro in range(grad_accum):
-                stop.poll()
-                sync = model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext()
-                with sync:
-                    with ctx:
-                        _, loss = model(x, y, doc_ids=doc_ids(x))
-                    if micro < grad_accum - 1:  # fetch the next batch while the GPU works on this one
-                        x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, data_gen,
-                                         device)
-                    scaler.scale(loss / grad_accum).backward()
-                loss_sum += loss.detach()
-            loss_value, stop_now = agree_on_step(loss_sum, grad_accum, stop, ddp, world_size)
-            check_finite(loss_value, it, ckpt_path)  # before the update: the checkpoint on disk stays the last good one
-            optimizer_step(model, optimizer, scaler, config.grad_clip)
-        except StopNow:  # inside the evaluation or the step: nothing of this iteration is kept, --resume redoes it
-            data_gen.set_state(data_state)
-            stop_and_save(it)
-            break
-        slow_run.first_step(time.time() - t_step, config.max_iters - it - 1)
-
-        iters_timed += 1
-        if it % config.log_interval == 0 and master:
-            dt = (time.time() - t_last) / iters_timed
-            tok_s = tokens_per_iter / dt
-            mfu = flops_per_token * tok_s / (peak * world_size) if peak else None
-            print(f"iter {it}: loss {loss_value:.4f}, lr {lr:.1e}, {dt * 1000:.1f}ms/iter, {tok_s:,.0f} tok/s"
-                  + (f", mfu {mfu * 100:.1f}%" if mfu else ""), flush=True)
-            log.write(iter=it, loss=loss_value, lr=lr, ms_per_iter=dt * 1000, tok_per_s=tok_s, mfu=mfu)
-            t_last, iters_timed = time.time(), 0
-        it += 1
-        if stop_now:
-            stop_and_save(it)
-            break
+    it = loop.run_loop(micro_loss, evaluate, lambda: {"best_val_loss": best_val_loss, "meta": meta}, plot)
     if master and it >= config.max_iters:
-        print(f"done: best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}, log and loss.png in {config.out_dir}")
+        print(f"done: best val loss {best_val_loss:.4f}; checkpoint {run.ckpt_path}, log and loss.png in "
+              f"{config.out_dir}")
 
 
 if __name__ == "__main__":

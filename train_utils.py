@@ -1,13 +1,13 @@
 """
-What train_lm.py and train_diffusion.py share: the command line (a preset plus --key=value overrides),
-atomic checkpoints with RNG state, saving on Ctrl-C / SIGTERM, DDP set-up, mixed precision, the learning-rate
-schedule, the NaN guard, MFU against the real GPU's peak, and the JSONL log with its loss-curve PNG.
+What train_lm.py and train_diffusion.py share: the command line (a preset plus --key=value overrides of a config
+dataclass, help text in the fields), the training loop (TrainLoop: gradient accumulation, loss scaling, clipping,
+evaluation and checkpoint cadence, log lines with MFU), a run's start (a new run never replaces one; --resume continues
+it bit for bit), atomic checkpoints with RNG state, saving on Ctrl-C / SIGTERM, DDP set-up, mixed precision, the
+learning-rate schedule, the NaN guard, and the JSONL log with its loss-curve PNG.
 """
 
-import ast
+import argparse
 import dataclasses
-import inspect
-import io
 import json
 import math
 import os
@@ -17,7 +17,6 @@ import signal
 import sys
 import textwrap
 import time
-import tokenize
 import typing
 from contextlib import nullcontext
 
@@ -25,7 +24,14 @@ import numpy as np
 import torch
 
 # -----------------------------------------------------------------------------
-# command line: --preset=NAME, then --key=value overrides; a bare --flag means True
+# command line: --preset=NAME, then --key=value overrides of a config dataclass's fields; a bare --flag means True.
+# A field's --help text is in its metadata: option(default, "what it is"), or dataclasses.field(metadata=...).
+
+
+def option(default, help="", **metadata):
+    """A config field with its --help text. metadata may add choices (the values allowed) and section (a heading in
+    --help for this field and those after it)."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
 def parse_bool(text):
@@ -37,17 +43,16 @@ def parse_bool(text):
     raise ValueError(f"not a boolean: {text!r}")
 
 
-def convert(key, text, field_type):
+def convert(key, text, field_type, choices=None):
     """Turn the text of --key=text into the field's type; a clear error names the key otherwise."""
     if typing.get_origin(field_type) is typing.Union:  # Optional[X]: "none" means None
         if text.lower() == "none":
             return None
         field_type = next(t for t in typing.get_args(field_type) if t is not type(None))
     if typing.get_origin(field_type) is typing.Literal:
-        choices = typing.get_args(field_type)
-        if text not in choices:
-            raise SystemExit(f"error: --{key}={text}: choose one of {', '.join(choices)}")
-        return text
+        field_type, choices = str, typing.get_args(field_type)
+    if choices and text not in choices:
+        raise SystemExit(f"error: --{key}={text}: choose one of {', '.join(choices)}")
     try:
         if field_type is bool:
             return parse_bool(text)
@@ -62,130 +67,27 @@ def convert(key, text, field_type):
     raise SystemExit(f"error: --{key}: unsupported field type {field_type}")
 
 
-def parse_config(config_cls, presets, argv=None, default_preset="paper", usage=None, description=None):
-    """Build config_cls from --preset=NAME (a dict of field overrides) and --key=value overrides; presets None: no
-    presets (and no preset field). Unknown keys, unknown presets and values of the wrong type or outside a Literal's
-    choices exit with a message that names them; --help prints every key with its type, default and the comment
-    beside it in the dataclass (see config_help), and exits 0."""
-    argv = sys.argv[1:] if argv is None else argv
-    types = typing.get_type_hints(config_cls)
-    fields = {f.name for f in dataclasses.fields(config_cls)} - {"preset"}
-    overrides, preset = {}, default_preset
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(config_help(config_cls, presets, default_preset, usage, description))
-            raise SystemExit(0)
-        if not arg.startswith("--"):
-            raise SystemExit(f"error: unexpected argument {arg!r}; use --key=value (--help lists the keys)")
-        key, has_value, text = arg[2:].partition("=")
-        if key == "preset" and presets is not None:
-            preset = text
-            continue
-        if key not in fields:
-            raise SystemExit(f"error: unknown config key --{key} (known keys: {', '.join(sorted(fields))})")
-        if not has_value and types[key] is not bool:
-            raise SystemExit(f"error: --{key} needs a value: --{key}=VALUE")
-        overrides[key] = convert(key, text, types[key]) if has_value else True
-    if presets is None:
-        return config_cls(**overrides)
-    if preset not in presets:
-        raise SystemExit(f"error: unknown preset {preset!r} (choose from {', '.join(presets)})")
-    values = {**presets[preset], **overrides}
-    try:
-        return config_cls(preset=preset, **values)
-    except (TypeError, ValueError) as err:
-        raise SystemExit(f"error: invalid config: {err}") from None
+class OneLineErrors(argparse.ArgumentParser):
+    def error(self, message):
+        raise SystemExit(f"error: {message} (--help lists the keys)")
 
 
-def cli_keys(argv=None):
-    """The keys given on the command line (parse_config has checked them), e.g. to refuse ones that do not apply."""
-    argv = sys.argv[1:] if argv is None else argv
-    return {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The script's docstring as written; the keys' help in a column, unbroken at hyphens ("MS-COCO" stays whole)."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32, width=120)
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(text, width, break_on_hyphens=False)
 
 
-def source_comments(source):
-    """{line number: comment text} of a piece of Python source."""
-    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
-    return {tok.start[0]: tok.string.lstrip("#").strip() for tok in tokens if tok.type == tokenize.COMMENT}
-
-
-def field_docs(config_cls):
-    """{field: (section, comment)} from the dataclass's source: the comment beside a field describes it, comment lines
-    above fields head a section. So --help says what the code says, and a new field documents itself."""
-    docs = {}
-    for cls in reversed(config_cls.__mro__):  # base classes first: their fields come first
-        if not dataclasses.is_dataclass(cls):
-            continue
-        try:
-            source = textwrap.dedent(inspect.getsource(cls))
-        except (OSError, TypeError):  # no source (a frozen app): the help lists the keys without descriptions
-            continue
-        comments, section, after = source_comments(source), "", 1
-        for node in ast.parse(source).body[0].body:
-            heading = [comments[n] for n in range(after + 1, node.lineno) if n in comments]
-            section = " ".join(heading) or section
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                docs[node.target.id] = (section, comments.get(node.lineno, comments.get(node.end_lineno, "")))
-            after = node.end_lineno
-    return docs
-
-
-def preset_docs(module_source):
-    """{preset: the comments beside and above it} in the PRESETS dict of a script's source."""
-    comments = source_comments(module_source)
-    for node in ast.parse(module_source).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "PRESETS" for t in node.targets):
-            if isinstance(node.value, ast.Dict):
-                docs, after = {}, node.lineno
-                for key, value in zip(node.value.keys, node.value.values):
-                    lines = [comments[n] for n in range(after + 1, key.lineno) if n in comments]
-                    docs[getattr(key, "value", "")] = " ".join(lines + [comments.get(value.end_lineno, "")]).strip()
-                    after = value.end_lineno
-                return docs
-    return {}
-
-
-def type_name(field_type):
-    if typing.get_origin(field_type) is typing.Literal:
-        return "{" + ",".join(typing.get_args(field_type)) + "}"
+def type_name(field_type, choices=None):
+    if choices or typing.get_origin(field_type) is typing.Literal:
+        return "{" + ",".join(choices or typing.get_args(field_type)) + "}"
     if typing.get_origin(field_type) is typing.Union:
         return " or ".join("none" if t is type(None) else type_name(t) for t in typing.get_args(field_type))
     return getattr(field_type, "__name__", str(field_type)).upper()
-
-
-def config_help(config_cls, presets, default_preset, usage=None, description=None):
-    """argparse-style help: usage, what the script does, the presets and what each changes, then every key with its
-    type, default and description, grouped under the comments that head them in the dataclass."""
-    module = sys.modules.get(config_cls.__module__)
-    try:
-        module_source = inspect.getsource(module)
-    except (OSError, TypeError):
-        module_source = ""
-    script = os.path.basename(getattr(module, "__file__", "") or "script.py")
-    usage = usage or f"python {script}" + (" [--preset=NAME]" if presets is not None else "")
-    description = (description if description is not None else (module.__doc__ or "")).strip()
-    out = [f"usage: {usage} [--key=value ...]   (a bare --flag means --flag=true)", "", description, ""]
-    if presets is not None:
-        docs = preset_docs(module_source)
-        out.append("presets (--preset=NAME; --key=value overrides apply on top of it):")
-        for name, values in presets.items():
-            title = f"  {name}" + (" (the default)" if name == default_preset else "")
-            out += wrap(title, docs.get(name, ""))
-            if values:
-                out += wrap("", "changes: " + " ".join(f"{k}={v}" for k, v in values.items()))
-        out.append("")
-    out.append("options:")
-    types, docs, section = typing.get_type_hints(config_cls), field_docs(config_cls), None
-    for f in dataclasses.fields(config_cls):
-        if f.name == "preset":
-            continue
-        heading, comment = docs.get(f.name, ("", ""))
-        if heading != section and heading:
-            out += textwrap.wrap(heading, 116, initial_indent=" # ", subsequent_indent="   ", break_on_hyphens=False)
-        section = heading
-        value = "[=BOOL]" if types[f.name] is bool else f"={type_name(types[f.name])}"
-        out += wrap(f"  --{f.name}{value}", f"default {help_value(f.default)}" + (f"; {comment}" if comment else ""))
-    return "\n".join(out)
 
 
 def help_value(value):
@@ -198,12 +100,68 @@ def help_value(value):
     return str(value)
 
 
-def wrap(left, text, width=120, column=30):
-    """Two help columns: left, then text wrapped at width (on a line of its own when left is too long)."""
-    lines = textwrap.wrap(text, width - column, break_on_hyphens=False) or [""]
-    if len(left) >= column - 1:
-        return [left] + [" " * column + line for line in lines if line]
-    return [f"{left:<{column}}{lines[0]}"] + [" " * column + line for line in lines[1:]]
+def config_parser(config_cls, presets, default_preset, usage, description):
+    """An argparse parser of config_cls's fields, grouped in --help by their sections (or the class that declares
+    them), each with its type, default and help; the presets and what each changes in the description."""
+    module = sys.modules.get(config_cls.__module__)
+    script = os.path.basename(getattr(module, "__file__", "") or "script.py")
+    usage = usage or f"python {script}" + (" [--preset=NAME]" if presets is not None else "")
+    description = (description if description is not None else (module.__doc__ or "")).strip()
+    if presets is not None:
+        description += "\n\npresets (--preset=NAME; --key=value overrides apply on top of it):\n" + "\n".join(
+            textwrap.fill(f"{name}{' (the default)' if name == default_preset else ''}: "
+                          + (" ".join(f"{k}={v}" for k, v in values.items()) or "the defaults below"),
+                          116, initial_indent="  ", subsequent_indent="      ") for name, values in presets.items())
+    parser = OneLineErrors(usage=f"{usage} [--key=value ...]   (a bare --flag means --flag=true)",
+                           description=description, formatter_class=HelpFormatter,
+                           argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    if presets is not None:
+        parser.add_argument("--preset", choices=list(presets), default=default_preset, help=argparse.SUPPRESS)
+    declared_by = {}  # each field's group in --help: its section, else the class that first declares it
+    for cls in reversed(config_cls.__mro__):
+        for name in vars(cls).get("__annotations__", {}):
+            declared_by.setdefault(name, cls.__name__)
+    types, groups, title, owner = typing.get_type_hints(config_cls), {}, None, None
+    for f in dataclasses.fields(config_cls):
+        if f.name == "preset":
+            continue
+        if "section" in f.metadata or declared_by[f.name] != owner:
+            title, owner = f.metadata.get("section", declared_by[f.name]), declared_by[f.name]
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        field_type, choices = types[f.name], f.metadata.get("choices")
+        text = "; ".join(t for t in (f"default {help_value(f.default)}", f.metadata.get("help", "")) if t)
+        bool_flag = dict(nargs="?", const=True) if field_type is bool else {}
+        groups[title].add_argument(f"--{f.name}", metavar="BOOL" if bool_flag else type_name(field_type, choices),
+                                   help=text.replace("%", "%%"), **bool_flag,
+                                   type=lambda value, key=f.name, t=field_type, c=choices: convert(key, value, t, c))
+    return parser
+
+
+def parse_config(config_cls, presets, argv=None, default_preset="paper", usage=None, description=None):
+    """Build config_cls from --preset=NAME (a dict of field overrides) and --key=value overrides; presets None: no
+    presets (and no preset field). Unknown keys, unknown presets and values of the wrong type or outside the choices
+    exit with one line that names them; --help prints every key with its type, default and help, and exits 0."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = config_parser(config_cls, presets, default_preset, usage, description)
+    given, unknown = parser.parse_known_args(argv)
+    for arg in unknown:
+        if arg.startswith("--"):
+            raise SystemExit(f"error: unknown config key {arg.partition('=')[0]} (--help lists the keys)")
+        raise SystemExit(f"error: unexpected argument {arg!r}; use --key=value (--help lists the keys)")
+    values = vars(given)
+    if presets is not None:
+        values = {"preset": values["preset"], **presets[values.pop("preset")], **values}
+    try:
+        return config_cls(**values)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def cli_keys(argv=None):
+    """The keys given on the command line (parse_config has checked them), e.g. to refuse ones that do not apply."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}
 
 
 def require(condition, message):
@@ -780,3 +738,183 @@ def plot_loss_curve(log_path, png_path, title="", log_y=False):
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# a run, and the training loop both trainers run
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """The fields both trainers have: how a run starts, and where and how it runs."""
+    resume: bool = option(False, "continue the run in out_dir with its config (given anew, these may change: "
+                          f"{', '.join(RESUME_MAY_CHANGE)})", section="run and system")
+    overwrite: bool = option(False, "a new run where out_dir holds one: the old one moves to out_dir/previous-<time>/")
+    device: str = option("auto", "auto: cuda if there is a GPU, else cpu")
+    dtype: Dtype = option("auto", "auto: bfloat16 on GPUs that have it, float16 (with loss scaling) on others, "
+                          "float32 on CPU")
+    compile: bool = option(False, "torch.compile the model")
+    deterministic: bool = option(False, "bit-reproducible GPU runs (slower): deterministic algorithms, two-pass Cog "
+                                 "backward")
+    seed: int = 1337
+
+
+@dataclasses.dataclass
+class Run:
+    """Where a trainer's run stands before its model is built: its config, its checkpoint on --resume, its place
+    among the processes."""
+    config: typing.Any
+    kind: str  # "lm" or "diffusion": what the checkpoint says it is
+    ckpt_path: str
+    checkpoint: typing.Optional[dict]  # --resume: what ckpt_path holds; None for a new run
+    ddp: bool
+    rank: int
+    world_size: int
+    device: str
+    grad_accum: int  # micro-batches per process in one step
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def start_run(config_cls, presets, check_config, kind, what, argv=None):
+    """The command line, its checks, --resume's checkpoint and config (start_or_resume), the process group, and the
+    device and dtype resolved for this process."""
+    config = parse_config(config_cls, presets, argv)
+    check_config(config)
+    config, ckpt_path, checkpoint = start_or_resume(config, kind, what, argv)
+    ddp, rank, world_size, device = setup_distributed(resolve_device(config.device))
+    config.device, config.dtype = device, resolve_dtype(config.dtype, device)
+    grad_accum = micro_steps_per_process(config.grad_accum, world_size)
+    if checkpoint is not None and rank == 0:
+        print(f"resuming from {ckpt_path} at iteration {checkpoint['iter']}")
+    return Run(config, kind, ckpt_path, checkpoint, ddp, rank, world_size, device, grad_accum)
+
+
+def seed_and_precision(config):
+    """Before the model is built: the same initial weights on every rank; TF32 matmuls on GPUs that have them."""
+    use_deterministic_algorithms(config.deterministic)
+    torch.manual_seed(config.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+class TrainLoop:
+    """The loop of both trainers, written once. Each iteration: the learning rate of the schedule; every eval_interval
+    iterations the trainer's evaluation (on the master) and an atomic checkpoint; then one optimizer step of
+    grad_accum micro-batches (DDP's all-reduce after the last one, loss scaling, clipping), the NaN guard and a
+    nanoGPT-style log line. The first Ctrl-C or SIGTERM saves the state from the start of the iteration it lands in,
+    so --resume continues bit for bit. The trainer gives what is its own: the loss of a micro-batch, the evaluation,
+    and what its checkpoint holds beyond the common state."""
+
+    def __init__(self, run, model, model_config, optimizer, generator, work, flops_per_iter, plan):
+        """model: on its device, not yet compiled; generator: the one that draws the training batches (checkpointed);
+        work: (count, unit) of one iteration, e.g. (524288, "tokens"); plan: what a step does, for SlowRun."""
+        config = self.config = run.config
+        self.run, self.model_config, self.optimizer, self.generator = run, model_config, optimizer, generator
+        self.work, self.flops_per_iter = work, flops_per_iter
+        self.scaler = make_grad_scaler(run.device, config.dtype)
+        self.ctx = autocast_context(run.device, config.dtype)
+        self.start_iter, self.evaluated = 0, None  # evaluated: the last iteration evaluated
+        if run.checkpoint is not None:
+            self.restore(model, run.checkpoint)
+            run.checkpoint = None  # free the memory (the trainer has taken what is its own)
+        self.slow_run = SlowRun(run.device, flops_per_iter, plan, run.master)
+        self.eval_model = torch.compile(model) if config.compile else model  # no DDP wrapper: the master evaluates
+        self.model = self.eval_model
+        if run.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.model = DDP(self.model, device_ids=[run.device] if run.device.startswith("cuda") else None)
+        self.log = MetricsLog(config.out_dir, self.start_iter if config.resume else None) if run.master else None
+        self.stop = StopRequest(run.ddp)
+
+    def restore(self, model, checkpoint):
+        model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.start_iter = checkpoint["iter"]
+        self.evaluated = self.start_iter if checkpoint.get("eval_done", True) else None
+        set_rng_state(checkpoint["rng"])
+        restore_generator_state(self.generator, checkpoint["data_rng"], self.run.rank, self.run.world_size,
+                                self.run.master)
+
+    def save(self, it, own):
+        """Every rank's generator state is gathered; the master writes ckpt_path atomically, with the trainer's own
+        entries (own()). eval_done: whether the evaluation at it is done (if not, a resumed run does it)."""
+        data_rng = gather_generator_states(self.generator, self.run.ddp, self.run.world_size)
+        if self.run.master:
+            save_checkpoint({"kind": self.run.kind, "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                             "scaler": self.scaler.state_dict(), "model_config": dataclasses.asdict(self.model_config),
+                             "config": dataclasses.asdict(self.config), "iter": it, "eval_done": self.evaluated == it,
+                             "rng": rng_state(), "data_rng": data_rng, **own()}, self.run.ckpt_path)
+
+    def step(self, it, micro_loss):
+        """One optimizer step; returns its mean loss over all ranks and whether a stop was asked for."""
+        grad_accum, ddp = self.run.grad_accum, self.run.ddp
+        loss_sum = torch.zeros((), device=self.run.device)
+        for micro in range(grad_accum):
+            self.stop.poll()
+            sync = self.model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext()
+            with sync:  # gradients are all-reduced only after the last micro-batch
+                loss = micro_loss(micro)
+                self.scaler.scale(loss / grad_accum).backward()
+            loss_sum += loss.detach()
+        loss, stop_now = agree_on_step(loss_sum, grad_accum, self.stop, ddp, self.run.world_size)
+        check_finite(loss, it, self.run.ckpt_path)  # before the update: the checkpoint on disk stays the last good one
+        optimizer_step(self.model, self.optimizer, self.scaler, self.config.grad_clip)
+        return loss, stop_now
+
+    def log_step(self, it, loss, lr, dt):
+        count, unit = self.work
+        rate = count / dt
+        peak = peak_flops(self.run.device)
+        mfu = self.flops_per_iter / dt / (peak * self.run.world_size) if peak else None
+        print(f"iter {it}: loss {loss:.4f}, lr {lr:.1e}, {dt * 1000:.1f}ms/iter, {rate:,.0f} {unit}/s"
+              + (f", mfu {mfu * 100:.1f}%" if mfu else ""), flush=True)
+        self.log.write(iter=it, loss=loss, lr=lr, ms_per_iter=dt * 1000, **{f"{unit}_per_s": rate}, mfu=mfu)
+
+    def run_loop(self, micro_loss, evaluate, own, plot, after_step=None):
+        """Train from start_iter to max_iters, or until a stop; returns the iteration reached.
+        micro_loss(micro): the loss of one micro-batch (its forward pass under self.ctx); evaluate(it): the master's
+        evaluation; own(): the trainer's checkpoint entries; plot(): the master's loss curve; after_step(): e.g. the
+        EMA update."""
+        config, master = self.config, self.run.master
+        it, t_last, iters_timed = self.start_iter, time.time(), 0
+        while True:
+            lr = learning_rate(it, config.learning_rate, config.warmup_iters, config.max_iters, config.min_lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            generator_state = self.generator.get_state()  # a stop inside this iteration saves the state from its start
+            try:
+                # evaluate and checkpoint, once per iteration (a resumed run's checkpoint says whether it was done)
+                if (it % config.eval_interval == 0 or it >= config.max_iters) and self.evaluated != it:
+                    if master:
+                        evaluate(it)
+                    self.evaluated = it
+                    self.save(it, own)
+                    if master:
+                        plot()
+                    t_last, iters_timed = time.time(), 0
+                if it >= config.max_iters:
+                    return it
+                t_step = time.time()
+                loss, stop_now = self.step(it, micro_loss)
+                if after_step is not None:
+                    after_step()
+            except StopNow:  # inside the evaluation or the step: nothing of this iteration is kept, --resume redoes it
+                self.generator.set_state(generator_state)
+                stop_now = True
+            else:
+                self.slow_run.first_step(time.time() - t_step, config.max_iters - it - 1)
+                iters_timed += 1
+                if it % config.log_interval == 0 and master:
+                    self.log_step(it, loss, lr, (time.time() - t_last) / iters_timed)
+                    t_last, iters_timed = time.time(), 0
+                it += 1
+            if stop_now:
+                self.save(it, own)
+                if master:
+                    plot()
+                    print(f"stopped: saved {self.run.ckpt_path} at iteration {it}; continue with --resume")
+                return it
