@@ -57,6 +57,12 @@ def check_attn(attn):
         raise ValueError(f"attn must be one of {tuple(ATTENTION)}, got {attn!r}")
 
 
+def check_sizes(config, *names):
+    for name in names:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+
+
 def layer_pattern(attn, softmax_layers, n_layer):
     """The attention kind of each of n_layer layers: softmax in the layers listed in softmax_layers (comma-separated
     indices, negative ones counting from the end, "" for none), attn in all the others."""
@@ -110,6 +116,7 @@ class CogformerConfig:
         "help": "the layers that use softmax whatever attn is (the paper's: first and last; \"\": none)"})
 
     def __post_init__(self):
+        check_sizes(self, "block_size", "n_layer", "n_head", "n_embd")
         check_attn(self.attn)
         layer_pattern(self.attn, self.softmax_layers, self.n_layer)  # a bad index is an error now, not at build time
         if self.n_embd % self.n_head:
@@ -332,6 +339,7 @@ class UViCConfig:
         "help": "text tokens per caption: 77 for MS-COCO; 0: unconditional (no context_embed)"})
 
     def __post_init__(self):
+        check_sizes(self, "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")
         check_attn(self.attn)
         layer_pattern(self.attn, self.softmax_layers, self.depth)
         if self.depth % 2 == 0:

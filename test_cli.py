@@ -245,11 +245,18 @@ def test_stop_request_flags_then_quits():
     ("lm", ["--log_interval=0"], "--log_interval=0: must be at least 1"),
     ("lm", ["--batch_size=-2"], "--batch_size=-2: must be at least 1"),
     ("lm", ["--n_head=3"], "n_embd (16) must be divisible by n_head (3)"),
+    ("lm", ["--n_head=0"], "n_head must be at least 1, got 0"),
+    ("lm", ["--bogus=1"], "unknown config key --bogus"),
+    ("lm", ["--preset=tiny"], "invalid choice: 'tiny'"),
+    ("lm", ["--n_layer=two"], "--n_layer=two: expected a value of type int"),
+    ("lm", ["--compile=maybe"], "--compile=maybe: expected a value of type bool"),
     ("lm", ["--beta2=1.5"], "--beta2=1.5: must be in [0, 1)"),
     ("lm", ["--learning_rate=-1"], "--learning_rate=-1.0: must be at least 0"),
     ("lm", ["--out_dir="], "--out_dir=: must name a folder"),
     ("diffusion", ["--attn=soft"], "--attn=soft: choose one of cog, softmax"),
     ("diffusion", ["--patch_size=3"], "img_size (8) must be divisible by patch_size (3)"),
+    ("diffusion", ["--patch_size=0"], "patch_size must be at least 1, got 0"),
+    ("diffusion", ["--dataset=mnist"], "--dataset=mnist: choose one of cifar10, shapes, shapes_t2i, coco"),
     ("diffusion", ["--ema_decay=1.5"], "--ema_decay=1.5: must be in [0, 1]"),
     ("diffusion", ["--in_chans=1"], "the shapes are RGB images"),
     ("diffusion", ["--dtype=fp16"], "--dtype=fp16: choose one of"),
@@ -320,6 +327,14 @@ def test_help_lists_every_key_with_type_default_and_description(capsys, script, 
         assert "demo: " in text and "max_iters=" in text  # the demo preset and what it changes
     else:
         assert "--num_samples INT or none" in text and "default 1337" in text and "diffusion models:" in text
+
+
+def test_every_field_of_the_models_is_a_flag_of_its_trainer():
+    for trainer, model_config in ((train_lm, train_lm.CogformerConfig), (train_diffusion, train_diffusion.UViCConfig)):
+        flags = {f.name for f in dataclasses.fields(trainer.TrainConfig)}
+        assert {f.name for f in dataclasses.fields(model_config)} <= flags, trainer.__name__
+    config = train_utils.parse_config(train_lm.TrainConfig, train_lm.PRESETS, ["--preset=demo", "--rope_theta=500"])
+    assert train_utils.pick_fields(config, train_lm.CogformerConfig).rope_theta == 500.0
 
 
 def test_help_from_the_shell_and_for_analyze(capsys):

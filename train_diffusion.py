@@ -30,9 +30,8 @@ from diffusion import (check_prediction, checkpoint_prediction, diffusion_loss, 
 from data.shapes import (DEMO_PROMPTS, DEMO_WORDS, captioned_shapes_batch, demo_caption_features, demo_prompt_features,
                          parse_demo_prompt, score_shapes, shapes_batch)
 from model import UViC, UViCConfig, configure_adamw
-from train_utils import (RunOptions, TrainLoop, check_at_least, check_betas, check_out_dir, make_out_dir, option,
-                         pick_fields, plot_loss_curve, print_config, require, resolve_dtype, run_trainer,
-                         seed_and_precision, start_run, unwrap)
+from train_utils import (RunOptions, TrainLoop, check_at_least, open_run, option,
+                         pick_fields, plot_loss_curve, require, run_trainer, start_run, unwrap)
 
 
 DATASETS = ("cifar10", "shapes", "shapes_t2i", "coco")
@@ -201,17 +200,14 @@ def grid_decoder(config, data):
 
 
 def check_config(config):
-    """Values that cannot work end the run here, before anything is downloaded or written."""
+    """The dataset, the model and the diffusion that cannot work together."""
     try:
         check_prediction(config.prediction)
         get_schedule(config.noise_schedule)
     except ValueError as err:
         raise SystemExit(f"error: --{err}") from None
-    check_at_least(config, 1, "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "batch_size",
-                   "grad_accum", "eval_interval", "eval_iters", "grid_size", "sample_steps", "log_interval")
-    check_at_least(config, 0, "mlp_ratio", "max_iters", "learning_rate", "warmup_iters", "min_lr", "weight_decay",
-                   "grad_clip")
-    check_betas(config)
+    check_at_least(config, 1, "grid_size", "sample_steps")  # (the model's own checks ran as the config was made)
+    check_at_least(config, 0, "mlp_ratio")
     require(0 <= config.ema_decay <= 1, f"--ema_decay={config.ema_decay}: must be in [0, 1]")
     require(not config.dataset.startswith("shapes") or config.in_chans == 3,
             f"--in_chans={config.in_chans}: the shapes are RGB images, in_chans must be 3")
@@ -221,8 +217,6 @@ def check_config(config):
             f"--num_clip_token (now {config.num_clip_token}) accordingly")
     require(config.dataset != "shapes_t2i" or (config.num_clip_token, config.clip_dim) == (3, len(DEMO_WORDS)),
             f"the shapes' captions are 3 one-hot words: --num_clip_token=3 --clip_dim={len(DEMO_WORDS)}")
-    check_out_dir(config.out_dir)
-    resolve_dtype(config.dtype, "cpu")
 
 
 def draw_grid(ema, config, val_data, schedule, ctx, empty_context, decode, grid_path, stop):
@@ -278,13 +272,7 @@ def main(argv=None):
     if run.checkpoint is not None:
         check_resumed(run)
         model_config = UViCConfig(**run.checkpoint["model_config"])
-    if master:
-        print(f"training a U-ViC on {config.dataset}; config:")
-        print_config(config)
-        print(f"{run.world_size} process(es), {run.grad_accum} micro-batches each, {images_per_iter} images per "
-              "iteration")
-        make_out_dir(config.out_dir, move_aside=config.overwrite)
-    seed_and_precision(config)
+    open_run(run, f"a U-ViC on {config.dataset}", f"{images_per_iter} images")
     model = UViC(model_config).to(device)
     if config.init_from and run.checkpoint is None:  # the authors' released weights; the EMA starts from them too
         model.load_state_dict(authors_weights(config.init_from, model_config))

@@ -29,9 +29,8 @@ import torch.distributed as dist
 from data.prepare_lm import prepare_pystdlib
 from authors import authors_to_nanocog, load_weights_file
 from model import Cogformer, CogformerConfig, configure_adamw, document_ids
-from train_utils import (RunOptions, TrainLoop, check_at_least, check_betas, check_out_dir, make_out_dir, option,
-                         pick_fields, plot_loss_curve, print_config, resolve_dtype, run_trainer, seed_and_precision,
-                         start_run)
+from train_utils import (RunOptions, TrainLoop, check_at_least, open_run, option,
+                         pick_fields, plot_loss_curve, run_trainer, start_run)
 
 
 @dataclass
@@ -116,14 +115,8 @@ def get_batch(data_dir, split, batch_size, block_size, generator, device):
 
 
 def check_config(config):
-    """Values that cannot work end the run here, before anything is prepared, downloaded or written."""
-    check_at_least(config, 1, "block_size", "n_layer", "n_head", "n_embd", "ffn_hidden", "batch_size", "grad_accum",
-                   "eval_interval", "eval_iters", "log_interval")
-    check_at_least(config, 0, "vocab_size", "max_iters", "learning_rate", "min_lr", "warmup_iters", "weight_decay",
-                   "grad_clip")
-    check_betas(config)
-    check_out_dir(config.out_dir)
-    resolve_dtype(config.dtype, "cpu")
+    """(The model's own checks ran as the config was made: sizes, heads that divide the width, ...)"""
+    check_at_least(config, 0, "vocab_size")
 
 
 def check_dataset(config, meta):
@@ -177,13 +170,7 @@ def main(argv=None):
         config.vocab_size = model_config.vocab_size
     elif config.init_from:
         model_config, released = released_model(config, meta, master)
-    if master:
-        print(f"training a Cogformer on {config.data_dir} ({meta['tokenizer']} tokens); config:")
-        print_config(config)
-        print(f"{run.world_size} process(es), {run.grad_accum} micro-batches each, {tokens_per_iter:,} tokens per "
-              "iteration")
-        make_out_dir(config.out_dir, move_aside=config.overwrite)
-    seed_and_precision(config)
+    open_run(run, f"a Cogformer on {config.data_dir} ({meta['tokenizer']} tokens)", f"{tokens_per_iter:,} tokens")
     model = Cogformer(model_config)
     if released is not None:
         model.load_state_dict(released)

@@ -177,10 +177,14 @@ def check_at_least(config, minimum, *names):
         require(value is None or value >= minimum, f"--{name}={value}: must be at least {minimum}")
 
 
-def check_betas(config):
-    """AdamW's beta1 and beta2 must be in [0, 1)."""
-    for key in ("beta1", "beta2"):
+def check_training(config):
+    """The values of the fields both trainers have that cannot work (the trainer checks its own after these)."""
+    check_at_least(config, 1, "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval")
+    check_at_least(config, 0, "max_iters", "learning_rate", "min_lr", "warmup_iters", "weight_decay", "grad_clip")
+    for key in ("beta1", "beta2"):  # AdamW's
         require(0 <= getattr(config, key) < 1, f"--{key}={getattr(config, key)}: must be in [0, 1)")
+    check_out_dir(config.out_dir)
+    resolve_dtype(config.dtype, "cpu")
 
 
 def check_out_dir(path, key="out_dir"):
@@ -779,10 +783,11 @@ class Run:
 
 
 def start_run(config_cls, presets, check_config, kind, what, argv=None):
-    """The command line, its checks, --resume's checkpoint and config (start_or_resume), the process group, and the
+    """The command line, its checks (check_training's, then the trainer's check_config), --resume's checkpoint and config (start_or_resume), the process group, and the
     device and dtype resolved for this process."""
     config = parse_config(config_cls, presets, argv)
-    check_config(config)
+    check_training(config)
+    check_config(config)  # values that cannot work end the run here, before anything is prepared or written
     config, ckpt_path, checkpoint = start_or_resume(config, kind, what, argv)
     ddp, rank, world_size, device = setup_distributed(resolve_device(config.device))
     config.device, config.dtype = device, resolve_dtype(config.dtype, device)
@@ -792,8 +797,16 @@ def start_run(config_cls, presets, check_config, kind, what, argv=None):
     return Run(config, kind, ckpt_path, checkpoint, ddp, rank, world_size, device, grad_accum)
 
 
-def seed_and_precision(config):
-    """Before the model is built: the same initial weights on every rank; TF32 matmuls on GPUs that have them."""
+def open_run(run, title, work):
+    """Before the model is built. The master says what it trains (title) and with what config, and how much work an
+    iteration is (work: e.g. "524,288 tokens"), then makes the run's folder (--overwrite: moving an earlier run
+    aside). Every rank seeds torch alike (the same initial weights everywhere) and allows TF32 matmuls."""
+    config = run.config
+    if run.master:
+        print(f"training {title}; config:")
+        print_config(config)
+        print(f"{run.world_size} process(es), {run.grad_accum} micro-batches each, {work} per iteration")
+        make_out_dir(config.out_dir, move_aside=config.overwrite)
     use_deterministic_algorithms(config.deterministic)
     torch.manual_seed(config.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
