@@ -378,8 +378,9 @@ def training_step(args, attn, device):
     import train_diffusion
     import train_lm
     from diffusion import diffusion_loss, ema_update, get_schedule
-    from model import Cogformer, UViC, UViCConfig, configure_adamw
-    from train_utils import autocast_context, make_grad_scaler, optimizer_step, parse_config, pick_fields, resolve_dtype
+    from model import Cogformer, UViC, UViCConfig
+    from train_utils import (autocast_context, configure_adamw, make_grad_scaler, optimizer_step, parse_config,
+                             pick_fields, resolve_dtype)
 
     trainer = train_lm if args.model == "lm" else train_diffusion
     config = parse_config(trainer.TrainConfig, trainer.PRESETS, [f"--preset={args.preset}", f"--attn={attn}"])

@@ -83,17 +83,6 @@ def document_ids(idx, start_token):
     return torch.cumsum(idx == start_token, dim=1)
 
 
-def configure_adamw(model, weight_decay, learning_rate, betas, device_type):
-    """AdamW with weight decay on matrices (every parameter of dim >= 2) and none on gains, biases and 1-D params."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    fused = device_type == "cuda"  # the fused CUDA implementation is several times faster per step
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
-
-
 # -----------------------------------------------------------------------------
 # Cogformer: the language model
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import model as model_module
+import train_utils
 from cog_kernel import causal_mask, cog_attention, cog_attention_reference, cog_attention_weights
 from model import Cogformer, CogformerConfig, UViC, UViCConfig, softmax_attn
 
@@ -368,7 +369,7 @@ def test_tiny_lm_loss_falls(attn):
     torch.manual_seed(0)
     model = Cogformer(tiny_lm_config(attn=attn))
     idx = torch.randint(0, 64, (4, 17))
-    opt = model_module.configure_adamw(model, 0.1, 3e-3, (0.9, 0.95), "cpu")
+    opt = train_utils.configure_adamw(model, 0.1, 3e-3, (0.9, 0.95), "cpu")
     losses = []
     for _ in range(40):
         _, loss = model(idx[:, :-1], idx[:, 1:])
@@ -385,7 +386,7 @@ def test_tiny_uvic_loss_falls(attn):
     torch.manual_seed(0)
     model = UViC(tiny_uvic_config(attn=attn))
     x, noise, t = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8), torch.rand(8) * 999
-    opt = model_module.configure_adamw(model, 0.03, 2e-3, (0.9, 0.999), "cpu")
+    opt = train_utils.configure_adamw(model, 0.03, 2e-3, (0.9, 0.999), "cpu")
     losses = []
     for _ in range(40):
         loss = ((model(x + noise, t) - noise) ** 2).mean()
@@ -398,7 +399,7 @@ def test_tiny_uvic_loss_falls(attn):
 
 def test_weight_decay_only_on_matrices():
     model = Cogformer(tiny_lm_config())
-    decay, no_decay = model_module.configure_adamw(model, 0.1, 1e-3, (0.9, 0.95), "cpu").param_groups
+    decay, no_decay = train_utils.configure_adamw(model, 0.1, 1e-3, (0.9, 0.95), "cpu").param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))

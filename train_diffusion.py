@@ -29,7 +29,7 @@ from diffusion import (check_prediction, checkpoint_prediction, diffusion_loss, 
                        get_schedule, load_cifar10, noise_predictor, save_captioned_grid, save_grid)
 from data.shapes import (DEMO_PROMPTS, DEMO_WORDS, captioned_shapes_batch, demo_caption_features, demo_prompt_features,
                          parse_demo_prompt, score_shapes, shapes_batch)
-from model import UViC, UViCConfig, configure_adamw
+from model import UViC, UViCConfig
 from train_utils import (RunOptions, TrainLoop, check_at_least, open_run, option,
                          pick_fields, plot_loss_curve, require, run_trainer, start_run, unwrap)
 
@@ -281,12 +281,10 @@ def main(argv=None):
         ema.load_state_dict(run.checkpoint["ema"])
     if master:
         print(f"parameters: {model.num_params()['total']:,} total; blocks: {' '.join(model_config.block_kinds())}")
-    optimizer = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
-                                device.split(":")[0])
     # batches, flips, t and noise: a generator of our own, checkpointed, so a resumed run draws what the full run would
     gen = torch.Generator(device).manual_seed(config.seed + 1 + run.rank)
     tokens = (model_config.img_size // model_config.patch_size) ** 2 + 1  # the patches and the time token
-    loop = TrainLoop(run, model, model_config, optimizer, gen, (images_per_iter, "images"),
+    loop = TrainLoop(run, model, model_config, gen, (images_per_iter, "images"),
                      6 * model.num_params()["total"] * tokens * images_per_iter,
                      f"{images_per_iter} images per step, and each evaluation {config.eval_iters} batches and a "
                      f"{config.grid_size}-image grid of {config.sample_steps} sampler steps")

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from data.prepare_lm import prepare_pystdlib
 from authors import authors_to_nanocog, load_weights_file
-from model import Cogformer, CogformerConfig, configure_adamw, document_ids
+from model import Cogformer, CogformerConfig, document_ids
 from train_utils import (RunOptions, TrainLoop, check_at_least, open_run, option,
                          pick_fields, plot_loss_curve, run_trainer, start_run)
 
@@ -180,11 +180,9 @@ def main(argv=None):
         counts = model.num_params()
         print(f"parameters: {counts['total']:,} total, {counts['non_embedding']:,} non-embedding; "
               f"layers: {' '.join(model_config.layer_kinds())}")
-    optimizer = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
-                                device.split(":")[0])
     best_val_loss = run.checkpoint["best_val_loss"] if run.checkpoint is not None else float("inf")
     data_gen = torch.Generator().manual_seed(config.seed + 1 + run.rank)  # training batches; checkpointed
-    loop = TrainLoop(run, model, model_config, optimizer, data_gen, (tokens_per_iter, "tokens"),
+    loop = TrainLoop(run, model, model_config, data_gen, (tokens_per_iter, "tokens"),
                      model.flops_per_token() * tokens_per_iter,
                      f"{tokens_per_iter:,} tokens per step, and each evaluation {2 * config.eval_iters} batches of "
                      f"{config.batch_size} x {config.block_size} tokens")
