@@ -250,6 +250,8 @@ def test_stop_request_flags_then_quits():
     ("lm", ["--preset=tiny"], "invalid choice: 'tiny'"),
     ("lm", ["--n_layer=two"], "--n_layer=two: expected a value of type int"),
     ("lm", ["--compile=maybe"], "--compile=maybe: expected a value of type bool"),
+    ("lm", ["--n_layer", "4"], "--n_layer needs a value: --n_layer=VALUE"),
+    ("lm", ["--compile", "false"], "unexpected argument 'false'"),
     ("lm", ["--beta2=1.5"], "--beta2=1.5: must be in [0, 1)"),
     ("lm", ["--learning_rate=-1"], "--learning_rate=-1.0: must be at least 0"),
     ("lm", ["--out_dir="], "--out_dir=: must name a folder"),

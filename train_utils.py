@@ -143,12 +143,17 @@ def parse_config(config_cls, presets, argv=None, default_preset="paper", usage=N
     presets (and no preset field). Unknown keys, unknown presets and values of the wrong type or outside the choices
     exit with one line that names them; --help prints every key with its type, default and help, and exits 0."""
     argv = sys.argv[1:] if argv is None else argv
+    types = typing.get_type_hints(config_cls)
+    for arg in argv:  # only --key=value and a bare --flag (so that every value is seen as one given with its key)
+        key, has_value, _ = arg[2:].partition("=")
+        if not arg.startswith("--") and arg != "-h":
+            raise SystemExit(f"error: unexpected argument {arg!r}; use --key=value (--help lists the keys)")
+        if not has_value and types.get(key, bool) is not bool:
+            raise SystemExit(f"error: --{key} needs a value: --{key}=VALUE")
     parser = config_parser(config_cls, presets, default_preset, usage, description)
     given, unknown = parser.parse_known_args(argv)
-    for arg in unknown:
-        if arg.startswith("--"):
-            raise SystemExit(f"error: unknown config key {arg.partition('=')[0]} (--help lists the keys)")
-        raise SystemExit(f"error: unexpected argument {arg!r}; use --key=value (--help lists the keys)")
+    if unknown:
+        raise SystemExit(f"error: unknown config key {unknown[0].partition('=')[0]} (--help lists the keys)")
     values = vars(given)
     if presets is not None:
         values = {"preset": values["preset"], **presets[values.pop("preset")], **values}
