@@ -34,15 +34,6 @@ def option(default, help="", **metadata):
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
-def parse_bool(text):
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
-
-
 def convert(key, text, field_type, choices=None):
     """Turn the text of --key=text into the field's type; a clear error names the key otherwise."""
     if typing.get_origin(field_type) is typing.Union:  # Optional[X]: "none" means None
@@ -55,14 +46,15 @@ def convert(key, text, field_type, choices=None):
         raise SystemExit(f"error: --{key}={text}: choose one of {', '.join(choices)}")
     try:
         if field_type is bool:
-            return parse_bool(text)
+            return {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                    "off": False}[text.lower()]
         if field_type is int:
             return int(float(text)) if "e" in text.lower() and float(text).is_integer() else int(text)
         if field_type is float:
             return float(text)
         if field_type is str:
             return text
-    except ValueError:
+    except (KeyError, ValueError):
         raise SystemExit(f"error: --{key}={text}: expected a value of type {field_type.__name__}") from None
     raise SystemExit(f"error: --{key}: unsupported field type {field_type}")
 
@@ -91,13 +83,9 @@ def type_name(field_type, choices=None):
 
 
 def help_value(value):
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
+    if value is None or isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, str) and (not value or value != value.strip()):  # "" or "\n": quoted, to be seen
-        return repr(value)
-    return str(value)
+    return repr(value) if isinstance(value, str) and (not value or value != value.strip()) else str(value)
 
 
 def config_parser(config_cls, presets, default_preset, usage, description):
@@ -117,16 +105,15 @@ def config_parser(config_cls, presets, default_preset, usage, description):
                            argument_default=argparse.SUPPRESS, allow_abbrev=False)
     if presets is not None:
         parser.add_argument("--preset", choices=list(presets), default=default_preset, help=argparse.SUPPRESS)
-    declared_by = {}  # each field's group in --help: its section, else the class that first declares it
+    owner = {}  # a field's group in --help: its section, else the class that declares it first
     for cls in reversed(config_cls.__mro__):
-        for name in vars(cls).get("__annotations__", {}):
-            declared_by.setdefault(name, cls.__name__)
-    types, groups, title, owner = typing.get_type_hints(config_cls), {}, None, None
-    for f in dataclasses.fields(config_cls):
+        owner.update({name: cls.__name__ for name in vars(cls).get("__annotations__", {}) if name not in owner})
+    types, groups, title, fields = typing.get_type_hints(config_cls), {}, None, dataclasses.fields(config_cls)
+    for f, before in zip(fields, (None,) + fields[:-1]):
+        if before is None or "section" in f.metadata or owner[f.name] != owner[before.name]:
+            title = f.metadata.get("section", owner[f.name])
         if f.name == "preset":
             continue
-        if "section" in f.metadata or declared_by[f.name] != owner:
-            title, owner = f.metadata.get("section", declared_by[f.name]), declared_by[f.name]
         if title not in groups:
             groups[title] = parser.add_argument_group(title)
         field_type, choices = types[f.name], f.metadata.get("choices")
