@@ -169,8 +169,8 @@ def test_cog_head_learns_deletion_with_negative_weights(one_thread):
 
 
 def test_table_covers_every_task(tmp_path, one_thread):
-    rows = toy.main([f"--out_dir={tmp_path}", "--steps=2", "--seeds=2", "--eval_size=40", "--distractors=1,3",
-                     "--catch_up=2x1"])
+    rows = toy.main([f"--out_dir={tmp_path}", "--steps=2", "--retrieval_steps=2", "--seeds=2", "--eval_size=40",
+                     "--distractors=1,3", "--catch_up=2x1"])
     cells = {(task, attn, heads, layers, metric) for task, attn, heads, layers, metric, values in rows}
     assert all(len(values) == 2 for *_, values in rows)
     assert ("majority", "softmax", 2, 1, "accuracy") in cells and ("deletion", "cog", 1, 1, "accuracy") in cells
