@@ -164,8 +164,8 @@ def test_cog_head_learns_deletion_with_negative_weights(one_thread):
     (cog_acc, cog_w), (soft_acc, _) = results["cog"], results["softmax"]
     assert cog_acc > 0.99 and soft_acc < 0.6  # one softmax head cannot tell the name said once (see toy.py)
     # the sign of the second mention is opposite to the first one's: the repeated name is cancelled, the answer kept
-    assert cog_w["weight: repeated name, 2nd"] < -0.05 < 0.05 < cog_w["weight: repeated name, 1st"]
-    assert cog_w["weight: the name said once"] > 0.05
+    assert cog_w["copy weight: repeated name, 2nd"] < -0.1 < 0.1 < cog_w["copy weight: repeated name, 1st"]
+    assert cog_w["copy weight: the name said once"] > 0.1
 
 
 def test_table_covers_every_task(tmp_path, one_thread):
@@ -174,7 +174,7 @@ def test_table_covers_every_task(tmp_path, one_thread):
     cells = {(task, attn, heads, layers, metric) for task, attn, heads, layers, metric, values in rows}
     assert all(len(values) == 2 for *_, values in rows)
     assert ("majority", "softmax", 2, 1, "accuracy") in cells and ("deletion", "cog", 1, 1, "accuracy") in cells
-    assert ("deletion", "softmax", 1, 1, "weight: repeated name, 2nd") in cells
+    assert ("deletion", "softmax", 1, 1, "copy weight: repeated name, 2nd") in cells
     assert {("retrieval", attn, 1, 2, f"accuracy, {d} distractors") for attn in ("cog", "softmax") for d in (1, 3)} \
         <= cells
     pytest.importorskip("matplotlib")

@@ -248,23 +248,30 @@ def spread(values):
 
 
 @torch.no_grad()
+def copy_gains(model):
+    """What a weight of +1 on a token adds to that token's own logit through a one-layer, one-head model's values
+    (before the final norm, which only scales), one gain per vocabulary entry: its sign says whether attending to a
+    token copies it (+) or deletes it (-). Training may give some names negative values and negative weights at once."""
+    block = model.blocks[0]
+    n_embd = model.tok_emb.weight.shape[1]
+    values = F.linear(block.attn_norm(model.tok_emb.weight), block.attn.qkv.weight[2 * n_embd:])
+    return (model.lm_head.weight * block.attn.proj(values)).sum(1)
+
+
+@torch.no_grad()
 def deletion_weights(model, cfg, seed=12345):
-    """A one-layer model's mean weight (over heads and eval_size held-out sequences) from the last token "?" on each
-    kind of position: the name said once (the answer), a repeated name's first mention and its second. A head that
-    copies the answer with negative weight and negative values is the same head with both signs flipped, so the
-    weights are given with the sign that makes the answer's weight positive: a negative weight is one opposite to
-    the answer's."""
+    """A one-layer, one-head model's mean copy weight from the last token "?" (its weight times the sign of the
+    token's copy gain, so that + raises the token's logit and - lowers it), over eval_size held-out sequences, on each
+    kind of position: the name said once (the answer), a repeated name's first mention and its second."""
     g = torch.Generator().manual_seed(seed)
     k = cfg.names
     idx, answer = deletion_batch(cfg.eval_size, k, g)
     (w,), _ = attention_maps(model, idx)
-    row = w[:, :, -1, :].mean(1)  # (B, T)
+    row = w[:, 0, -1, :] * copy_gains(model).sign()[idx]  # (B, T)
     is_once = idx[:, :k] == answer[:, None]
-    once = row[:, :k][is_once].mean()
-    row = row * once.sign()
-    return {"weight: the name said once": once.abs().item(),
-            "weight: repeated name, 1st": row[:, :k][~is_once].mean().item(),
-            "weight: repeated name, 2nd": row[:, k:2 * k - 1].mean().item()}
+    return {"copy weight: the name said once": row[:, :k][is_once].mean().item(),
+            "copy weight: repeated name, 1st": row[:, :k][~is_once].mean().item(),
+            "copy weight: repeated name, 2nd": row[:, k:2 * k - 1].mean().item()}
 
 
 def task_models(task, cfg):
