@@ -337,6 +337,7 @@ def write_picture(path, runs, title):
     if plt is None:
         return
     fig = attention_figure(plt, runs)
+    fig.set_figwidth(max(fig.get_figwidth(), 6))  # room for the titles of a short sequence
     for ax, run in zip(fig.axes, runs):
         ax.set_title(f"{run['label']}: {title}", fontsize=10)
     fig.savefig(path, dpi=150)
