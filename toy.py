@@ -378,7 +378,8 @@ def main(argv=None):
     print("|---|---|---|---|---|---|")
     for task, attn, heads, layers, metric, values in rows:
         print(f"| {task} | {attn} | {heads} | {layers} | {metric} | {spread(values)} |")
-    print(f"\n{cfg.steps} steps per model ({cfg.retrieval_steps} for retrieval), {time.time() - t0:.0f} s in all")
+    steps = ", ".join(f"{t} {task_steps(t, cfg)[0]}" for t in tasks)
+    print(f"\nsteps per model: {steps}; {time.time() - t0:.0f} s in all")
     return rows
 
 
