@@ -193,6 +193,8 @@ def test_bad_flags_are_errors():
         toy.main(["--tasks=nope"])
     with pytest.raises(SystemExit, match="catch_up"):
         toy.main(["--catch_up=2by1"])
+    with pytest.raises(SystemExit, match="3 heads"):
+        toy.main(["--retrieval_shape=3x2"])
     with pytest.raises(SystemExit, match="names"):
         toy.main(["--names=9"])
     with pytest.raises(SystemExit, match="distractors"):

@@ -60,7 +60,7 @@ class ToyConfig:
     retrieval_shape: str = "1x2"  # retrieval: the heads x layers of both kinds' models
     retrieval_steps: int = 3000  # retrieval: Adam steps per model (a lookup is learnt after a plateau)
     retrieval_learning_rate: float = 3e-3  # retrieval: 1e-2 leaves both kinds on the plateau more often
-    out_dir: str = "out/toy"  # where the PNG goes; an existing PNG there is never overwritten
+    out_dir: str = "out/toy"  # where the PNGs go; an existing PNG there is never overwritten
 
 
 # -----------------------------------------------------------------------------
@@ -356,6 +356,9 @@ def main(argv=None):
     for t in tasks:
         require(t in TASKS, f"--tasks: unknown task {t!r} (the tasks: {', '.join(TASKS)})")
     models = {t: task_models(t, cfg) for t in tasks}  # (also checks --catch_up and --retrieval_shape)
+    for heads, layers in {(h, l) for m in models.values() for _, h, l in m}:
+        require(cfg.n_embd % heads == 0 and cfg.n_embd // heads % 2 == 0,
+                f"{heads}x{layers}: --n_embd={cfg.n_embd} must split into {heads} heads of even size")
     pngs = {t: os.path.join(cfg.out_dir, f"toy_{t}_attention.png") for t in tasks if t in EXAMPLES}
     for png in pngs.values():  # before any training: refuse rather than overwrite an earlier picture
         require(not os.path.exists(png), f"{png} exists: pass a fresh --out_dir")
