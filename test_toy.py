@@ -181,6 +181,14 @@ def test_table_covers_every_task(tmp_path, one_thread):
     assert {p.name for p in tmp_path.iterdir()} == {"toy_majority_attention.png", "toy_deletion_attention.png"}
 
 
+def test_mixed_models_have_one_kind_per_layer():
+    model = toy.make_model("softmax+cog", 1, 2, CFG, "retrieval")
+    assert [b.attn.kind for b in model.blocks] == ["softmax", "cog"]
+    assert [b.attn.kind for b in toy.make_model("cog+softmax", 1, 2, CFG, "retrieval").blocks] == ["cog", "softmax"]
+    cfg = dataclasses.replace(CFG, retrieval_mixed=True)
+    assert [attn for attn, _, _ in toy.task_models("retrieval", cfg)] == ["cog", "softmax", "softmax+cog", "cog+softmax"]
+
+
 def test_refuses_to_overwrite_the_picture(tmp_path):
     (tmp_path / "toy_majority_attention.png").write_bytes(b"earlier")
     with pytest.raises(SystemExit, match="exists"):
@@ -195,6 +203,8 @@ def test_bad_flags_are_errors():
         toy.main(["--catch_up=2by1"])
     with pytest.raises(SystemExit, match="3 heads"):
         toy.main(["--retrieval_shape=3x2"])
+    with pytest.raises(SystemExit, match="two-layer"):
+        toy.main(["--retrieval_mixed", "--retrieval_shape=1x3"])
     with pytest.raises(SystemExit, match="names"):
         toy.main(["--names=9"])
     with pytest.raises(SystemExit, match="distractors"):

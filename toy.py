@@ -60,6 +60,7 @@ class ToyConfig:
     retrieval_shape: str = "1x2"  # retrieval: the heads x layers of both kinds' models
     retrieval_steps: int = 3000  # retrieval: Adam steps per model (a lookup is learnt after a plateau)
     retrieval_learning_rate: float = 3e-3  # retrieval: 1e-2 leaves both kinds on the plateau more often
+    retrieval_mixed: bool = False  # retrieval: also the two-layer models with one softmax and one Cog layer
     out_dir: str = "out/toy"  # where the PNGs go; an existing PNG there is never overwritten
 
 
@@ -166,10 +167,14 @@ def task_sizes(task, cfg):
 
 
 def make_model(attn, n_head, n_layer, cfg, task="majority"):
-    """An attention-only Cogformer: every layer Cog (attn="cog", no softmax layers) or every layer softmax."""
+    """An attention-only Cogformer: every layer Cog (attn="cog", no softmax layers), every layer softmax, or one kind
+    per layer ("softmax+cog": layer 0 softmax, layer 1 Cog)."""
     longest = TASKS[task](1, max(task_sizes(task, cfg)[0]), torch.Generator())[0].shape[1]
+    kinds = attn.split("+")
+    softmax_layers = ",".join(str(i) for i, kind in enumerate(kinds) if kind == "softmax") if len(kinds) > 1 else ""
     return Cogformer(CogformerConfig(block_size=longest, vocab_size=len(VOCABS[task]), n_layer=n_layer, n_head=n_head,
-                                     n_embd=cfg.n_embd, ffn_hidden=0, attn=attn, softmax_layers=""))
+                                     n_embd=cfg.n_embd, ffn_hidden=0, attn=kinds[0] if len(kinds) == 1 else "cog",
+                                     softmax_layers=softmax_layers))
 
 
 def last_logits(model, task, idx):
@@ -277,7 +282,12 @@ def deletion_weights(model, cfg, seed=12345):
 def task_models(task, cfg):
     """The models of the table for a task: (attention, heads, layers)."""
     if task == "retrieval":
-        return [(attn, *parse_shapes(cfg.retrieval_shape, "retrieval_shape")[0]) for attn in ("cog", "softmax")]
+        shapes = parse_shapes(cfg.retrieval_shape, "retrieval_shape")
+        require(len(shapes) == 1, f"--retrieval_shape: {cfg.retrieval_shape!r} is not one HEADSxLAYERS")
+        heads, layers = shapes[0]
+        require(layers == 2 or not cfg.retrieval_mixed, "--retrieval_mixed needs a two-layer --retrieval_shape")
+        mixed = ["softmax+cog", "cog+softmax"] if cfg.retrieval_mixed else []
+        return [(attn, heads, layers) for attn in ["cog", "softmax"] + mixed]
     return [("cog", 1, 1), ("softmax", 1, 1)] + [("softmax", h, l) for h, l in parse_shapes(cfg.catch_up, "catch_up")]
 
 
