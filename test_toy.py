@@ -143,7 +143,8 @@ def test_training_lowers_the_loss(attn, one_thread):
 
     def held_out_loss():
         with torch.no_grad():
-            return sum(toy.answer_loss(model, "majority", idx, answer).item() for idx, answer in held_out) / len(held_out)
+            losses = [toy.answer_loss(model, "majority", idx, answer).item() for idx, answer in held_out]
+            return sum(losses) / len(losses)
 
     torch.manual_seed(0)
     model = toy.make_model(attn, 1, 1, CFG)
@@ -186,7 +187,8 @@ def test_mixed_models_have_one_kind_per_layer():
     assert [b.attn.kind for b in model.blocks] == ["softmax", "cog"]
     assert [b.attn.kind for b in toy.make_model("cog+softmax", 1, 2, CFG, "retrieval").blocks] == ["cog", "softmax"]
     cfg = dataclasses.replace(CFG, retrieval_mixed=True)
-    assert [attn for attn, _, _ in toy.task_models("retrieval", cfg)] == ["cog", "softmax", "softmax+cog", "cog+softmax"]
+    kinds = [attn for attn, _, _ in toy.task_models("retrieval", cfg)]
+    assert kinds == ["cog", "softmax", "softmax+cog", "cog+softmax"]
 
 
 def test_refuses_to_overwrite_the_picture(tmp_path):
