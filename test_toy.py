@@ -1,5 +1,7 @@
-"""toy.py: the task generator follows its rule, a hand-set Cog head solves the majority task exactly, a softmax head's
-share on X grows with X's count whatever the query, and training lowers the loss. Run: python -m pytest -q test_toy.py"""
+"""toy.py: the task generators follow their rules, a hand-set Cog head solves the majority task exactly, a softmax
+head's share on X grows with X's count whatever the query, training lowers the loss, a Cog head learns the deletion
+task with negative weights where a softmax head cannot, and the table covers every task.
+Run: python -m pytest -q test_toy.py"""
 import dataclasses
 
 import pytest
@@ -40,6 +42,37 @@ def test_majority_generator_follows_the_rule():
     assert toy.majority_answer([toy.X, toy.X, toy.Y, toy.A]) == toy.YES
     assert toy.majority_answer([toy.X, toy.X, toy.Y, toy.B]) == toy.NO
     assert toy.majority_answer([toy.Y, toy.B]) == toy.YES
+
+
+def test_deletion_generator_follows_the_rule():
+    g = torch.Generator().manual_seed(0)
+    for k in range(2, len(toy.NAMES) + 1):
+        idx, answer = toy.deletion_batch(100, k, g)
+        assert idx.shape == (100, 2 * k) and answer.shape == (100,)
+        for seq, a in zip(idx.tolist(), answer.tolist()):
+            listed, again = seq[:k], seq[k:-1]
+            assert seq[-1] == toy.ASK and len(set(listed)) == k and set(listed) <= set(toy.NAME_IDS)
+            assert sorted(again + [a]) == sorted(listed)  # all but the answer said again
+            assert a == toy.deletion_answer(seq)
+    ann, bob, cat = toy.NAME_IDS[:3]
+    assert toy.deletion_answer([ann, bob, cat, cat, ann, toy.ASK]) == bob
+    assert toy.deletion_answer([ann, bob, ann, toy.ASK]) == bob
+
+
+def test_retrieval_generator_follows_the_rule():
+    g = torch.Generator().manual_seed(0)
+    asked_places = set()
+    for d in (0, 1, 2, 8, len(toy.KEYS) - 1):
+        idx, answer = toy.retrieval_batch(100, d, g)
+        assert idx.shape == (100, 2 * d + 3) and answer.shape == (100,)
+        for seq, a in zip(idx.tolist(), answer.tolist()):
+            keys, values = seq[:-1:2], seq[1:-1:2]
+            assert len(set(keys)) == d + 1 and set(keys) <= set(toy.KEY_IDS) and set(values) <= set(toy.VALUE_IDS)
+            assert a == dict(zip(keys, values))[seq[-1]] == toy.retrieval_answer(seq)
+            asked_places.add((d, keys.index(seq[-1])))
+    assert (8, 0) in asked_places and (8, 8) in asked_places  # the first pair and the last are both asked
+    a, b, zero, one = (toy.VOCABS["retrieval"].index(t) for t in "ab01")
+    assert toy.retrieval_answer([a, zero, b, one, b]) == one
 
 
 @torch.no_grad()
@@ -110,7 +143,8 @@ def test_training_lowers_the_loss(attn, one_thread):
 
     def held_out_loss():
         with torch.no_grad():
-            return sum(toy.answer_loss(model, idx, answer).item() for idx, answer in held_out) / len(held_out)
+            losses = [toy.answer_loss(model, "majority", idx, answer).item() for idx, answer in held_out]
+            return sum(losses) / len(losses)
 
     torch.manual_seed(0)
     model = toy.make_model(attn, 1, 1, CFG)
@@ -118,6 +152,43 @@ def test_training_lowers_the_loss(attn, one_thread):
     losses = toy.train(model, "majority", dataclasses.replace(CFG, steps=200), seed=0)
     assert len(losses) == 200
     assert held_out_loss() < before - 0.1
+
+
+def test_cog_head_learns_deletion_with_negative_weights(one_thread):
+    cfg = dataclasses.replace(CFG, steps=400, eval_size=1000)
+    results = {}
+    for attn in ("cog", "softmax"):
+        torch.manual_seed(0)
+        model = toy.make_model(attn, 1, 1, cfg, "deletion")
+        toy.train(model, "deletion", cfg, seed=0)
+        results[attn] = toy.accuracy(model, "deletion", cfg), toy.deletion_weights(model, cfg)
+    (cog_acc, cog_w), (soft_acc, _) = results["cog"], results["softmax"]
+    assert cog_acc > 0.99 and soft_acc < 0.6  # one softmax head cannot tell the name said once (see toy.py)
+    # the sign of the second mention is opposite to the first one's: the repeated name is cancelled, the answer kept
+    assert cog_w["copy weight: repeated name, 2nd"] < -0.1 < 0.1 < cog_w["copy weight: repeated name, 1st"]
+    assert cog_w["copy weight: the name said once"] > 0.1
+
+
+def test_table_covers_every_task(tmp_path, one_thread):
+    rows = toy.main([f"--out_dir={tmp_path}", "--steps=2", "--retrieval_steps=2", "--seeds=2", "--eval_size=40",
+                     "--distractors=1,3", "--catch_up=2x1"])
+    cells = {(task, attn, heads, layers, metric) for task, attn, heads, layers, metric, values in rows}
+    assert all(len(values) == 2 for *_, values in rows)
+    assert ("majority", "softmax", 2, 1, "accuracy") in cells and ("deletion", "cog", 1, 1, "accuracy") in cells
+    assert ("deletion", "softmax", 1, 1, "copy weight: repeated name, 2nd") in cells
+    assert {("retrieval", attn, 1, 2, f"accuracy, {d} distractors") for attn in ("cog", "softmax") for d in (1, 3)} \
+        <= cells
+    pytest.importorskip("matplotlib")
+    assert {p.name for p in tmp_path.iterdir()} == {"toy_majority_attention.png", "toy_deletion_attention.png"}
+
+
+def test_mixed_models_have_one_kind_per_layer():
+    model = toy.make_model("softmax+cog", 1, 2, CFG, "retrieval")
+    assert [b.attn.kind for b in model.blocks] == ["softmax", "cog"]
+    assert [b.attn.kind for b in toy.make_model("cog+softmax", 1, 2, CFG, "retrieval").blocks] == ["cog", "softmax"]
+    cfg = dataclasses.replace(CFG, retrieval_mixed=True)
+    kinds = [attn for attn, _, _ in toy.task_models("retrieval", cfg)]
+    assert kinds == ["cog", "softmax", "softmax+cog", "cog+softmax"]
 
 
 def test_refuses_to_overwrite_the_picture(tmp_path):
@@ -132,3 +203,13 @@ def test_bad_flags_are_errors():
         toy.main(["--tasks=nope"])
     with pytest.raises(SystemExit, match="catch_up"):
         toy.main(["--catch_up=2by1"])
+    with pytest.raises(SystemExit, match="3 heads"):
+        toy.main(["--retrieval_shape=3x2"])
+    with pytest.raises(SystemExit, match="two-layer"):
+        toy.main(["--retrieval_mixed", "--retrieval_shape=1x3"])
+    with pytest.raises(SystemExit, match="names"):
+        toy.main(["--names=9"])
+    with pytest.raises(SystemExit, match="distractors"):
+        toy.main(["--distractors=2,x"])
+    with pytest.raises(SystemExit, match="distractors"):
+        toy.main(["--distractors=20"])
