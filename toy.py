@@ -41,27 +41,29 @@ from tqdm import tqdm
 
 from analyze import attention_figure, attention_maps, pyplot
 from model import Cogformer, CogformerConfig
-from train_utils import check_at_least, parse_config, print_config, require, run_script
+from train_utils import check_at_least, option, parse_config, print_config, require, run_script
 
 
 @dataclass
 class ToyConfig:
-    tasks: str = "majority,deletion,retrieval"  # comma-separated; the tasks: majority, deletion, retrieval
-    seeds: int = 3  # seeds per (task, model); the table gives mean and spread over them
-    steps: int = 1000  # Adam steps per model (majority and deletion)
+    tasks: str = option("majority,deletion,retrieval", "comma-separated; the tasks: majority, deletion, retrieval")
+    seeds: int = option(3, "seeds per (task, model); the table gives mean and spread over them")
+    steps: int = option(1000, "Adam steps per model (majority and deletion)")
     batch_size: int = 64
-    learning_rate: float = 1e-2  # majority and deletion
+    learning_rate: float = option(1e-2, "majority and deletion")
     n_embd: int = 16
-    max_len: int = 16  # majority: the most X and Y tokens in a sequence
-    names: int = 3  # deletion: the names listed (2..8), all but one then said again
-    distractors: str = "2,4,8,16"  # retrieval: the counts of distractor pairs evaluated (trained on 0..the largest)
-    eval_size: int = 2000  # held-out sequences per model
-    catch_up: str = "2x1,4x1,1x2"  # majority and deletion: the softmax heads x layers tried besides 1x1, "" for none
-    retrieval_shape: str = "1x2"  # retrieval: the heads x layers of both kinds' models
-    retrieval_steps: int = 3000  # retrieval: Adam steps per model (a lookup is learnt after a plateau)
-    retrieval_learning_rate: float = 3e-3  # retrieval: 1e-2 leaves both kinds on the plateau more often
-    retrieval_mixed: bool = False  # retrieval: also the two-layer models with one softmax and one Cog layer
-    out_dir: str = "out/toy"  # where the PNGs go; an existing PNG there is never overwritten
+    max_len: int = option(16, "majority: the most X and Y tokens in a sequence")
+    names: int = option(3, "deletion: the names listed (2..8), all but one then said again")
+    distractors: str = option("2,4,8,16", "retrieval: the counts of distractor pairs evaluated (trained on 0..the "
+                              "largest)")
+    eval_size: int = option(2000, "held-out sequences per model")
+    catch_up: str = option("2x1,4x1,1x2", "majority and deletion: the softmax heads x layers tried besides 1x1, "
+                           '"" for none')
+    retrieval_shape: str = option("1x2", "retrieval: the heads x layers of both kinds' models")
+    retrieval_steps: int = option(3000, "retrieval: Adam steps per model (a lookup is learnt after a plateau)")
+    retrieval_learning_rate: float = option(3e-3, "retrieval: 1e-2 leaves both kinds on the plateau more often")
+    retrieval_mixed: bool = option(False, "retrieval: also the two-layer models with one softmax and one Cog layer")
+    out_dir: str = option("out/toy", "where the PNGs go; an existing PNG there is never overwritten")
 
 
 # -----------------------------------------------------------------------------
