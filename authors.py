@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from model import CogformerConfig, rope_tables
+from model import CogformerConfig, UViCConfig, rope_tables
 
 # -----------------------------------------------------------------------------
 # the authors' LM checkpoint format (their Cogformer/model.py and attention.py):
@@ -194,3 +194,28 @@ def uvit_to_nanocog(state, model, path):
             raise ValueError(f"{path}: {their_name} has shape {tuple(state[their_name].shape)}, "
                              f"expected {tuple(shapes[our_name])}")
     return {our_name: state[their_name] for their_name, our_name in theirs.items()}
+
+
+def load_cogformer(model_cls, path, block_size=None):
+    """The authors' released Cogformer or Transformer (trestad/CogAttn: cog_ckpt_100.00_Bi.pt,
+    vanilla_ckpt_100.00_Bi.pt) as a model_cls (Cogformer) in eval mode. path: the file, or the dict torch.load gave.
+    block_size: the context to use (default: the max_seq_length they trained with)."""
+    checkpoint = load_weights_file(path) if isinstance(path, str) else path
+    config, state = authors_to_nanocog(checkpoint)
+    if block_size is not None:
+        config.block_size = block_size
+    model = model_cls(config)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_uvic(model_cls, path, attn=None, num_clip_token=77, num_heads=None):
+    """A model_cls (UViC) loaded from a state dict saved by U-ViT's (or the authors') code (nnet_ema.pth). The
+    architecture is read from the tensors' shapes, except what they cannot tell: the attention kind (attn, or else
+    the file's name: "cog", "np" or "uvic" in it means Cog, "uvit" or "vanilla" softmax), the number of text tokens
+    (77, CLIP's) and the heads (default: 64 wide, as in U-ViT-S/2's 8 heads of 512). Every tensor must be used."""
+    state = load_state_dict_file(path)
+    attn = attn or attn_from_name(path)
+    model = model_cls(UViCConfig(**authors_architecture(state, num_clip_token, num_heads), attn=attn))
+    model.load_state_dict(uvit_to_nanocog(state, model, path))
+    return model

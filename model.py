@@ -66,6 +66,7 @@ def check_sizes(config, *names):
 def layer_pattern(attn, softmax_layers, n_layer):
     """The attention kind of each of n_layer layers: softmax in the layers listed in softmax_layers (comma-separated
     indices, negative ones counting from the end, "" for none), attn in all the others."""
+    check_attn(attn)
     try:
         listed = [int(i) for i in softmax_layers.split(",") if i.strip()]
     except ValueError:
@@ -106,8 +107,7 @@ class CogformerConfig:
 
     def __post_init__(self):
         check_sizes(self, "block_size", "n_layer", "n_head", "n_embd")
-        check_attn(self.attn)
-        layer_pattern(self.attn, self.softmax_layers, self.n_layer)  # a bad index is an error now, not at build time
+        layer_pattern(self.attn, self.softmax_layers, self.n_layer)  # a bad kind or index: an error now, not at build
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if (self.n_embd // self.n_head) % 2:
@@ -291,20 +291,12 @@ class Cogformer(nn.Module):
             new = idx_next
         return idx
 
-
     @classmethod
     def from_authors(cls, path, block_size=None):
-        """The authors' released Cogformer or Transformer (trestad/CogAttn: cog_ckpt_100.00_Bi.pt,
-        vanilla_ckpt_100.00_Bi.pt) as a Cogformer in eval mode. path: the file, or the dict torch.load gave.
-        block_size: the context to use (default: the max_seq_length they trained with)."""
+        """The authors' released Cogformer or Transformer (cog_ckpt_100.00_Bi.pt, vanilla_ckpt_100.00_Bi.pt) in eval
+        mode; see authors.load_cogformer."""
         import authors  # here, not at the top: authors.py imports this file
-        checkpoint = authors.load_weights_file(path) if isinstance(path, str) else path
-        config, state = authors.authors_to_nanocog(checkpoint)
-        if block_size is not None:
-            config.block_size = block_size
-        model = cls(config)
-        model.load_state_dict(state)
-        return model.eval()
+        return authors.load_cogformer(cls, path, block_size)
 
 
 # -----------------------------------------------------------------------------
@@ -329,7 +321,6 @@ class UViCConfig:
 
     def __post_init__(self):
         check_sizes(self, "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")
-        check_attn(self.attn)
         layer_pattern(self.attn, self.softmax_layers, self.depth)
         if self.depth % 2 == 0:
             raise ValueError(f"depth must be odd (in-blocks, one mid-block, out-blocks), got {self.depth}")
@@ -460,16 +451,9 @@ class UViC(nn.Module):
         x = self.decoder_pred(self.norm(x))[:, self.extras:]  # drop the time and text tokens: (B, L, p*p*C)
         return self.final_conv(self.unpatchify(x))
 
-
     @classmethod
     def from_authors(cls, path, attn=None, num_clip_token=77, num_heads=None):
-        """A U-ViC or U-ViT loaded from a state dict saved by U-ViT's (or the authors') code (nnet_ema.pth). The
-        architecture is read from the tensors' shapes, except what they cannot tell: the attention kind (attn, or else
-        the file's name: "cog", "np" or "uvic" in it means Cog, "uvit" or "vanilla" softmax), the number of text tokens
-        (77, CLIP's) and the heads (default: 64 wide, as in U-ViT-S/2's 8 heads of 512). Every tensor must be used."""
+        """A U-ViC or U-ViT from a state dict saved by U-ViT's (or the authors') code (nnet_ema.pth); see
+        authors.load_uvic."""
         import authors  # here, not at the top: authors.py imports this file
-        state = authors.load_state_dict_file(path)
-        attn = attn or authors.attn_from_name(path)
-        model = cls(UViCConfig(**authors.authors_architecture(state, num_clip_token, num_heads), attn=attn))
-        model.load_state_dict(authors.uvit_to_nanocog(state, model, path))
-        return model
+        return authors.load_uvic(cls, path, attn, num_clip_token, num_heads)
