@@ -745,6 +745,20 @@ def cog_attention_triton(q, k, v, causal=False, scale=None, deterministic=None, 
     return o[..., :D]
 
 
+def forward(q, k, v, causal, scale, doc_ids, tile):
+    """o and lse, for cog_kernel's chooser: its forward signature (tile unused: the autotuner picks), scale > 0."""
+    docs = None if doc_ids is None else document_table(doc_ids)
+    o, lse = attention_forward(*(pad_rows(t) for t in (q, k, v)), causal, scale, docs)
+    return o[..., :q.size(-1)], lse
+
+
+def backward(do, q, k, v, o, lse, causal, scale, deterministic, doc_ids, tile):
+    """dq, dk, dv, for cog_kernel's chooser: its backward signature."""
+    docs = None if doc_ids is None else document_table(doc_ids)
+    grads = attention_backward(*(pad_rows(t) for t in (do, q, k, v, o)), lse, causal, scale, deterministic, docs)
+    return tuple(g[..., :q.size(-1)] for g in grads)
+
+
 def pad_rows(t):
     """The tensor descriptors need rows of a 16-byte multiple: pad with zero columns, which add nothing to q . k
     (nor to o, dq, dk, dv: callers cut them off)."""
