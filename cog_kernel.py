@@ -413,20 +413,23 @@ _FORWARD = dict(tuned=lambda *args: _tuned().forward(*args), compact=compact_for
 _BACKWARD = dict(tuned=lambda *args: _tuned().backward(*args), compact=compact_backward)
 
 
-def _check(name, tile, q, causal, scale, deterministic, doc_ids):
-    """Raise unless backend `name` (with `tile`) gives the reference's output and gradients on a small random problem in
-    q's configuration, a few tiles long and ragged (Tq < Tk, neither a multiple of a tile)."""
+def _check(name, tile, q, causal, scale, deterministic, doc_ids, judged=("output", "dq", "dk", "dv")):
+    """Raise unless backend `name` (with `tile`) gives the reference's output and gradients (those named in judged) on a
+    small random problem in q's configuration, a few tiles long and ragged (Tq < Tk, neither a multiple of a tile)."""
     Tk = 263 if q.is_cuda else 71
     g = torch.Generator().manual_seed(0)
     q_, k_, v_, do_ = (torch.randn(1, 2, T, q.size(-1), generator=g).to(q.device, q.dtype)
                        for T in (Tk - 6, Tk, Tk, Tk - 6))
     docs = None if doc_ids is None else (torch.arange(Tk, device=q.device) * 3 // Tk)[None].to(doc_ids.dtype)
     o, lse = _FORWARD[name](q_, k_, v_, causal, scale, docs, tile)
-    got = (o, *_BACKWARD[name](do_, q_, k_, v_, o, lse, causal, scale, deterministic, docs, tile))
+    grads = judged != ("output",)
+    got = (o, *_BACKWARD[name](do_, q_, k_, v_, o, lse, causal, scale, deterministic, docs, tile)) if grads else (o,)
     q64, k64, v64, do64 = (t.double() for t in (q_, k_, v_, do_))
     want = (cog_attention_reference(q64, k64, v64, causal, scale, docs),
-            *cog_attention_reference_backward(do64, q64, k64, v64, causal, scale, docs))
+            *(cog_attention_reference_backward(do64, q64, k64, v64, causal, scale, docs) if grads else ()))
     for label, x, ref in zip(("output", "dq", "dk", "dv"), got, want):
+        if label not in judged:
+            continue
         err = ((x.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
         if not err < VERIFY_TOL[q.dtype]:  # (a NaN fails too)
             raise RuntimeError(f"wrong numbers: {label} is off by {err:.1e} (relative L2) from the reference")
@@ -437,26 +440,37 @@ def _one_line(error):
 
 
 def _verify(name, config, q, causal, scale, deterministic, doc_ids):
-    """(True, the first tile that passes _check) or (False, why none did); warns of tiles dropped on the way."""
+    """(True, the tile to run) or (False, why not): the compact tier runs its first tile set that passes _check; the
+    tuned tier checks each of its kernels' tiles and autotunes over those that pass (cog_kernel_tuned.check_tiles).
+    Warns of the tiles dropped."""
     if name == "reference":
         return True, None
     problem = "Triton is not installed" if triton is None else _tuned().kernel_problem() if name == "tuned" else None
     if problem:
         return False, problem
-    failures = []
-    for tile in _tile_sets() if name == "compact" else [None]:
+
+    def why_wrong(tile, judged=("output", "dq", "dk", "dv")):
         try:
-            _check(name, tile, q, causal, scale, deterministic, doc_ids)
+            _check(name, tile, q, causal, scale, deterministic, doc_ids, judged)
         except torch.OutOfMemoryError:
             raise
         except Exception as error:  # a compile error, out of resources, an unsupported configuration, wrong numbers
-            failures.append((f"tile {tile['fwd'][:2]}: " if tile else "") + _one_line(error))
-            continue
-        if failures:
-            warnings.warn(f"cog_attention: {name} backend, {config}: dropped {'; '.join(failures)}", RuntimeWarning,
-                          stacklevel=2)
-        return True, tile
-    return False, "; ".join(failures)
+            return _one_line(error)
+
+    if name == "tuned":  # (tile None: it autotunes)
+        tile, (ok, failures) = None, _tuned().check_tiles(why_wrong, q, causal, deterministic, doc_ids is not None)
+    else:
+        ok, failures = False, []
+        for tile in _tile_sets():
+            why = why_wrong(tile)
+            if not why:
+                ok = True
+                break
+            failures.append(f"tile {tile['fwd'][:2]}: {why}")
+    if ok and failures:
+        warnings.warn(f"cog_attention: {name} backend, {config}: dropped {'; '.join(failures)}", RuntimeWarning,
+                      stacklevel=2)
+    return (True, tile) if ok else (False, "; ".join(failures))
 
 
 def _give_up(name, config, why, named, rest, q, k):
