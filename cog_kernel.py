@@ -321,10 +321,12 @@ def compact_backward(do, q, k, v, o, lse, causal, scale, deterministic, doc_ids,
 def check_attention_inputs(q, k, v, doc_ids=None):
     """Raise a ValueError that names the problem if q, k, v (and doc_ids) do not fit the contract at the top."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
-            got = (type(t).__name__ if not isinstance(t, torch.Tensor) else
-                   f"shape {tuple(t.shape)}" if t.dim() != 4 else t.dtype)
-            raise ValueError(f"cog attention: {name} must be a 4-D (B, H, T, D) floating-point tensor, got {got}")
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"cog attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"cog attention: {name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"cog attention: {name} must be a floating-point tensor, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"cog attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -336,21 +338,25 @@ def check_attention_inputs(q, k, v, doc_ids=None):
         raise ValueError(f"cog attention: batch and head sizes differ: q has (B, H) = {(B, H)}, k has {(Bk, Hk)}")
     if D != Dk:
         raise ValueError(f"cog attention: head dims differ: q has D = {D}, k and v have D = {Dk}")
-    if Tk == 0 or Tq > Tk:
-        raise ValueError(f"cog attention: needs Tq <= Tk (queries are the last Tq positions) and Tk > 0, "
-                         f"got Tq = {Tq}, Tk = {Tk}")
+    if Tk == 0:
+        raise ValueError("cog attention: k and v hold no keys (Tk = 0)")
+    if Tq > Tk:
+        raise ValueError(f"cog attention: needs Tq <= Tk (queries are the last Tq positions), got Tq = {Tq} > Tk = {Tk}")
     if doc_ids is not None:
         check_doc_ids(doc_ids, B, Tk, q.device)
 
 
 def check_doc_ids(doc_ids, B, Tk, device):
     """doc_ids: (B, Tk) integers on q's device, non-decreasing along each row (documents packed one after another)."""
-    if not isinstance(doc_ids, torch.Tensor) or doc_ids.is_floating_point() or doc_ids.is_complex() \
-            or doc_ids.dtype == torch.bool or tuple(doc_ids.shape) != (B, Tk) or doc_ids.device != device:
-        got = (type(doc_ids).__name__ if not isinstance(doc_ids, torch.Tensor) else
-               f"{doc_ids.dtype} of shape {tuple(doc_ids.shape)} on {doc_ids.device}")
-        raise ValueError(f"cog attention: doc_ids must be an integer tensor of shape (B, Tk) = {(B, Tk)} on {device}, "
-                         f"one id per key, got {got}")
+    if not isinstance(doc_ids, torch.Tensor):
+        raise ValueError(f"cog attention: doc_ids must be a torch.Tensor, got {type(doc_ids).__name__}")
+    if doc_ids.is_floating_point() or doc_ids.is_complex() or doc_ids.dtype == torch.bool:
+        raise ValueError(f"cog attention: doc_ids must be an integer tensor, got {doc_ids.dtype}")
+    if tuple(doc_ids.shape) != (B, Tk):
+        raise ValueError(f"cog attention: doc_ids must have shape (B, Tk) = {(B, Tk)}, one id per key, "
+                         f"got {tuple(doc_ids.shape)}")
+    if doc_ids.device != device:
+        raise ValueError(f"cog attention: doc_ids must be on q's device {device}, got {doc_ids.device}")
     if torch.compiler.is_compiling() or Tk < 2:  # a data-dependent check would break torch.compile's graph
         return
     ordered = (doc_ids[:, 1:] >= doc_ids[:, :-1]).all()
