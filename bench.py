@@ -207,6 +207,8 @@ def parse_args(argv=None):
                    + ",".join(TARGETS))
     p.add_argument("--kernels", type=str_list(list(TUNED_KERNELS)), default=list(TUNED_KERNELS),
                    help="--portability: " + ",".join(TUNED_KERNELS) + " (the compact tier has no bwd)")
+    p.add_argument("--tiers", type=str_list(["tuned", "compact"]), default=["tuned", "compact"],
+                   help="--portability: tuned,compact")
     p.add_argument("--dtypes", type=str_list(list(ITEMSIZE)), default=list(ITEMSIZE), help="--portability: "
                    + ",".join(ITEMSIZE))
     p.add_argument("--workers", type=at_least(0), default=0, help="--portability: compile processes (0: one per CPU)")
@@ -642,7 +644,7 @@ def portability_jobs(args):
     """Every (target, tier, kind, dtype, D, causal, docs, tile) to compile; the delta pre-passes have no masks."""
     jobs = []
     for target in args.targets:
-        for tier in ("tuned", "compact"):
+        for tier in args.tiers:
             kernels = tier_kernels(tier)
             for kind in kernels:
                 if kind not in args.kernels:

@@ -1,24 +1,12 @@
 """
-Cog attention (Lv et al., "More Expressive Attention with Negative Weights", arXiv 2411.07176).
+Cog attention (Lv et al., "More Expressive Attention with Negative Weights", arXiv 2411.07176): for one query row with
+scaled logits s_j = q . k_j * scale, the weights are w = sign(s) * softmax(|s|), and o = sum_j w_j v_j. Weights can be
+negative; each row has sum |w| = 1. Masked keys get -inf after the absolute value, so they get weight 0.
 
-For one query row with scaled logits s_j = q . k_j * scale over the keys it may see:
-
-    w_j = sign(s_j) * exp(|s_j| - m) / sum_k exp(|s_k| - m),    m = max_k |s_k|
-    o   = sum_j w_j v_j
-
-i.e. w = sign(s) * softmax(|s|): weights can be negative, and each row has sum |w| = 1.
-Masked keys get -inf AFTER the absolute value, so they get weight 0.
-
-q: (B, H, Tq, D), k and v: (B, H, Tk, D), Tq <= Tk. With causal=True, query i sits at position i + (Tk - Tq) and sees
-keys j <= i + (Tk - Tq) (aligned to the end, so a KV-cache step with one new query sees the whole cache). With doc_ids
-(B, Tk), a query sees only the keys of its own document. Three implementations with one signature:
-- cog_attention_reference: the definition in plain PyTorch, materialising the (Tq, Tk) weights;
-- the compact fused kernel below (FlashAttention-2 style; portable, written to be read);
-- cog_attention_triton: the tuned fused kernel (cog_kernel_tuned.py; the same algorithm with speed tricks).
-cog_attention, what the models call, chooses among them ("tuned", "compact", "reference"; see the chooser at the end).
-
-The fused kernels run on CUDA tensors, and on CPU tensors in Triton's interpreter (slow; for tests), which needs
-TRITON_INTERPRET=1 in the environment before triton is first imported (Triton reads it then).
+q: (B, H, Tq, D), k and v: (B, H, Tk, D), Tq <= Tk. With causal=True, query i sits at position i + Tk - Tq and sees keys
+j <= i + Tk - Tq (aligned to the end, as a KV-cache step is). With doc_ids (B, Tk), a query sees only the keys of its
+own document. This file holds the definition (cog_attention_reference), the compact fused kernel (FlashAttention-2
+style, written to be read) and cog_attention, the chooser the models call. The tuned kernel is in cog_kernel_tuned.py.
 """
 
 import contextlib
@@ -36,58 +24,10 @@ try:
 except ImportError:  # no Triton (e.g. macOS): the reference still works; the kernel definitions below stay inert
     triton, tl = None, types.SimpleNamespace(constexpr=None)
 
-_INTERPRET = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"  # as Triton read it at import
+# Triton runs kernels on CPU tensors in its interpreter (slow; for tests) if TRITON_INTERPRET=1 when it is imported
+_INTERPRET = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
-
-
-def check_attention_inputs(q, k, v, doc_ids=None):
-    """Raise a ValueError that names the problem if q, k, v (and doc_ids) do not fit the contract above."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"cog attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"cog attention: {name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"cog attention: {name} must be a floating-point tensor, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"cog attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"cog attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"cog attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    (B, H, Tq, D), (Bk, Hk, Tk, Dk) = q.shape, k.shape
-    if (B, H) != (Bk, Hk):
-        raise ValueError(f"cog attention: batch and head sizes differ: q has (B, H) = {(B, H)}, k has {(Bk, Hk)}")
-    if D != Dk:
-        raise ValueError(f"cog attention: head dims differ: q has D = {D}, k and v have D = {Dk}")
-    if Tk == 0:
-        raise ValueError("cog attention: k and v hold no keys (Tk = 0)")
-    if Tq > Tk:
-        raise ValueError(f"cog attention: needs Tq <= Tk (queries are the last Tq positions), got Tq = {Tq} > Tk = {Tk}")
-    if doc_ids is not None:
-        check_doc_ids(doc_ids, B, Tk, q.device)
-
-
-def check_doc_ids(doc_ids, B, Tk, device):
-    """doc_ids: (B, Tk) integers on q's device, non-decreasing along each row (documents packed one after another)."""
-    if not isinstance(doc_ids, torch.Tensor):
-        raise ValueError(f"cog attention: doc_ids must be a torch.Tensor, got {type(doc_ids).__name__}")
-    if doc_ids.is_floating_point() or doc_ids.is_complex() or doc_ids.dtype == torch.bool:
-        raise ValueError(f"cog attention: doc_ids must be an integer tensor, got {doc_ids.dtype}")
-    if tuple(doc_ids.shape) != (B, Tk):
-        raise ValueError(f"cog attention: doc_ids must have shape (B, Tk) = {(B, Tk)}, one id per key, "
-                         f"got {tuple(doc_ids.shape)}")
-    if doc_ids.device != device:
-        raise ValueError(f"cog attention: doc_ids must be on q's device {device}, got {doc_ids.device}")
-    if torch.compiler.is_compiling() or Tk < 2:  # a data-dependent check would break torch.compile's graph
-        return
-    ordered = (doc_ids[:, 1:] >= doc_ids[:, :-1]).all()
-    message = "cog attention: doc_ids must be non-decreasing along the sequence (packed documents)"
-    if doc_ids.is_cuda:  # checked on the GPU without waiting for it (reading the answer would stall every layer)
-        torch._assert_async(ordered, message)
-    elif not ordered:
-        raise ValueError(message + ", but they decrease somewhere")
 
 
 def causal_mask(Tq, Tk, device=None):
@@ -140,9 +80,8 @@ def cog_attention_reference_backward(do, q, k, v, causal=False, scale=None, doc_
 
 
 def cog_attention_triton(q, k, v, causal=False, scale=None, deterministic=None, doc_ids=None):
-    """The tuned fused kernel (cog_kernel_tuned.py), autograd-capable, without the chooser."""
-    from cog_kernel_tuned import cog_attention_triton as tuned
-    return tuned(q, k, v, causal, scale, deterministic, doc_ids)
+    """The tuned fused kernel alone, without the chooser."""
+    return _tuned().cog_attention_triton(q, k, v, causal, scale, deterministic, doc_ids)
 
 
 # --- The compact fused kernel ----------------------------------------------------------------------------------------
@@ -171,17 +110,37 @@ def cog_attention_triton(q, k, v, causal=False, scale=None, deterministic=None, 
 # document ids. Causal programs stop at the last key block any of their rows sees. Rows and columns past the ends (and
 # head-dim columns past D: tiles are BLOCK_D = next power of two >= 16 wide) load as zeros. Dots take the input dtype
 # with fp32 accumulation (weights and dS are rounded to it first, as in FlashAttention); fp32 dots are tf32 on NVIDIA.
-# Inputs are contiguous (B, H, T, D): row t of batch-head bh starts at (bh * T + t) * D.
+# Inputs are contiguous (B, H, T, D): row t of batch-head bh starts at (bh * T + t) * D; bh is int64 in the offsets,
+# as B * H * T * D may pass 2^31.
 
 _jit = triton.jit if triton is not None else (lambda fn: fn)
 
 
 @_jit
-def _load_rows(ptr, bh, T, start, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A (BLOCK, BLOCK_D) tile: rows start.. of batch-head bh, zeros past T and past HEAD_DIM."""
+def _rows(bh, T, start, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets and mask of the (BLOCK, BLOCK_D) tile of rows start.. of batch-head bh: inside T and HEAD_DIM."""
     rows, cols = start + tl.arange(0, BLOCK), tl.arange(0, BLOCK_D)
-    offsets = (bh.to(tl.int64) * T + rows[:, None]) * HEAD_DIM + cols[None, :]  # int64: B*H*T*D may pass 2^31
-    return tl.load(ptr + offsets, mask=(rows[:, None] < T) & (cols[None, :] < HEAD_DIM), other=0.0)
+    offsets = (bh.to(tl.int64) * T + rows[:, None]) * HEAD_DIM + cols[None, :]
+    return offsets, (rows[:, None] < T) & (cols[None, :] < HEAD_DIM)
+
+
+@_jit
+def _load_rows(ptr, bh, T, start, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    offsets, inside = _rows(bh, T, start, BLOCK, HEAD_DIM, BLOCK_D)
+    return tl.load(ptr + offsets, mask=inside, other=0.0)
+
+
+@_jit
+def _store_rows(ptr, x, bh, T, start, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    offsets, inside = _rows(bh, T, start, BLOCK, HEAD_DIM, BLOCK_D)
+    tl.store(ptr + offsets, x.to(ptr.dtype.element_ty), mask=inside)
+
+
+@_jit
+def _doc_of_rows(DOCS, b, rows, Tq, Tk, DOC_MASK: tl.constexpr):
+    if DOC_MASK:  # query row i is position i + Tk - Tq
+        return tl.load(DOCS + b.to(tl.int64) * Tk + rows + (Tk - Tq), mask=rows < Tq, other=-2)
+    return rows
 
 
 @_jit
@@ -205,13 +164,6 @@ def _signed_weights(s2, shift, visible):
 
 
 @_jit
-def _doc_of_rows(DOCS, b, rows, Tq, Tk, DOC_MASK: tl.constexpr):
-    if DOC_MASK:  # query row i is position i + Tk - Tq
-        return tl.load(DOCS + b.to(tl.int64) * Tk + rows + (Tk - Tq), mask=rows < Tq, other=-2)
-    return rows
-
-
-@_jit
 def _compact_fwd(Q, K, V, O, LSE, DOCS, qk_scale, H, Tq, Tk, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOC_MASK: tl.constexpr):
     bh, start_m = tl.program_id(0), tl.program_id(1) * BLOCK_M
@@ -221,14 +173,12 @@ def _compact_fwd(Q, K, V, O, LSE, DOCS, qk_scale, H, Tq, Tk, HEAD_DIM: tl.conste
     m = tl.zeros([BLOCK_M], dtype=tl.float32)  # running max of |s2| (see above: 0 is a valid start)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 2^(|s2| - m)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    end = Tk
-    if CAUSAL:  # stop past the last key the block's last row sees
-        end = tl.minimum(Tk, start_m + BLOCK_M + Tk - Tq)
+    end = tl.minimum(Tk, start_m + BLOCK_M + Tk - Tq) if CAUSAL else Tk  # past the last key the last row sees
     for start_n in range(0, end, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K, bh, Tk, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
         v = _load_rows(V, bh, Tk, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
         s2 = tl.dot(q, tl.trans(k)) * qk_scale
+        cols = start_n + tl.arange(0, BLOCK_N)
         visible = _visible(rows, cols, doc_rows, DOCS, bh // H, Tq, Tk, CAUSAL, DOC_MASK)
         m_new = tl.maximum(m, tl.max(tl.where(visible, tl.abs(s2), 0.0), 1))
         w, p = _signed_weights(s2, m_new, visible)
@@ -237,10 +187,7 @@ def _compact_fwd(Q, K, V, O, LSE, DOCS, qk_scale, H, Tq, Tk, HEAD_DIM: tl.conste
         acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v)
         m = m_new
     l = tl.where(l > 0, l, 1.0)  # rows past Tq see nothing; they are not stored
-    o = acc / l[:, None]
-    cols_d = tl.arange(0, BLOCK_D)
-    offsets = (bh.to(tl.int64) * Tq + rows[:, None]) * HEAD_DIM + cols_d[None, :]
-    tl.store(O + offsets, o.to(O.dtype.element_ty), mask=(rows[:, None] < Tq) & (cols_d[None, :] < HEAD_DIM))
+    _store_rows(O, acc / l[:, None], bh, Tq, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
     tl.store(LSE + bh.to(tl.int64) * Tq + rows, m + tl.log2(l), mask=rows < Tq)
 
 
@@ -266,9 +213,7 @@ def _compact_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, DOCS, qk_scale, scale, H, Tq,
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # causal: the first query row that sees key start_n is start_n - (Tk - Tq)
-    begin = 0
-    if CAUSAL:
-        begin = (tl.maximum(start_n - (Tk - Tq), 0) // BLOCK_M) * BLOCK_M
+    begin = (tl.maximum(start_n - (Tk - Tq), 0) // BLOCK_M) * BLOCK_M if CAUSAL else 0
     for start_m in range(begin, Tq, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         q = _load_rows(Q, bh, Tq, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
@@ -279,14 +224,10 @@ def _compact_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, DOCS, qk_scale, scale, H, Tq,
         visible = _visible(rows, cols, doc_rows, DOCS, bh // H, Tq, Tk, CAUSAL, DOC_MASK)
         w, p = _signed_weights(tl.dot(q, tl.trans(k)) * qk_scale, lse, visible)
         dv += tl.dot(tl.trans(w.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = tl.abs(w) * dp - w * delta[:, None]
+        ds = tl.abs(w) * tl.dot(do, tl.trans(v)) - w * delta[:, None]
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    cols_d = tl.arange(0, BLOCK_D)
-    offsets = (bh.to(tl.int64) * Tk + cols[:, None]) * HEAD_DIM + cols_d[None, :]
-    inside = (cols[:, None] < Tk) & (cols_d[None, :] < HEAD_DIM)
-    tl.store(DK + offsets, (dk * scale).to(DK.dtype.element_ty), mask=inside)
-    tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=inside)
+    _store_rows(DK, dk * scale, bh, Tk, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+    _store_rows(DV, dv, bh, Tk, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
 
 
 @_jit
@@ -302,20 +243,16 @@ def _compact_dq(Q, K, V, DO, DQ, LSE, DELTA, DOCS, qk_scale, scale, H, Tq, Tk, H
     lse = tl.load(LSE + bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    end = Tk
-    if CAUSAL:
-        end = tl.minimum(Tk, start_m + BLOCK_M + Tk - Tq)
+    end = tl.minimum(Tk, start_m + BLOCK_M + Tk - Tq) if CAUSAL else Tk
     for start_n in range(0, end, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K, bh, Tk, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
         v = _load_rows(V, bh, Tk, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+        cols = start_n + tl.arange(0, BLOCK_N)
         visible = _visible(rows, cols, doc_rows, DOCS, bh // H, Tq, Tk, CAUSAL, DOC_MASK)
         w, p = _signed_weights(tl.dot(q, tl.trans(k)) * qk_scale, lse, visible)
         ds = tl.abs(w) * tl.dot(do, tl.trans(v)) - w * delta[:, None]
         dq += tl.dot(ds.to(k.dtype), k)
-    cols_d = tl.arange(0, BLOCK_D)
-    offsets = (bh.to(tl.int64) * Tq + rows[:, None]) * HEAD_DIM + cols_d[None, :]
-    tl.store(DQ + offsets, (dq * scale).to(DQ.dtype.element_ty), mask=(rows[:, None] < Tq) & (cols_d[None, :] < HEAD_DIM))
+    _store_rows(DQ, dq * scale, bh, Tq, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
 
 
 # Tiles per kernel, (BLOCK_M, BLOCK_N, num_warps, num_stages), tried in order: the first that compiles and passes the
@@ -323,19 +260,19 @@ def _compact_dq(Q, K, V, DO, DQ, LSE, DELTA, DOCS, qk_scale, scale, H, Tq, Tk, H
 # fp16/bf16; (32, 32) is the small tile for fp32 and head dims up to 256. Untimed: no GPU has run this kernel yet.
 COMPACT_TILES = {kind: [(64, 64, 4, 2), (32, 32, 4, 1)] for kind in ("fwd", "dkdv", "dq")}
 COMPACT_TILES["delta"] = [(64, None, 4, 1), (32, None, 4, 1)]  # BLOCK_N unused
-INTERPRETER_TILES = {"fwd": [(16, 32, 1, 1)], "dkdv": [(16, 32, 1, 1)], "dq": [(16, 32, 1, 1)], "delta": [(16, None, 1, 1)]}
+INTERPRETER_TILES = {"fwd": [(16, 32, 1, 1)], "dkdv": [(16, 32, 1, 1)], "dq": [(16, 32, 1, 1)],
+                     "delta": [(16, None, 1, 1)]}
 
 
 def compact_kernels():
-    """{kind: jit function} of the compact kernel, one launch per kind, with the tiles of COMPACT_TILES[kind].
-    Constexpr arguments: fwd, dkdv and dq take HEAD_DIM, BLOCK_D (padded_head_dim(HEAD_DIM)), BLOCK_M, BLOCK_N,
-    CAUSAL, DOC_MASK; delta takes HEAD_DIM, BLOCK_D, BLOCK_M. The grid is (B * H, blocks of Tq, or of Tk for dkdv)."""
+    """{kind: jit function}; the constexprs are HEAD_DIM, BLOCK_D (padded_head_dim), BLOCK_M, and but for delta
+    BLOCK_N, CAUSAL, DOC_MASK. The grid is (B * H, blocks of Tq, or of Tk for dkdv)."""
     return dict(fwd=_compact_fwd, delta=_compact_delta, dkdv=_compact_dkdv, dq=_compact_dq)
 
 
 def padded_head_dim(D):
-    """The tile width for head dim D: the next power of two, at least 16 (the smallest dot). The kernels take it as
-    their BLOCK_D argument: computed inside them, it is not a constant to Triton 3.6 (3.9 takes it)."""
+    """The tile width for head dim D: the next power of two, at least 16 (the smallest dot). The host passes it in:
+    computed inside a kernel, it is not a constant to Triton 3.6."""
     return max(16, 1 << (D - 1).bit_length())
 
 
@@ -366,8 +303,8 @@ def compact_forward(q, k, v, causal, scale, doc_ids, tile):
     return o, lse
 
 
-def compact_backward(do, q, k, v, o, lse, causal, scale, doc_ids, tile):
-    """dq, dk, dv through the delta pre-pass and the two backward passes."""
+def compact_backward(do, q, k, v, o, lse, causal, scale, deterministic, doc_ids, tile):
+    """dq, dk, dv through the delta pre-pass and the two backward passes (always deterministic)."""
     do, q, k, v, o = (t.contiguous() for t in (do, q, k, v, o))
     H, Tq, Tk = q.size(1), q.size(2), k.size(2)
     dq, dk, dv, delta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lse)
@@ -379,32 +316,77 @@ def compact_backward(do, q, k, v, o, lse, causal, scale, doc_ids, tile):
     return dq, dk, dv
 
 
+# --- Input checks ----------------------------------------------------------------------------------------------------
+
+def check_attention_inputs(q, k, v, doc_ids=None):
+    """Raise a ValueError that names the problem if q, k, v (and doc_ids) do not fit the contract at the top."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"cog attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"cog attention: {name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"cog attention: {name} must be a floating-point tensor, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"cog attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"cog attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"cog attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    (B, H, Tq, D), (Bk, Hk, Tk, Dk) = q.shape, k.shape
+    if (B, H) != (Bk, Hk):
+        raise ValueError(f"cog attention: batch and head sizes differ: q has (B, H) = {(B, H)}, k has {(Bk, Hk)}")
+    if D != Dk:
+        raise ValueError(f"cog attention: head dims differ: q has D = {D}, k and v have D = {Dk}")
+    if Tk == 0:
+        raise ValueError("cog attention: k and v hold no keys (Tk = 0)")
+    if Tq > Tk:
+        raise ValueError(f"cog attention: needs Tq <= Tk (queries are the last Tq positions), got Tq = {Tq} > Tk = {Tk}")
+    if doc_ids is not None:
+        check_doc_ids(doc_ids, B, Tk, q.device)
+
+
+def check_doc_ids(doc_ids, B, Tk, device):
+    """doc_ids: (B, Tk) integers on q's device, non-decreasing along each row (documents packed one after another)."""
+    if not isinstance(doc_ids, torch.Tensor):
+        raise ValueError(f"cog attention: doc_ids must be a torch.Tensor, got {type(doc_ids).__name__}")
+    if doc_ids.is_floating_point() or doc_ids.is_complex() or doc_ids.dtype == torch.bool:
+        raise ValueError(f"cog attention: doc_ids must be an integer tensor, got {doc_ids.dtype}")
+    if tuple(doc_ids.shape) != (B, Tk):
+        raise ValueError(f"cog attention: doc_ids must have shape (B, Tk) = {(B, Tk)}, one id per key, "
+                         f"got {tuple(doc_ids.shape)}")
+    if doc_ids.device != device:
+        raise ValueError(f"cog attention: doc_ids must be on q's device {device}, got {doc_ids.device}")
+    if torch.compiler.is_compiling() or Tk < 2:  # a data-dependent check would break torch.compile's graph
+        return
+    ordered = (doc_ids[:, 1:] >= doc_ids[:, :-1]).all()
+    message = "cog attention: doc_ids must be non-decreasing along the sequence (packed documents)"
+    if doc_ids.is_cuda:  # checked on the GPU without waiting for it (reading the answer would stall every layer)
+        torch._assert_async(ordered, message)
+    elif not ordered:
+        raise ValueError(message + ", but they decrease somewhere")
+
+
 # --- The chooser -----------------------------------------------------------------------------------------------------
-# cog_attention runs the first backend that applies to the inputs and works: "tuned", then "compact", then "reference"
-# (or only the one named by its backend argument or by COG_BACKEND). The fused tiers apply to fp16/bf16/fp32 CUDA
-# tensors with head dims up to 256 (and to fp16/fp32 CPU tensors in Triton's interpreter). On the first use of each
-# configuration (device, dtype, head dim, causal, document masks, deterministic) in a process, a fused tier is checked on
-# a small random problem against the reference: forward and the three gradients, each of the compact kernel's tiles in
-# turn. A tier that fails to compile or launch, or gets the numbers wrong, is skipped for that configuration with one
-# warning; a tier asked for by name raises instead. The choice is made inside a custom op, at run time, so a fallback
-# under torch.compile needs no recompile, and a backward runs the tier its forward ran.
+# cog_attention runs the first backend of BACKENDS that applies to the inputs and passes its first-use check (or only
+# the one named by its backend argument or COG_BACKEND). The check runs once per configuration (device, dtype, head dim,
+# causal, document masks, deterministic) and process; a backend that fails it, or fails later, is skipped with one
+# warning; one asked for by name raises. docs/kernel.md says more. The choice is made inside a custom op, at run time,
+# so a fallback under torch.compile needs no recompile; the backward runs the backend its forward ran.
 
 BACKENDS = ("tuned", "compact", "reference")
 VERIFY_TOL = {torch.float32: 2e-2, torch.float16: 1e-2, torch.bfloat16: 4e-2}  # relative L2; fp32 dots are tf32
 # Decode steps (Tq = 1) of few sequences launch only B * H programs of a fused kernel, while the reference needs only
-# O(Tq * Tk) memory there. Untimed: no GPU has timed either yet; bench.py's decode rows are where to tune this bound.
+# O(Tq * Tk) memory there. Untimed: bench.py's decode rows are where to set this bound from a GPU run.
 DECODE_REFERENCE_MAX_HEADS = 64
 _verdicts = {}  # (backend, config) -> (True, tile) or (False, why)
 
 
 def _config(q, causal, doc_ids, deterministic):
-    return (str(q.device), str(q.dtype).replace("torch.", ""), q.size(-1), causal, doc_ids is not None, deterministic)
-
-
-def _describe(config):
-    device, dtype, D, causal, docs, deterministic = config
-    flags = [name for name, on in (("causal", causal), ("doc_ids", docs), ("deterministic", deterministic)) if on]
-    return " ".join([device, dtype, f"head dim {D}"] + flags)
+    """What a first-use check covers, in the words that name it in warnings."""
+    flags = [name for name, on in (("causal", causal), ("doc_ids", doc_ids is not None),
+                                   ("deterministic", deterministic)) if on]
+    return " ".join([str(q.device), str(q.dtype).replace("torch.", ""), f"head dim {q.size(-1)}"] + flags)
 
 
 def _not_for(name, q):
@@ -418,62 +400,42 @@ def _not_for(name, q):
     if q.is_cuda:
         return None
     if q.device.type != "cpu" or not (_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1"):
-        return f"tensors on {q.device} need CUDA, or Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)"
+        return f"tensors on {q.device} need CUDA, or Triton's interpreter (TRITON_INTERPRET=1 before importing triton)"
     return "Triton's interpreter computes bfloat16 dots wrongly" if q.dtype == torch.bfloat16 else None
 
 
-def _problem(name):
-    """Why backend `name` cannot run with this installation, or None."""
-    if triton is None:
-        return "Triton is not installed"
-    if name == "tuned":
-        import cog_kernel_tuned
-        return cog_kernel_tuned.kernel_problem()
-    return None
-
-
-def _tuned_forward(q, k, v, causal, scale, doc_ids, tile):
-    import cog_kernel_tuned as tuned
-    docs = None if doc_ids is None else tuned.document_table(doc_ids)
-    o, lse = tuned.attention_forward(*(tuned.pad_rows(t) for t in (q, k, v)), causal, scale, docs)
-    return o[..., :q.size(-1)], lse
-
-
-def _tuned_backward(do, q, k, v, o, lse, causal, scale, deterministic, doc_ids, tile):
-    import cog_kernel_tuned as tuned
-    docs = None if doc_ids is None else tuned.document_table(doc_ids)
-    grads = tuned.attention_backward(*(tuned.pad_rows(t) for t in (do, q, k, v, o)), lse, causal, scale, deterministic,
-                                     docs)
-    return tuple(g[..., :q.size(-1)] for g in grads)
+def _tuned():  # imported when first needed: it imports this file
+    import cog_kernel_tuned
+    return cog_kernel_tuned
 
 
 def _reference_forward(q, k, v, causal, scale, doc_ids, tile):
     return cog_attention_reference(q, k, v, causal, scale, doc_ids), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _reference_backward(do, q, k, v, o, lse, causal, scale, deterministic, doc_ids, tile):
-    return cog_attention_reference_backward(do, q, k, v, causal, scale, doc_ids)
+# forward(q, k, v, causal, scale, doc_ids, tile) -> o, lse; backward(do, q, k, v, o, lse, causal, scale, deterministic,
+# doc_ids, tile) -> dq, dk, dv (the reference's backward is cog_attention_reference_backward)
+_FORWARD = dict(tuned=lambda *args: _tuned().forward(*args), compact=compact_forward, reference=_reference_forward)
+_BACKWARD = dict(tuned=lambda *args: _tuned().backward(*args), compact=compact_backward)
 
 
-_FORWARD = dict(tuned=_tuned_forward, compact=compact_forward, reference=_reference_forward)
-_BACKWARD = dict(tuned=_tuned_backward, reference=_reference_backward,
-                 compact=lambda do, q, k, v, o, lse, causal, scale, deterministic, doc_ids, tile:
-                 compact_backward(do, q, k, v, o, lse, causal, scale, doc_ids, tile))  # always deterministic
-
-
-def _check(name, tile, q, causal, scale, deterministic, doc_ids):
-    """Raise unless backend `name` (with `tile`) gives the reference's output and gradients on a small random problem in
-    q's configuration, a few tiles long and ragged (Tq < Tk, neither a multiple of a tile)."""
+def _check(name, tile, q, causal, scale, deterministic, doc_ids, judged=("output", "dq", "dk", "dv")):
+    """Raise unless backend `name` (with `tile`) gives the reference's output and gradients (those named in judged) on a
+    small random problem in q's configuration, a few tiles long and ragged (Tq < Tk, neither a multiple of a tile)."""
     Tk = 263 if q.is_cuda else 71
     g = torch.Generator().manual_seed(0)
-    q_, k_, v_, do_ = (torch.randn(1, 2, T, q.size(-1), generator=g).to(q.device, q.dtype) for T in (Tk - 6, Tk, Tk, Tk - 6))
+    q_, k_, v_, do_ = (torch.randn(1, 2, T, q.size(-1), generator=g).to(q.device, q.dtype)
+                       for T in (Tk - 6, Tk, Tk, Tk - 6))
     docs = None if doc_ids is None else (torch.arange(Tk, device=q.device) * 3 // Tk)[None].to(doc_ids.dtype)
     o, lse = _FORWARD[name](q_, k_, v_, causal, scale, docs, tile)
-    got = (o, *_BACKWARD[name](do_, q_, k_, v_, o, lse, causal, scale, deterministic, docs, tile))
+    grads = judged != ("output",)
+    got = (o, *_BACKWARD[name](do_, q_, k_, v_, o, lse, causal, scale, deterministic, docs, tile)) if grads else (o,)
     q64, k64, v64, do64 = (t.double() for t in (q_, k_, v_, do_))
     want = (cog_attention_reference(q64, k64, v64, causal, scale, docs),
-            *cog_attention_reference_backward(do64, q64, k64, v64, causal, scale, docs))
+            *(cog_attention_reference_backward(do64, q64, k64, v64, causal, scale, docs) if grads else ()))
     for label, x, ref in zip(("output", "dq", "dk", "dv"), got, want):
+        if label not in judged:
+            continue
         err = ((x.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
         if not err < VERIFY_TOL[q.dtype]:  # (a NaN fails too)
             raise RuntimeError(f"wrong numbers: {label} is off by {err:.1e} (relative L2) from the reference")
@@ -484,35 +446,51 @@ def _one_line(error):
 
 
 def _verify(name, config, q, causal, scale, deterministic, doc_ids):
-    """(True, the first tile that passes _check) or (False, why none did); warns of tiles dropped on the way."""
-    problem = _problem(name)
+    """(True, the tile to run) or (False, why not): the compact tier runs its first tile set that passes _check; the
+    tuned tier checks each of its kernels' tiles and autotunes over those that pass (cog_kernel_tuned.check_tiles).
+    Warns of the tiles dropped."""
+    if name == "reference":
+        return True, None
+    problem = "Triton is not installed" if triton is None else _tuned().kernel_problem() if name == "tuned" else None
     if problem:
         return False, problem
-    failures = []
-    for tile in _tile_sets() if name == "compact" else [None]:
+
+    def why_wrong(tile, judged=("output", "dq", "dk", "dv")):
         try:
-            _check(name, tile, q, causal, scale, deterministic, doc_ids)
+            _check(name, tile, q, causal, scale, deterministic, doc_ids, judged)
         except torch.OutOfMemoryError:
             raise
         except Exception as error:  # a compile error, out of resources, an unsupported configuration, wrong numbers
-            failures.append((f"tile {tile['fwd'][:2]}: " if tile else "") + _one_line(error))
-            continue
-        if failures:
-            warnings.warn(f"cog_attention: {name} backend, {_describe(config)}: dropped {'; '.join(failures)}",
-                          RuntimeWarning, stacklevel=2)
-        return True, tile
-    return False, "; ".join(failures)
+            return _one_line(error)
+
+    if name == "tuned":  # (tile None: it autotunes)
+        tile, (ok, failures) = None, _tuned().check_tiles(why_wrong, q, causal, deterministic, doc_ids is not None)
+    else:
+        ok, failures = False, []
+        for tile in _tile_sets():
+            why = why_wrong(tile)
+            if not why:
+                ok = True
+                break
+            failures.append(f"tile {tile['fwd'][:2]}: {why}")
+    if ok and failures:
+        warnings.warn(f"cog_attention: {name} backend, {config}: dropped {'; '.join(failures)}", RuntimeWarning,
+                      stacklevel=2)
+    return (True, tile) if ok else (False, "; ".join(failures))
 
 
-def _skip(name, config, why, rest, q, k):
-    """One warning for a backend skipped for a configuration; it names what the reference will need if only it is left."""
+def _give_up(name, config, why, named, rest, q, k):
+    """Backend `name` failed for config: raise if it was asked for by name, else skip it from now on with a warning
+    that names what the reference will need if only it is left."""
+    if named:
+        raise RuntimeError(f"cog_attention: backend {name!r} failed for {config}: {why}")
+    _verdicts[(name, config)] = (False, why)
     note = ""
     if rest == ["reference"]:
         B, H, Tq, Tk = *q.shape[:3], k.size(2)
         note = (f"; the reference materialises the (Tq, Tk) weights: B*H*Tq*Tk*4 bytes per weight matrix, "
                 f"{B * H * Tq * Tk * 4 / 2**30:.2f} GiB at this call's shape (B={B}, H={H}, Tq={Tq}, Tk={Tk})")
-    warnings.warn(f"cog_attention: skipping the {name} backend for {_describe(config)}: {why}{note}", RuntimeWarning,
-                  stacklevel=3)
+    warnings.warn(f"cog_attention: skipping the {name} backend for {config}: {why}{note}", RuntimeWarning, stacklevel=3)
 
 
 def _order(q, named):
@@ -529,35 +507,23 @@ def _order(q, named):
 
 
 def _run_forward(q, k, v, causal, scale, deterministic, doc_ids, named):
-    config = _config(q, causal, doc_ids, deterministic)
-    order = _order(q, named)
+    config, order = _config(q, causal, doc_ids, deterministic), _order(q, named)
     for i, name in enumerate(order):
-        key = (name, config)
-        if key not in _verdicts:
-            _verdicts[key] = (True, None) if name == "reference" else _verify(name, config, q, causal, scale,
-                                                                              deterministic, doc_ids)
-            if not _verdicts[key][0] and not named:
-                _skip(name, config, _verdicts[key][1], order[i + 1:], q, k)
-        ok, tile = _verdicts[key]
-        if not ok and named:
-            raise RuntimeError(f"cog_attention: backend {name!r} failed for {_describe(config)}: {tile}")
+        first_use = (name, config) not in _verdicts
+        if first_use:
+            _verdicts[(name, config)] = _verify(name, config, q, causal, scale, deterministic, doc_ids)
+        ok, tile = _verdicts[(name, config)]
         if not ok:
+            if first_use or named:
+                _give_up(name, config, tile, named, order[i + 1:], q, k)
             continue
         try:
             return (*_FORWARD[name](q, k, v, causal, scale, doc_ids, tile), name)
         except torch.OutOfMemoryError:
             raise
-        except Exception as error:
-            _fail(name, config, error, named, order[i + 1:], q, k)
+        except Exception as error:  # it passed its check, but fails at this shape
+            _give_up(name, config, _one_line(error), named, order[i + 1:], q, k)
     raise AssertionError("unreachable: the reference is always in the order")
-
-
-def _fail(name, config, error, named, rest, q, k):
-    """A backend that passed its check failed at run time: skip it from now on (or raise, if it was asked for)."""
-    if named:
-        raise RuntimeError(f"cog_attention: backend {name!r} failed for {_describe(config)}: {_one_line(error)}") from error
-    _verdicts[(name, config)] = (False, _one_line(error))
-    _skip(name, config, _one_line(error), rest, q, k)
 
 
 @torch.library.custom_op("nanocog::cog_attention", mutates_args=())
@@ -580,12 +546,12 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     ok, tile = _verdicts.get((name, config), (False, None))
     if name != "reference" and ok:
         try:
-            return tuple(g.contiguous() for g in _BACKWARD[name](do, q, k, v, o, lse, causal, scale, deterministic,
-                                                                  doc_ids, tile))
+            grads = _BACKWARD[name](do, q, k, v, o, lse, causal, scale, deterministic, doc_ids, tile)
+            return tuple(g.contiguous() for g in grads)
         except torch.OutOfMemoryError:
             raise
         except Exception as error:
-            _fail(name, config, error, named or None, ["reference"], q, k)
+            _give_up(name, config, _one_line(error), named or None, ["reference"], q, k)
     return cog_attention_reference_backward(do, q, k, v, causal, scale, doc_ids)
 
 
@@ -609,14 +575,6 @@ def _backward(ctx, do, dlse, dused):  # lse and the backend index are internal o
 _attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _named_backend(backend):
-    choice = (os.environ.get("COG_BACKEND", "") if backend is None else backend).strip().lower()
-    if choice not in ("", "auto") + BACKENDS:
-        raise ValueError(f"cog_attention: backend must be auto, tuned, compact or reference (argument or COG_BACKEND), "
-                         f"got {choice!r}")
-    return None if choice in ("", "auto") else choice
-
-
 def cog_attention(q, k, v, causal=False, scale=None, deterministic=None, doc_ids=None, backend=None):
     """Cog attention for the models: (B, H, Tq, D) in q's dtype, through the chosen backend (see above).
     deterministic: bit-reproducible gradients (None follows torch.are_deterministic_algorithms_enabled(); the compact
@@ -624,7 +582,11 @@ def cog_attention(q, k, v, causal=False, scale=None, deterministic=None, doc_ids
     doc_ids (B, Tk): per-key document ids of packed sequences (query i has id doc_ids[:, Tk - Tq + i]); a query sees
     only keys of its own document. backend: None (auto, or COG_BACKEND), "tuned", "compact" or "reference"."""
     check_attention_inputs(q, k, v, doc_ids)
-    named = _named_backend(backend)
+    choice = (os.environ.get("COG_BACKEND", "") if backend is None else backend).strip().lower()
+    if choice not in ("", "auto") + BACKENDS:
+        raise ValueError(f"cog_attention: backend must be auto, tuned, compact or reference (argument or COG_BACKEND), "
+                         f"got {choice!r}")
+    named = None if choice in ("", "auto") else choice
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
     deterministic = torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
     if scale < 0:  # the fused kernels need c > 0 (sign(s) = sign(q . k)): move the sign into q, exactly

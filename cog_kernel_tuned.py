@@ -149,15 +149,16 @@ def _autotune(kind, docs=False):
     def wrap(fn):
         if triton is None:
             return fn
+        prune = {"early_config_prune": functools.partial(_prune_configs, kind=kind, fit=not _INTERPRET)}
         if _INTERPRET:  # it runs programs one by one: few, big blocks are fastest (test_kernel.py swaps in small ones)
-            return triton.autotune([triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "DOC_MASK": docs})], key=[])(fn)
+            config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "DOC_MASK": docs})
+            return triton.autotune([config], key=[], prune_configs_by=prune)(fn)
         shapes = sorted({shape for table in (TILES, SMALL_TILES) for by_dim in table[kind].values()
                          for shape in by_dim} | {FALLBACK_TILE})
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "DOC_MASK": docs}, num_warps=w, num_stages=s)
                    for m, n, w, s in shapes]
-        prune = functools.partial(_prune_configs, kind=kind)
-        return triton.autotune(configs, key=["HEAD_DIM", "CAUSAL", "LEN_Q", "LEN_K"],
-                               prune_configs_by={"early_config_prune": prune}, pre_hook=_zero_dq_sum)(fn)
+        return triton.autotune(configs, key=["HEAD_DIM", "CAUSAL", "LEN_Q", "LEN_K"], prune_configs_by=prune,
+                               pre_hook=_zero_dq_sum)(fn)
     return wrap
 
 
@@ -193,11 +194,61 @@ def candidate_tiles(kind, head_dim, itemsize, shared_memory):
     return [FALLBACK_TILE]
 
 
-def _prune_configs(configs, named_args, kind, **kwargs):
-    """Keep the configs of candidate_tiles for this launch."""
+def _prune_configs(configs, named_args, kind, fit=True, **kwargs):
+    """Keep the configs of candidate_tiles for this launch (if fit; the interpreter has no shared memory to fit), and of
+    those, where the chooser's first-use check has run (check_tiles), the ones that passed it."""
     args = {**named_args, **kwargs}
-    keep = candidate_tiles(kind, args["HEAD_DIM"], args["Q"].element_size(), _shared_memory(args["Q"].device))
-    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+    q, D = args["Q"], args["HEAD_DIM"]
+    keep = candidate_tiles(kind, D, q.element_size(), _shared_memory(q.device)) if fit else map(_shape, configs)
+    keep = checked_tiles.get(_checked_key(kind, q, D, args.get("CAUSAL"), args.get("DOCS") is not None), list(keep))
+    return [c for c in configs if _shape(c) in keep]
+
+
+def _shape(config):
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+# The tile-by-tile first-use check of cog_kernel's chooser. Each kernel a configuration runs is checked in the order it
+# runs, with every tile autotuning may pick for it, pinned one at a time (no autotuning), on the outputs it computes
+# (the forward's o; the one-pass backward's dq, dk, dv; the two-pass dk, dv, then dq). The tiles that pass are kept in
+# checked_tiles, where _prune_configs finds them: autotuning never picks a tile that gave wrong numbers.
+JUDGED = {"fwd": ("output",), "bwd": ("dq", "dk", "dv"), "dkdv": ("dk", "dv"), "dq": ("dq",)}
+checked_tiles = {}  # _checked_key(...) -> the tiles that passed
+
+
+def _checked_key(kind, q, head_dim, causal, docs):  # (by tile width: the key is the same before and after pad_rows)
+    return kind, str(q.device), q.dtype, padded_head_dim(head_dim), bool(causal), docs
+
+
+def _two_pass(deterministic, head_dim):
+    # past head dim 128 the one-pass kernel spills more registers than the two passes do together (bench.py --sm90)
+    return deterministic or head_dim > 128
+
+
+def check_tiles(check, q, causal, deterministic, docs):
+    """check(tiles, judged): why the outputs named in judged are wrong with the kernels pinned to tiles {kind: tile}, or
+    None. While one kernel's tiles are checked, the others run their first tile that passed (or, not yet checked, their
+    first candidate). Returns (whether every kernel kept a tile, the failures, as "kind tile: why")."""
+    D = q.size(-1)
+    kinds = ("fwd", "dkdv", "dq") if _two_pass(deterministic, D) else ("fwd", "bwd")
+    candidates = {kind: candidate_tiles(kind, D, q.element_size(), _shared_memory(q.device)) if q.is_cuda else
+                  [_shape(c) for c in kernels(docs)[kind].configs] for kind in kinds}
+    pinned, failures = {kind: tiles[0] for kind, tiles in candidates.items()}, []
+    for kind in kinds:
+        key = _checked_key(kind, q, D, causal, docs)
+        checked_tiles.pop(key, None)
+        passed = []
+        for tile in candidates[kind]:
+            why = check({**pinned, kind: tile}, JUDGED[kind])
+            if why:
+                failures.append(f"{kind} tile {tile}: {why}")
+            else:
+                passed.append(tile)
+        if not passed:
+            return False, failures
+        pinned[kind], checked_tiles[key] = passed[0], passed
+        kernels(docs)[kind].cache.clear()  # what autotuning chose before may be a tile just dropped
+    return True, failures
 
 
 @functools.lru_cache
@@ -628,23 +679,35 @@ def document_table(doc_ids):
     return torch.stack([starts, ends], dim=1).to(torch.int32).contiguous()
 
 
-def attention_forward(q, k, v, causal, scale, docs=None, tuned=None):
+def _launch(tuned, kind, tiles, grid, *args, **meta):
+    """tuned[kind][grid](*args, **meta): autotuned, or with a tile for kind in tiles, pinned to that tile (the chooser's
+    first-use check)."""
+    kernel = tuned[kind]
+    if kind in (tiles or {}):
+        m, n, warps, stages = tiles[kind]
+        meta.update(BLOCK_M=m, BLOCK_N=n, DOC_MASK=kernel.configs[0].kwargs["DOC_MASK"], num_warps=warps,
+                    num_stages=stages)
+        kernel = kernel.fn
+    kernel[grid](*args, **meta)
+
+
+def attention_forward(q, k, v, causal, scale, docs=None, tuned=None, tiles=None):
     """o and lse (base 2) of Cog attention through the forward kernel; docs: a document_table; tuned: the kernels()
-    to use (bench.py passes a softmax twin's)."""
-    kernel = (tuned or kernels(docs is not None))["fwd"]
+    to use (bench.py passes a softmax twin's); tiles: {kind: tile} to pin (see _launch)."""
+    tuned = tuned or kernels(docs is not None)
     (B, H, Tq, D), Tk = q.shape, k.size(2)
     q, k, v = _tma_ready(q), _tma_ready(k), _tma_ready(v)
     o = q.new_empty(q.shape)  # (B, H, Tq, D)
     lse = q.new_empty((B, H, Tq), dtype=torch.float32)  # log2-sum-exp2 of |s| * log2(e), per query row
     if o.numel() > 0:
         with _on_device(q):
-            kernel[lambda META: _blocks(Tq, META["BLOCK_M"], B, H)](
-                q, k, v, o, lse, docs, scale * LOG2E, _weight_shift(q.dtype, scale), *_strides(q, k, v, o), H, Tq,
-                Tk, *_lengths(Tq, Tk), HEAD_DIM=D, BLOCK_D=padded_head_dim(D), CAUSAL=causal)
+            _launch(tuned, "fwd", tiles, lambda META: _blocks(Tq, META["BLOCK_M"], B, H),
+                    q, k, v, o, lse, docs, scale * LOG2E, _weight_shift(q.dtype, scale), *_strides(q, k, v, o), H, Tq,
+                    Tk, *_lengths(Tq, Tk), HEAD_DIM=D, BLOCK_D=padded_head_dim(D), CAUSAL=causal)
     return o, lse
 
 
-def attention_backward(do, q, k, v, o, lse, causal, scale, deterministic, docs=None, tuned=None):
+def attention_backward(do, q, k, v, o, lse, causal, scale, deterministic, docs=None, tuned=None, tiles=None):
     """dq, dk, dv through the backward kernels: one pass with atomic dQ adds, or two passes if deterministic."""
     tuned = tuned or kernels(docs is not None)
     (B, H, Tq, D), Tk = q.shape, k.size(2)
@@ -655,21 +718,20 @@ def attention_backward(do, q, k, v, o, lse, causal, scale, deterministic, docs=N
     wscale_shift = _weight_shift(q.dtype, scale)
     grad_scale = scale * 2.0 ** wscale_shift  # dS came out F times too small
     delta = torch.empty_like(lse)  # (B, H, Tq)
-    # past head dim 128 the one-pass kernel spills more registers than the two passes do together (bench.py --sm90)
-    two_pass = deterministic or D > 128
+    two_pass = _two_pass(deterministic, D)
     dq_sum = None if two_pass else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     meta = dict(HEAD_DIM=D, BLOCK_D=padded_head_dim(D), CAUSAL=causal)
     with _on_device(q):
         _cog_bwd_delta[_blocks(Tq, 64, B, H)](o, do, delta, *_strides(o, do), H, Tq, HEAD_DIM=D,
                                               BLOCK_D=meta["BLOCK_D"], BLOCK_M=64)
-        tuned["dkdv" if two_pass else "bwd"][lambda META: _blocks(Tk, META["BLOCK_N"], B, H)](
-            q, k, v, do, dk, dv, dq_sum, lse, delta, docs, scale * LOG2E, wscale_shift, grad_scale,
-            *_strides(q, k, v, do, dk, dv), H, Tq, Tk, *_lengths(Tq, Tk), **meta)
+        _launch(tuned, "dkdv" if two_pass else "bwd", tiles, lambda META: _blocks(Tk, META["BLOCK_N"], B, H),
+                q, k, v, do, dk, dv, dq_sum, lse, delta, docs, scale * LOG2E, wscale_shift, grad_scale,
+                *_strides(q, k, v, do, dk, dv), H, Tq, Tk, *_lengths(Tq, Tk), **meta)
         if two_pass:
             dq = q.new_empty(q.shape)
-            tuned["dq"][lambda META: _blocks(Tq, META["BLOCK_M"], B, H)](
-                q, k, v, do, dq, lse, delta, docs, scale * LOG2E, wscale_shift, grad_scale,
-                *_strides(q, k, v, do, dq), H, Tq, Tk, *_lengths(Tq, Tk), **meta)
+            _launch(tuned, "dq", tiles, lambda META: _blocks(Tq, META["BLOCK_M"], B, H),
+                    q, k, v, do, dq, lse, delta, docs, scale * LOG2E, wscale_shift, grad_scale,
+                    *_strides(q, k, v, do, dq), H, Tq, Tk, *_lengths(Tq, Tk), **meta)
         else:
             dq = (dq_sum * grad_scale).to(q.dtype)
     return dq, dk, dv
@@ -743,6 +805,22 @@ def cog_attention_triton(q, k, v, causal=False, scale=None, deterministic=None, 
     docs = None if doc_ids is None else document_table(doc_ids)
     o = _cog_attention_fwd(*(pad_rows(t) for t in (q, k, v)), bool(causal), scale, bool(deterministic), docs)[0]
     return o[..., :D]
+
+
+def forward(q, k, v, causal, scale, doc_ids, tile):
+    """o and lse, for cog_kernel's chooser: its forward signature (tile: the {kind: tile} to pin, or None to autotune),
+    scale > 0."""
+    docs = None if doc_ids is None else document_table(doc_ids)
+    o, lse = attention_forward(*(pad_rows(t) for t in (q, k, v)), causal, scale, docs, tiles=tile)
+    return o[..., :q.size(-1)], lse
+
+
+def backward(do, q, k, v, o, lse, causal, scale, deterministic, doc_ids, tile):
+    """dq, dk, dv, for cog_kernel's chooser: its backward signature."""
+    docs = None if doc_ids is None else document_table(doc_ids)
+    grads = attention_backward(*(pad_rows(t) for t in (do, q, k, v, o)), lse, causal, scale, deterministic, docs,
+                               tiles=tile)
+    return tuple(g[..., :q.size(-1)] for g in grads)
 
 
 def pad_rows(t):

@@ -68,8 +68,8 @@ def test_candidate_tiles_fit_each_target():
 
 
 def test_portability_jobs_narrow_and_take_both_tiers():
-    """--targets/--dtypes/--head_dims/--kernels narrow the matrix; both tiers are in it, each with every tile it may
-    run: the tuned tier's candidate_tiles for the target's shared memory, the compact tier's COMPACT_TILES."""
+    """--targets/--dtypes/--head_dims/--kernels/--tiers narrow the matrix; both tiers are in it by default, each with
+    every tile it may run: the tuned tier's candidate_tiles for the target's shared memory, the compact's COMPACT_TILES."""
     args = bench.parse_args(["--portability", "--targets=sm80", "--dtypes=fp16", "--head_dims=64", "--kernels=fwd"])
     jobs = bench.portability_jobs(args)
     assert {j[:5] for j in jobs} == {("sm80", tier, "fwd", "fp16", 64) for tier in ("tuned", "compact")}
@@ -77,6 +77,8 @@ def test_portability_jobs_narrow_and_take_both_tiers():
     assert len(tuned) == 4 * len(cog_kernel_tuned.candidate_tiles("fwd", 64, 2, 163 * 1024))  # causal x docs
     compact = [j for j in jobs if j[1] == "compact"]
     assert [j[7] for j in compact] == [tile for tile in bench.cog_kernel.COMPACT_TILES["fwd"] for _ in range(4)]
+    args = bench.parse_args(["--portability", "--targets=sm80", "--dtypes=fp16", "--head_dims=64", "--tiers=compact"])
+    assert {j[1] for j in bench.portability_jobs(args)} == {"compact"}  # --tiers narrows too
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

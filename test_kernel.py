@@ -244,12 +244,21 @@ def test_deterministic_backward(causal, monkeypatch):
 
 
 def spy_on(kernel, calls):
-    """A stand-in for an autotuned kernel that records each launch and runs the real one."""
+    """A stand-in for an autotuned kernel that records each launch, autotuned or pinned to one tile (through its jit
+    function .fn, as the first-use check does), and runs the real one."""
     class Spy:
+        def __init__(self, real):
+            self.real = real
+
         def __getitem__(self, grid):
             calls.append(grid)
-            return kernel[grid]
-    return Spy()
+            return self.real[grid]
+
+        def __getattr__(self, name):  # configs, cache
+            return getattr(self.real, name)
+    spy = Spy(kernel)
+    spy.fn = Spy(kernel.fn)
+    return spy
 
 
 @cpu
@@ -453,6 +462,7 @@ def test_bf16_refused_in_interpreter():
 def fresh_chooser(monkeypatch):
     """A chooser that has checked nothing yet: each configuration's first use checks (and warns) again."""
     monkeypatch.setattr(cog_kernel, "_verdicts", {})
+    monkeypatch.setattr(cog_kernel_tuned, "checked_tiles", {})
 
 
 def raising(*args):
@@ -485,8 +495,8 @@ def test_chooser_skips_a_failing_and_a_wrong_backend(fresh_chooser, monkeypatch)
         got = run(cog_attention, q, k, v, do, causal=True)
     messages = [str(w.message) for w in record]
     assert len(messages) == 2, messages
-    assert f"skipping the tuned backend for {q.device} float32 head dim 16 causal: RuntimeError: out of resources" \
-        in messages[0]
+    assert f"skipping the tuned backend for {q.device} float32 head dim 16 causal: fwd tile (" in messages[0]
+    assert "RuntimeError: out of resources" in messages[0]
     assert "skipping the compact backend" in messages[1] and "wrong numbers: output is off by" in messages[1]
     assert "B*H*Tq*Tk*4 bytes per weight matrix" in messages[1] and "(B=1, H=2, Tq=19, Tk=23)" in messages[1]
     want = run(cog_attention_reference, q, k, v, do, causal=True)
@@ -505,7 +515,7 @@ def test_backend_asked_for_by_name_raises(fresh_chooser, monkeypatch):
     monkeypatch.setitem(cog_kernel._FORWARD, "tuned", raising)
     monkeypatch.setitem(cog_kernel._FORWARD, "compact", wrong_forward("compact"))
     q, k, v, _ = make_inputs(1, 2, 9, 9, 16, torch.float32)
-    with pytest.raises(RuntimeError, match="backend 'tuned' failed for .* head dim 16: RuntimeError: out of resources"):
+    with pytest.raises(RuntimeError, match="backend 'tuned' failed for .* head dim 16: fwd tile .*RuntimeError: out of resources"):
         cog_attention(q, k, v, backend="tuned")
     monkeypatch.setenv("COG_BACKEND", "compact")
     with pytest.raises(RuntimeError, match="backend 'compact' failed .*wrong numbers") as error:
@@ -556,6 +566,41 @@ def test_a_tile_that_fails_is_dropped(fresh_chooser, monkeypatch):
         kind: tiles[1] for kind in ("fwd", "dkdv", "dq", "delta")})
 
 
+@cpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["one_pass", "two_pass"])
+def test_the_tuned_tier_drops_a_bad_tile_and_stays(fresh_chooser, monkeypatch, deterministic):
+    """The tuned tier's first-use check runs every tile its autotuner may pick, kernel by kernel: a tile that gives wrong
+    numbers is dropped with a warning, the tier stays in use with the others, and autotuning picks only from those."""
+    good, bad = (16, 32, 1, 1), (32, 16, 1, 1)
+    Config = cog_kernel_tuned.triton.Config
+    kind = "dq" if deterministic else "fwd"
+    tuner = cog_kernel_tuned.kernels()[kind]
+    monkeypatch.setattr(tuner, "configs", [Config({"BLOCK_M": m, "BLOCK_N": n, "DOC_MASK": False}, num_warps=w,
+                                                  num_stages=s) for m, n, w, s in (good, bad)])
+    launched = []
+    real = tuner.fn.run
+
+    def run_kernel(*args, **kw):  # the bad tile computes dQ, or the forward, wrongly
+        tile = (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"])
+        launched.append(tile)
+        real(*args, **kw)
+        if tile == bad:
+            args[4 if deterministic else 3].mul_(-1)  # DQ or O
+    monkeypatch.setattr(tuner.fn, "run", run_kernel)
+    q, k, v, do = make_inputs(1, 2, 19, 23, 16, torch.float32)
+    with pytest.warns(RuntimeWarning, match=rf"tuned backend, .*: dropped {kind} tile \(32, 16, 1, 1\): RuntimeError: wrong"):
+        got = run(cog_attention, q, k, v, do, causal=True, deterministic=deterministic)
+    assert set(launched) == {good, bad}  # the check ran both
+    key = cog_kernel_tuned._checked_key(kind, q, 16, True, False)
+    assert cog_kernel_tuned.checked_tiles[key] == [good]
+    assert cog_kernel._verdicts[("tuned", cog_kernel._config(q, True, None, deterministic))][0]  # the tier stays
+    for name, x, ref in zip(("o", "dq", "dk", "dv"), got, reference64(q, k, v, do, causal=True)):
+        assert max_err(x, ref) < TOL[torch.float32], name
+    launched.clear()
+    run(cog_attention, q, k, v, do, causal=True, deterministic=deterministic)
+    assert launched == [good]  # autotuning picks only from the tiles that passed
+
+
 def test_too_old_triton_falls_back_on_every_device(fresh_chooser, monkeypatch):
     """Triton before 3.5 cannot compile the tuned kernel: auto names it and goes on with the next tier (on a GPU as on
     the CPU); asked for by name, the tuned tier raises."""
@@ -595,7 +640,8 @@ def test_deterministic_reaches_the_backend(fresh_chooser, monkeypatch):
         run(cog_attention, q, k, v, do)
     finally:
         torch.use_deterministic_algorithms(previous)
-    assert seen == [False, False, True, True]  # (each first use: the check, then the call)
+    # each first use: the check (the one-pass backward's tile; the two-pass dK/dV tile, then dQ tile), then the call
+    assert seen == [False, False, True, True, True]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
