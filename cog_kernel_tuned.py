@@ -172,7 +172,9 @@ def shared_memory_bytes(kind, block_m, block_n, num_stages, block_d, itemsize):
     """What a config keeps in shared memory: num_stages copies of the two tiles its loop streams, plus the tiles that
     stay (the forward's Q; the backward's K and V; the dQ pass's Q and dO) and, in the one-pass backward ("bwd"; "dkdv"
     is the two-pass backward's first kernel), the (BLOCK_M, BLOCK_N) dS tile twice on its way to the dQ dot.
-    Accumulators live in registers. Within 2 KB of the sm_90 compiler's figure (bench.py --sm90 prints both)."""
+    Accumulators live in registers. Within 2 KB of the sm_90 compiler's figure (bench.py --sm90 prints both), but for
+    the one-pass backward at head dim 128: 112 KB for (64, 64, 8, 2), which takes 129 KB, and for (32, 128, 8, 2),
+    which takes 104 KB. A tile that does not fit fails its first-use check and is dropped."""
     streamed, resident = {
         "fwd": (2 * block_n, block_m),
         "bwd": (2 * block_m, 2 * block_n + 2 * block_m * block_n // block_d),
