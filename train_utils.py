@@ -832,6 +832,7 @@ class TrainLoop:
         self.optimizer = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
                                          run.device.split(":")[0])
         self.work, self.flops_per_iter = work, flops_per_iter
+        self.peak_flops = peak_flops(run.device)  # for MFU; None on a CPU or a GPU without a figure
         self.scaler = make_grad_scaler(run.device, config.dtype)
         self.ctx = autocast_context(run.device, config.dtype)
         self.start_iter, self.evaluated = 0, None  # evaluated: the last iteration evaluated
@@ -887,7 +888,7 @@ class TrainLoop:
     def log_step(self, it, loss, lr, dt):
         count, unit = self.work
         rate = count / dt
-        peak = peak_flops(self.run.device)
+        peak = self.peak_flops
         mfu = self.flops_per_iter / dt / (peak * self.run.world_size) if peak else None
         print(f"iter {it}: loss {loss:.4f}, lr {lr:.1e}, {dt * 1000:.1f}ms/iter, {rate:,.0f} {unit}/s"
               + (f", mfu {mfu * 100:.1f}%" if mfu else ""), flush=True)
