@@ -15,7 +15,7 @@ import torch
 import bench
 import cog_kernel_tuned
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's folder
 
 
 def compile_jobs(jobs):

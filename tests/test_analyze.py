@@ -292,6 +292,6 @@ def test_cli_end_to_end(tmp_path):
 def test_requirements_name_the_optional_packages_the_tests_need():
     """lm-eval (the eval adapter's tests) and sentencepiece (the Llama-2 tokenizer file's) are installed with the rest,
     so that a full run of the suite tests them instead of skipping them."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "requirements.txt")) as f:
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "requirements.txt")) as f:
         names = {line.split("#")[0].strip().split(">")[0].split("=")[0].strip().lower() for line in f}
     assert {"lm-eval", "sentencepiece"} <= names

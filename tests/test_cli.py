@@ -26,7 +26,7 @@ import train_utils
 from data import prepare_lm
 from train_utils import SlowRun, StopNow, StopRequest, help_value, load_checkpoint, read_log, run_trainer
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's folder
 ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": "1"}
 # tiny runs of both trainers: milliseconds per step
 LM = ["--preset=demo", "--block_size=16", "--n_layer=3", "--n_head=2", "--n_embd=16", "--ffn_hidden=32",

@@ -13,9 +13,13 @@ The slowest test takes ~20 s on 2 idle cores and ~40 s beside other work: the li
 
 import os
 import signal
+import sys
 
 import pytest
 import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the tests import the project's modules from here
+sys.path.insert(0, REPO)
 
 TEST_TIMEOUT = 300
 

@@ -19,7 +19,7 @@ import train_lm
 from data import prepare_lm
 from train_utils import NonFiniteLoss, load_checkpoint, pick_fields, read_log
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's folder
 # subprocesses: 2 threads, and Cog attention through the reference as on any CPU (not Triton's slow interpreter)
 ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": "2"}
 # a tiny Cogformer (3 layers: softmax, cog, softmax) that trains in milliseconds per step
