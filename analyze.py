@@ -24,14 +24,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from authors import load_cogformer
+from checkpoint import fresh_path, load_checkpoint
+from cli import check_at_least, option, parse_config, print_config, require, run_script
 from cog_kernel import causal_mask, cog_attention_weights
 from data.prepare_lm import Tokenizer
+from logs import read_log
 from model import Cogformer, CogformerConfig
-from train_utils import (check_at_least, fresh_path, load_checkpoint, option, parse_config, print_config, read_log,
-                         require, resolve_device, run_script)
+from training import resolve_device
 
 # -----------------------------------------------------------------------------
-# command line: one config per subcommand, parsed by train_utils.parse_config
+# command line: one config per subcommand, parsed by cli.parse_config
 
 
 @dataclass
@@ -90,7 +93,7 @@ def load_run(run, device, cfg):
     path, released = run
     if released:
         try:
-            model = Cogformer.from_authors(path)
+            model = load_cogformer(path)
         except ValueError as err:
             raise SystemExit(f"error: --init_from={path}: {err}") from None
         ckpt = {"authors": True, "meta": {"tokenizer": "llama2", "source": "the authors' RedPajama run"}}

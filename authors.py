@@ -1,10 +1,10 @@
 """
 The authors' released checkpoints as nanoCog networks, checked tensor by tensor (every tensor used, every shape right):
 
-1) their Cogformer / Transformer LM (trestad/CogAttn: cog_ckpt_100.00_Bi.pt, vanilla_ckpt_100.00_Bi.pt), read by
-   Cogformer.from_authors;
+1) their Cogformer / Transformer LM (trestad/CogAttn: cog_ckpt_100.00_Bi.pt, vanilla_ckpt_100.00_Bi.pt):
+   load_cogformer(path);
 2) U-ViT state dicts (U-ViT's libs/uvit_t2i.py network, nnet_ema.pth; the authors' U-ViC is the same network with
-   Cog attention), read by UViC.from_authors.
+   Cog attention): load_uvic(path).
 """
 
 import math
@@ -13,7 +13,8 @@ import re
 
 import torch
 
-from model import CogformerConfig, UViCConfig, rope_tables
+from checkpoint import DamagedFile, RefusedFile, load_plain
+from model import Cogformer, CogformerConfig, UViC, UViCConfig, rope_tables
 
 # -----------------------------------------------------------------------------
 # the authors' LM checkpoint format (their Cogformer/model.py and attention.py):
@@ -31,16 +32,16 @@ AUTHORS_CONFIG_KEYS = ("vocab_size", "n_layers", "max_seq_length", "dim", "n_hea
 
 
 def load_weights_file(path):
-    """What a torch.save file holds (a released checkpoint, a state dict), read with weights_only=True: tensors and
-    plain containers only, so no code from the file runs."""
+    """What a torch.save file holds (a released checkpoint, a state dict), read safely (checkpoint.load_plain: tensors
+    and plain containers only, so no code from the file runs)."""
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint file at {path} (no such file)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a torch file, truncated, or pickled objects other than tensors and plain values
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ValueError(f"cannot read {path}: not a plain checkpoint of tensors and values, refused to load it "
-                         f"({type(err).__name__}: {first_line})") from None
+        return load_plain(path, "cpu")
+    except RefusedFile as err:
+        raise ValueError(f"cannot read {path}: {err}") from None
+    except DamagedFile as err:
+        raise ValueError(f"cannot read {path}: it is damaged or not a torch.save file ({err})") from None
 
 
 def is_authors_lm(checkpoint):
@@ -196,26 +197,26 @@ def uvit_to_nanocog(state, model, path):
     return {our_name: state[their_name] for their_name, our_name in theirs.items()}
 
 
-def load_cogformer(model_cls, path, block_size=None):
+def load_cogformer(path, block_size=None):
     """The authors' released Cogformer or Transformer (trestad/CogAttn: cog_ckpt_100.00_Bi.pt,
-    vanilla_ckpt_100.00_Bi.pt) as a model_cls (Cogformer) in eval mode. path: the file, or the dict torch.load gave.
+    vanilla_ckpt_100.00_Bi.pt) as a Cogformer in eval mode. path: the file, or the dict torch.load gave.
     block_size: the context to use (default: the max_seq_length they trained with)."""
     checkpoint = load_weights_file(path) if isinstance(path, str) else path
     config, state = authors_to_nanocog(checkpoint)
     if block_size is not None:
         config.block_size = block_size
-    model = model_cls(config)
+    model = Cogformer(config)
     model.load_state_dict(state)
     return model.eval()
 
 
-def load_uvic(model_cls, path, attn=None, num_clip_token=77, num_heads=None):
-    """A model_cls (UViC) loaded from a state dict saved by U-ViT's (or the authors') code (nnet_ema.pth). The
-    architecture is read from the tensors' shapes, except what they cannot tell: the attention kind (attn, or else
-    the file's name: "cog", "np" or "uvic" in it means Cog, "uvit" or "vanilla" softmax), the number of text tokens
-    (77, CLIP's) and the heads (default: 64 wide, as in U-ViT-S/2's 8 heads of 512). Every tensor must be used."""
+def load_uvic(path, attn=None, num_clip_token=77, num_heads=None):
+    """A UViC loaded from a state dict saved by U-ViT's (or the authors') code (nnet_ema.pth). The architecture is
+    read from the tensors' shapes, except what they cannot tell: the attention kind (attn, or else the file's name:
+    "cog", "np" or "uvic" in it means Cog, "uvit" or "vanilla" softmax), the number of text tokens (77, CLIP's) and
+    the heads (default: 64 wide, as in U-ViT-S/2's 8 heads of 512). Every tensor must be used."""
     state = load_state_dict_file(path)
     attn = attn or attn_from_name(path)
-    model = model_cls(UViCConfig(**authors_architecture(state, num_clip_token, num_heads), attn=attn))
+    model = UViC(UViCConfig(**authors_architecture(state, num_clip_token, num_heads), attn=attn))
     model.load_state_dict(uvit_to_nanocog(state, model, path))
     return model

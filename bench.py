@@ -381,8 +381,8 @@ def training_step(args, attn, device):
     import train_lm
     from diffusion import diffusion_loss, ema_update, get_schedule
     from model import Cogformer, UViC, UViCConfig
-    from train_utils import (autocast_context, configure_adamw, make_grad_scaler, optimizer_step, parse_config,
-                             pick_fields, resolve_dtype)
+    from cli import parse_config
+    from training import autocast_context, configure_adamw, make_grad_scaler, optimizer_step, pick_fields, resolve_dtype
 
     trainer = train_lm if args.model == "lm" else train_diffusion
     config = parse_config(trainer.TrainConfig, trainer.PRESETS, [f"--preset={args.preset}", f"--attn={attn}"])
@@ -428,7 +428,7 @@ def training_step(args, attn, device):
 
 def model_timings(args):
     """Both models' training steps, timed in alternating rounds; the median round of each gives the ratio."""
-    from train_utils import peak_flops, use_deterministic_algorithms
+    from training import peak_flops, use_deterministic_algorithms
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     use_deterministic_algorithms(args.deterministic)  # as the trainers' --deterministic

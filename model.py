@@ -7,7 +7,7 @@ The two networks of the Cog attention paper (arXiv 2411.07176), in one readable 
 
 In both, attn="cog" gives Cog attention, w = sign(s) * softmax(|s|), to every layer but those in softmax_layers (the
 paper's: the first and the last), and attn="softmax" is the softmax baseline. The authors' released checkpoints load
-through from_authors (the converters are in authors.py).
+through authors.py (load_cogformer, load_uvic).
 """
 
 import math
@@ -291,13 +291,6 @@ class Cogformer(nn.Module):
             new = idx_next
         return idx
 
-    @classmethod
-    def from_authors(cls, path, block_size=None):
-        """The authors' released Cogformer or Transformer (cog_ckpt_100.00_Bi.pt, vanilla_ckpt_100.00_Bi.pt) in eval
-        mode; see authors.load_cogformer."""
-        import authors  # here, not at the top: authors.py imports this file
-        return authors.load_cogformer(cls, path, block_size)
-
 
 # -----------------------------------------------------------------------------
 # UViC: U-ViT with Cog attention, for diffusion
@@ -450,10 +443,3 @@ class UViC(nn.Module):
             x = block(x, skips.pop())
         x = self.decoder_pred(self.norm(x))[:, self.extras:]  # drop the time and text tokens: (B, L, p*p*C)
         return self.final_conv(self.unpatchify(x))
-
-    @classmethod
-    def from_authors(cls, path, attn=None, num_clip_token=77, num_heads=None):
-        """A U-ViC or U-ViT from a state dict saved by U-ViT's (or the authors') code (nnet_ema.pth); see
-        authors.load_uvic."""
-        import authors  # here, not at the top: authors.py imports this file
-        return authors.load_uvic(cls, path, attn, num_clip_token, num_heads)

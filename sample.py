@@ -13,8 +13,8 @@ The checkpoint's "kind" picks the branch, and the checkpoint says how to sample 
 a diffusion model's noise schedule (the VP-SDE, or the discrete "sd" one, which only DPM-Solver++ follows) and what its
 network predicts. A flag that contradicts the checkpoint is an error that names the key. A text-to-image model draws
 one image per prompt with DPM-Solver++. --init_from=FILE reads a released checkpoint instead, told apart by its
-content: the authors' LM format (a dict with model_cfg and model: Cogformer.from_authors, Llama-2 tokenizer, the prompt
-after BOS as in their evaluation) or a U-ViT / U-ViC text-to-image state dict (nnet_ema.pth: UViC.from_authors). Flags
+content: the authors' LM format (a dict with model_cfg and model: authors.load_cogformer, Llama-2 tokenizer, the prompt
+after BOS as in their evaluation) or a U-ViT / U-ViC text-to-image state dict (nnet_ema.pth: authors.load_uvic). Flags
 for another kind of model than the one sampled are errors.
 """
 
@@ -26,8 +26,9 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from train_utils import (Dtype, autocast_context, check_at_least, cli_keys, fresh_path, load_checkpoint, option,
-                         parse_config, require, resolve_device, resolve_dtype, run_script)
+from checkpoint import fresh_path, load_checkpoint
+from cli import check_at_least, cli_keys, option, parse_config, require, run_script
+from training import Dtype, autocast_context, resolve_device, resolve_dtype
 
 
 @dataclass
@@ -179,17 +180,16 @@ def main(argv=None):
 
 def sample_released(config, given, prompts):
     """Sample from a released checkpoint file, recognised by its content (loaded without running code from it)."""
-    from authors import is_authors_lm, load_weights_file
-    from model import Cogformer, UViC
+    from authors import is_authors_lm, load_cogformer, load_uvic, load_weights_file
     try:
         content = load_weights_file(config.init_from)
         if is_authors_lm(content):  # the authors' Cogformer / Transformer LM
             refuse_flags_of_other_kinds(given, "lm", config.init_from)
             # their files name no tokenizer: Llama-2's is the recipe, and --tokenizer may name another
-            return sample_text(Cogformer.from_authors(content), config.tokenizer or "llama2", config)
+            return sample_text(load_cogformer(content), config.tokenizer or "llama2", config)
         if isinstance(content, dict) and "patch_embed.proj.weight" in content:  # U-ViT's text-to-image network
             refuse_flags_of_other_kinds(given, "text-to-image", config.init_from)
-            return sample_text_to_image(UViC.from_authors(config.init_from, attn=config.attn or None),
+            return sample_text_to_image(load_uvic(config.init_from, attn=config.attn or None),
                                         AUTHORS_T2I_RECIPE, config, given, prompts)
     except ValueError as err:
         raise SystemExit(f"error: --init_from: {err}") from None

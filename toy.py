@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from analyze import attention_figure, attention_maps, pyplot
+from cli import check_at_least, option, parse_config, print_config, require, run_script
 from model import Cogformer, CogformerConfig
-from train_utils import check_at_least, option, parse_config, print_config, require, run_script
 
 
 @dataclass

@@ -19,19 +19,29 @@ scores whether each sample matches its prompt). Sample and measure FID afterward
 import copy
 import dataclasses
 import os
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from diffusion import (check_prediction, checkpoint_prediction, diffusion_loss, ema_update, generate, generate_guided,
-                       get_schedule, load_cifar10, noise_predictor, save_captioned_grid, save_grid)
+from authors import load_uvic
+from checkpoint import make_out_dir, restore_run, save_run
+from cli import check_at_least, option, print_config, require
 from data.shapes import (DEMO_PROMPTS, DEMO_WORDS, captioned_shapes_batch, demo_caption_features, demo_prompt_features,
                          parse_demo_prompt, score_shapes, shapes_batch)
+from diffusion import (check_prediction, checkpoint_prediction, diffusion_loss, ema_update, generate, generate_guided,
+                       get_schedule, load_cifar10, noise_predictor, save_captioned_grid, save_grid)
+from distributed import agree_on_step, micro_steps_per_process, setup_distributed
+from logs import MetricsLog, SlowRun, plot_loss_curve
 from model import UViC, UViCConfig
-from train_utils import (RunOptions, TrainLoop, check_at_least, open_run, option,
-                         pick_fields, plot_loss_curve, require, run_trainer, start_run, unwrap)
+from stopping import StopNow, StopRequest, run_trainer
+from training import (RunOptions, autocast_context, check_finite, configure_adamw, learning_rate,
+                      make_grad_scaler, optimizer_step, peak_flops, pick_fields, set_up_torch,
+                      start_run)
 
 
 DATASETS = ("cifar10", "shapes", "shapes_t2i", "coco")
@@ -174,7 +184,7 @@ def authors_weights(path, model_config):
     """The authors' released U-ViT / U-ViC at path (a state dict in U-ViT's names) in ours, checked against the run's
     network; the run's --attn says which attention the weights are used with."""
     try:
-        authors = UViC.from_authors(path, attn=model_config.attn, num_clip_token=model_config.num_clip_token,
+        authors = load_uvic(path, attn=model_config.attn, num_clip_token=model_config.num_clip_token,
                                     num_heads=model_config.num_heads)
     except ValueError as err:
         raise SystemExit(f"error: --init_from: {err}") from None
@@ -250,95 +260,170 @@ def draw_grid(ema, config, val_data, schedule, ctx, empty_context, decode, grid_
     return {"match": share_matching(samples), "match_unguided": share_matching(draw(0.0))}
 
 
-def check_resumed(run):
+def check_resumed(config, checkpoint, ckpt_path):
     """A resumed run samples as it was trained: the same prediction and noise schedule."""
-    for key, trained_on in (("prediction", checkpoint_prediction(run.checkpoint)),
-                            ("noise_schedule", run.checkpoint["config"].get("noise_schedule", "vp"))):
-        if trained_on != getattr(run.config, key):
-            raise SystemExit(f"error: {run.ckpt_path} was trained with --{key}={trained_on}; resume with the same "
-                             f"(got --{key}={getattr(run.config, key)})")
+    for key, trained_on in (("prediction", checkpoint_prediction(checkpoint)),
+                            ("noise_schedule", checkpoint["config"].get("noise_schedule", "vp"))):
+        if trained_on != getattr(config, key):
+            raise SystemExit(f"error: {ckpt_path} was trained with --{key}={trained_on}; resume with the same "
+                             f"(got --{key}={getattr(config, key)})")
+
+
+def draw_batch(data, config, generator, device, empty_context, p_uncond):
+    """(x0, context) of one micro-batch; context None for an unconditional model. Text-to-image: each caption is
+    replaced by the empty one with probability p_uncond."""
+    if empty_context is not None:
+        return get_t2i_batch(data, config, config.batch_size, generator, device, empty_context, p_uncond)
+    return get_batch(data, config, config.batch_size, generator, device), None
+
+
+@torch.no_grad()
+def estimate_val_loss(ema, val_data, config, schedule, ctx, empty_context, stop):
+    """The EMA model's mean loss on eval_iters held-out batches with the same t and noise at every evaluation
+    (text-to-image: always with the caption)."""
+    val_gen = torch.Generator(config.device).manual_seed(config.seed + 100_000)
+    losses = []
+    for _ in range(config.eval_iters):
+        stop.poll()
+        x0, context = draw_batch(val_data, config, val_gen, config.device, empty_context, 0.0)
+        with ctx:
+            losses.append(diffusion_loss(ema, x0, val_gen, config.prediction, schedule, context).item())
+    return sum(losses) / len(losses)
 
 
 def main(argv=None):
-    run = start_run(TrainConfig, PRESETS, check_config, "diffusion", "a diffusion one", argv)
-    config, device, master = run.config, run.device, run.master
+    # the command line, its checks, and on --resume the run's config and checkpoint: before anything is written
+    config, ckpt_path, checkpoint = start_run(TrainConfig, PRESETS, check_config, "diffusion", "a diffusion one", argv)
+    ddp, rank, world_size, device = setup_distributed(config.device)  # under torchrun: this rank's GPU
+    config.device, master = device, rank == 0  # the master evaluates, logs and writes checkpoints
+    grad_accum = micro_steps_per_process(config.grad_accum, world_size)  # micro-batches per process in one step
+    images_per_iter = config.batch_size * grad_accum * world_size
     schedule = get_schedule(config.noise_schedule)
-    text_to_image = config.dataset in ("coco", "shapes_t2i")
-    images_per_iter = config.batch_size * run.grad_accum * run.world_size
-    train_data, val_data = load_data(config, device, master, run.ddp)
+    if checkpoint is not None:
+        check_resumed(config, checkpoint, ckpt_path)
+        if master:
+            print(f"resuming from {ckpt_path} at iteration {checkpoint['iter']}")
+
+    # data
+    train_data, val_data = load_data(config, device, master, ddp)
 
     # the model (a new one, the authors' with --init_from, or the run's own on --resume) and its EMA
     model_config = pick_fields(config, UViCConfig)
-    if run.checkpoint is not None:
-        check_resumed(run)
-        model_config = UViCConfig(**run.checkpoint["model_config"])
-    open_run(run, f"a U-ViC on {config.dataset}", f"{images_per_iter} images")
+    if checkpoint is not None:
+        model_config = UViCConfig(**checkpoint["model_config"])
+    if master:
+        print_config(config, f"training a U-ViC on {config.dataset}: {world_size} process(es), {grad_accum} "
+                             f"micro-batches each, {images_per_iter} images per iteration")
+        make_out_dir(config.out_dir, move_aside=config.overwrite)
+    set_up_torch(config.seed, config.deterministic)  # every rank alike: the same initial weights everywhere
     model = UViC(model_config).to(device)
-    if config.init_from and run.checkpoint is None:  # the authors' released weights; the EMA starts from them too
+    if config.init_from and checkpoint is None:  # the authors' released weights; the EMA starts from them too
         model.load_state_dict(authors_weights(config.init_from, model_config))
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # float32 always; this is the model that samples
-    if run.checkpoint is not None:
-        ema.load_state_dict(run.checkpoint["ema"])
+    if checkpoint is not None:
+        ema.load_state_dict(checkpoint["ema"])
     if master:
         print(f"parameters: {model.num_params()['total']:,} total; blocks: {' '.join(model_config.block_kinds())}")
-    # batches, flips, t and noise: a generator of our own, checkpointed, so a resumed run draws what the full run would
-    gen = torch.Generator(device).manual_seed(config.seed + 1 + run.rank)
-    tokens = (model_config.img_size // model_config.patch_size) ** 2 + 1  # the patches and the time token
-    loop = TrainLoop(run, model, model_config, gen, (images_per_iter, "images"),
-                     6 * model.num_params()["total"] * tokens * images_per_iter,
-                     f"{images_per_iter} images per step, and each evaluation {config.eval_iters} batches and a "
-                     f"{config.grid_size}-image grid of {config.sample_steps} sampler steps")
     empty_context, decode = None, None  # text-to-image: the empty caption's features; latents -> pixels for grids
-    if text_to_image:
+    if config.dataset in ("coco", "shapes_t2i"):
         empty_context = demo_caption_features(None, None) if train_data is None else \
             torch.from_numpy(train_data.empty_context.astype("float32")).unsqueeze(0)
         empty_context = empty_context.to(device)
         decode = grid_decoder(config, train_data) if master else None
 
-    def draw_batch(data, generator, p_uncond):
-        """(x0, context), context None for an unconditional model."""
-        if text_to_image:
-            return get_t2i_batch(data, config, config.batch_size, generator, device, empty_context, p_uncond)
-        return get_batch(data, config, config.batch_size, generator, device), None
+    # optimizer, precision, the run's state on --resume, then compile and DDP
+    optimizer = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
+                                device.split(":")[0])
+    scaler = make_grad_scaler(device, config.dtype)  # fp16 only: loss scaling
+    ctx = autocast_context(device, config.dtype)
+    # batches, flips, t and noise: a generator of our own, checkpointed, so a resumed run draws what the full run would
+    gen = torch.Generator(device).manual_seed(config.seed + 1 + rank)
+    iter_num, evaluated = 0, None  # evaluated: the last iteration evaluated
+    if checkpoint is not None:
+        iter_num, evaluated = restore_run(checkpoint, model, optimizer, scaler, gen, rank, world_size)
+        checkpoint = None  # free the memory
+    tokens = (model_config.img_size // model_config.patch_size) ** 2 + 1  # the patches and the time token
+    flops_per_iter = 6 * model.num_params()["total"] * tokens * images_per_iter
+    slow_run = SlowRun(device, flops_per_iter, f"{images_per_iter} images per step, and each evaluation "
+                       f"{config.eval_iters} batches and a {config.grid_size}-image grid of {config.sample_steps} "
+                       "sampler steps", master)
+    raw_model = model
+    if config.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[device] if device.startswith("cuda") else None)
 
-    def micro_loss(micro):
-        x0, context = draw_batch(train_data, gen, config.p_uncond)
-        with loop.ctx:
-            return diffusion_loss(loop.model, x0, gen, config.prediction, schedule, context)
+    # the training loop: a stop (Ctrl-C, SIGTERM) saves the state from the start of the iteration it lands in
+    log = MetricsLog(config.out_dir, iter_num if config.resume else None) if master else None  # log.jsonl
 
-    @torch.no_grad()
-    def estimate_val_loss():
-        """The EMA model's mean loss on eval_iters held-out batches with the same t and noise at every evaluation
-        (text-to-image: always with the caption)."""
-        val_gen = torch.Generator(device).manual_seed(config.seed + 100_000)
-        losses = []
-        for _ in range(config.eval_iters):
-            loop.stop.poll()
-            x0, context = draw_batch(val_data, val_gen, 0.0)
-            with loop.ctx:
-                losses.append(diffusion_loss(ema, x0, val_gen, config.prediction, schedule, context).item())
-        return sum(losses) / len(losses)
+    def save(it):  # (every rank calls it)
+        save_run(ckpt_path, it, model, optimizer, scaler, gen, ddp, world_size, kind="diffusion",
+                 model_config=dataclasses.asdict(model_config), config=dataclasses.asdict(config),
+                 eval_done=evaluated == it, ema=ema.state_dict())
+        if master:
+            plot_loss_curve(log.path, os.path.join(config.out_dir, "loss.png"),
+                            f"U-ViC (attn={model_config.attn}) on {config.dataset}", log_y=True)
 
-    def evaluate(it):
-        """Val loss and a sample grid from the EMA model (the same starting noise every time)."""
-        val_loss = estimate_val_loss()
-        grid_path = os.path.join(config.out_dir, f"samples_{it:06d}.png")
-        metrics = draw_grid(ema, config, val_data, schedule, loop.ctx, empty_context, decode, grid_path, loop.stop)
-        note = ""
-        if "match" in metrics:
-            note = (f"; match their prompt: {metrics['match']:.0%} guided (cfg {config.cfg_scale}), "
-                    f"{metrics['match_unguided']:.0%} unguided")
-        print(f"eval at iter {it}: val loss (EMA) {val_loss:.4f}; samples in {grid_path}{note}")
-        loop.log.write(iter=it, images=it * images_per_iter, val_loss=val_loss, **metrics)
-
-    def plot():
-        plot_loss_curve(loop.log.path, os.path.join(config.out_dir, "loss.png"),
-                        f"U-ViC (attn={model_config.attn}) on {config.dataset}", log_y=True)
-
-    it = loop.run_loop(micro_loss, evaluate, lambda: {"ema": ema.state_dict()}, plot,
-                       after_step=lambda: ema_update(ema, unwrap(loop.model), config.ema_decay))
-    if master and it >= config.max_iters:
-        print(f"done: checkpoint {run.ckpt_path}, samples, log and loss.png in {config.out_dir}; "
+    stop = StopRequest(ddp)
+    peak = peak_flops(device)  # for MFU; None on a CPU or a GPU without a figure
+    t_last, iters_timed = time.time(), 0
+    while True:
+        lr = learning_rate(iter_num, config.learning_rate, config.warmup_iters, config.max_iters, config.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        gen_state = gen.get_state()
+        try:
+            # evaluate and save, once per iteration (a resumed run's checkpoint says whether it was done)
+            if (iter_num % config.eval_interval == 0 or iter_num >= config.max_iters) and evaluated != iter_num:
+                if master:  # the EMA model's val loss and sample grid (the same starting noise every time)
+                    val_loss = estimate_val_loss(ema, val_data, config, schedule, ctx, empty_context, stop)
+                    grid_path = os.path.join(config.out_dir, f"samples_{iter_num:06d}.png")
+                    metrics = draw_grid(ema, config, val_data, schedule, ctx, empty_context, decode, grid_path, stop)
+                    note = (f"; match their prompt: {metrics['match']:.0%} guided (cfg {config.cfg_scale}), "
+                            f"{metrics['match_unguided']:.0%} unguided") if "match" in metrics else ""
+                    print(f"eval at iter {iter_num}: val loss (EMA) {val_loss:.4f}; samples in {grid_path}{note}")
+                    log.write(iter=iter_num, images=iter_num * images_per_iter, val_loss=val_loss, **metrics)
+                evaluated = iter_num
+                save(iter_num)
+                t_last, iters_timed = time.time(), 0
+            if iter_num >= config.max_iters:
+                break
+            # one optimizer step of grad_accum micro-batches; DDP all-reduces the gradients after the last one only
+            t_step, loss_sum = time.time(), torch.zeros((), device=device)
+            for micro in range(grad_accum):
+                stop.poll()
+                with model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext():
+                    x0, context = draw_batch(train_data, config, gen, device, empty_context, config.p_uncond)
+                    with ctx:
+                        loss = diffusion_loss(model, x0, gen, config.prediction, schedule, context)
+                    scaler.scale(loss / grad_accum).backward()
+                loss_sum += loss.detach()
+            loss, stop_now = agree_on_step(loss_sum / grad_accum, stop.requested, ddp)
+            check_finite(loss, iter_num, ckpt_path)  # before the update: the checkpoint on disk stays the last good one
+            optimizer_step(model, optimizer, scaler, config.grad_clip)
+            ema_update(ema, raw_model, config.ema_decay)
+        except StopNow:  # inside the evaluation or the step: nothing of this iteration is kept, --resume redoes it
+            gen.set_state(gen_state)
+            stop_now = True
+        else:
+            slow_run.first_step(time.time() - t_step, config.max_iters - iter_num - 1)
+            iters_timed += 1
+            if iter_num % config.log_interval == 0 and master:
+                dt = (time.time() - t_last) / iters_timed
+                mfu = flops_per_iter / dt / (peak * world_size) if peak else None
+                print(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.1e}, {dt * 1000:.1f}ms/iter, "
+                      f"{images_per_iter / dt:,.0f} images/s" + (f", mfu {mfu * 100:.1f}%" if mfu else ""), flush=True)
+                log.write(iter=iter_num, loss=loss, lr=lr, ms_per_iter=dt * 1000, images_per_s=images_per_iter / dt,
+                          mfu=mfu)
+                t_last, iters_timed = time.time(), 0
+            iter_num += 1
+        if stop_now:
+            save(iter_num)
+            if master:
+                print(f"stopped: saved {ckpt_path} at iteration {iter_num}; continue with --resume")
+            return
+    if master:
+        print(f"done: checkpoint {ckpt_path}, samples, log and loss.png in {config.out_dir}; "
               f"sample with: python sample.py --out_dir={config.out_dir}")
 
 

@@ -17,6 +17,8 @@ moves it to out_dir/previous-<time>/).
 import dataclasses
 import json
 import os
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 # on a busy CPU, spinning OpenMP threads make each step several times slower: let idle ones sleep (before torch loads)
@@ -26,11 +28,19 @@ import numpy as np  # noqa: E402 (and the imports below)
 import torch
 import torch.distributed as dist
 
-from data.prepare_lm import prepare_pystdlib
+from torch.nn.parallel import DistributedDataParallel as DDP
+
 from authors import authors_to_nanocog, load_weights_file
+from checkpoint import make_out_dir, restore_run, save_run
+from cli import check_at_least, option, print_config
+from data.prepare_lm import prepare_pystdlib
+from distributed import agree_on_step, micro_steps_per_process, setup_distributed
+from logs import MetricsLog, SlowRun, plot_loss_curve
 from model import Cogformer, CogformerConfig, document_ids
-from train_utils import (RunOptions, TrainLoop, check_at_least, open_run, option,
-                         pick_fields, plot_loss_curve, run_trainer, start_run)
+from stopping import StopNow, StopRequest, run_trainer
+from training import (RunOptions, autocast_context, check_finite, configure_adamw, learning_rate,
+                      make_grad_scaler, optimizer_step, peak_flops, pick_fields, set_up_torch,
+                      start_run)
 
 
 @dataclass
@@ -150,27 +160,55 @@ def released_model(config, meta, master):
     return model_config, weights
 
 
+@torch.no_grad()
+def estimate_loss(model, config, ctx, doc_start, stop):
+    """Mean loss over eval_iters batches of each split; the same batches at every evaluation."""
+    model.eval()
+    losses = {}
+    for k, split in enumerate(("train", "val")):
+        gen = torch.Generator().manual_seed(config.seed + 100_000 + k)
+        total = 0.0
+        for _ in range(config.eval_iters):
+            stop.poll()
+            x, y = get_batch(config.data_dir, split, config.batch_size, config.block_size, gen, config.device)
+            with ctx:
+                total += model(x, y, doc_ids=document_ids(x, doc_start) if config.doc_mask else None)[1].item()
+        losses[split] = total / config.eval_iters
+    model.train()
+    return losses
+
+
 def main(argv=None):
-    run = start_run(TrainConfig, PRESETS, check_config, "lm", "an LM's", argv)
-    config, device, master = run.config, run.device, run.master
-    tokens_per_iter = config.batch_size * config.block_size * run.grad_accum * run.world_size
+    # the command line, its checks, and on --resume the run's config and checkpoint: before anything is written
+    config, ckpt_path, checkpoint = start_run(TrainConfig, PRESETS, check_config, "lm", "an LM's", argv)
+    ddp, rank, world_size, device = setup_distributed(config.device)  # under torchrun: this rank's GPU
+    config.device, master = device, rank == 0  # the master evaluates, logs and writes checkpoints
+    grad_accum = micro_steps_per_process(config.grad_accum, world_size)  # micro-batches per process in one step
+    tokens_per_iter = config.batch_size * config.block_size * grad_accum * world_size
 
     # data
-    meta = load_meta(config.data_dir, master, run.ddp)
+    meta = load_meta(config.data_dir, master, ddp)
     config.vocab_size = config.vocab_size or -(-meta["vocab_size"] // 64) * 64  # padded up to a multiple of 64
     check_dataset(config, meta)
+    doc_start = meta["eot_token"] if meta.get("bos_token") is None else meta["bos_token"]  # --doc_mask's documents
 
     # the model: a new one, the authors' (--init_from), or the run's own (--resume)
     model_config, released = pick_fields(config, CogformerConfig), None
-    if run.checkpoint is not None:
-        if run.checkpoint["meta"]["tokenizer"] != meta["tokenizer"]:
-            raise SystemExit(f"error: {run.ckpt_path} was trained with the {run.checkpoint['meta']['tokenizer']} "
-                             f"tokenizer, {config.data_dir} holds {meta['tokenizer']} tokens")
-        model_config = CogformerConfig(**run.checkpoint["model_config"])
+    if checkpoint is not None:
+        if checkpoint["meta"]["tokenizer"] != meta["tokenizer"]:
+            raise SystemExit(f"error: {ckpt_path} was trained with the {checkpoint['meta']['tokenizer']} tokenizer, "
+                             f"{config.data_dir} holds {meta['tokenizer']} tokens")
+        model_config = CogformerConfig(**checkpoint["model_config"])
         config.vocab_size = model_config.vocab_size
+        if master:
+            print(f"resuming from {ckpt_path} at iteration {checkpoint['iter']}")
     elif config.init_from:
         model_config, released = released_model(config, meta, master)
-    open_run(run, f"a Cogformer on {config.data_dir} ({meta['tokenizer']} tokens)", f"{tokens_per_iter:,} tokens")
+    if master:
+        print_config(config, f"training a Cogformer on {config.data_dir} ({meta['tokenizer']} tokens): {world_size} "
+                             f"process(es), {grad_accum} micro-batches each, {tokens_per_iter:,} tokens per iteration")
+        make_out_dir(config.out_dir, move_aside=config.overwrite)
+    set_up_torch(config.seed, config.deterministic)  # every rank alike: the same initial weights everywhere
     model = Cogformer(model_config)
     if released is not None:
         model.load_state_dict(released)
@@ -180,58 +218,98 @@ def main(argv=None):
         counts = model.num_params()
         print(f"parameters: {counts['total']:,} total, {counts['non_embedding']:,} non-embedding; "
               f"layers: {' '.join(model_config.layer_kinds())}")
-    best_val_loss = run.checkpoint["best_val_loss"] if run.checkpoint is not None else float("inf")
-    data_gen = torch.Generator().manual_seed(config.seed + 1 + run.rank)  # training batches; checkpointed
-    loop = TrainLoop(run, model, model_config, data_gen, (tokens_per_iter, "tokens"),
-                     model.flops_per_token() * tokens_per_iter,
-                     f"{tokens_per_iter:,} tokens per step, and each evaluation {2 * config.eval_iters} batches of "
-                     f"{config.batch_size} x {config.block_size} tokens")
-    doc_start = meta["eot_token"] if meta.get("bos_token") is None else meta["bos_token"]
 
-    def loss_of(model, x, y):
-        with loop.ctx:  # --doc_mask: attention within documents only
-            return model(x, y, doc_ids=document_ids(x, doc_start) if config.doc_mask else None)[1]
+    # optimizer, precision, the run's state on --resume, then compile and DDP
+    optimizer = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
+                                device.split(":")[0])
+    scaler = make_grad_scaler(device, config.dtype)  # fp16 only: loss scaling
+    ctx = autocast_context(device, config.dtype)
+    data_gen = torch.Generator().manual_seed(config.seed + 1 + rank)  # draws the training batches; checkpointed
+    iter_num, evaluated, best_val_loss = 0, None, float("inf")  # evaluated: the last iteration evaluated
+    if checkpoint is not None:
+        iter_num, evaluated = restore_run(checkpoint, model, optimizer, scaler, data_gen, rank, world_size)
+        best_val_loss = checkpoint["best_val_loss"]
+        checkpoint = None  # free the memory
+    flops_per_iter = model.flops_per_token() * tokens_per_iter
+    slow_run = SlowRun(device, flops_per_iter, f"{tokens_per_iter:,} tokens per step, and each evaluation "
+                       f"{2 * config.eval_iters} batches of {config.batch_size} x {config.block_size} tokens", master)
+    if config.compile:
+        model = torch.compile(model)
+    eval_model = model  # the master evaluates alone: without the DDP wrapper
+    if ddp:
+        model = DDP(model, device_ids=[device] if device.startswith("cuda") else None)
 
-    def batch(split, generator):
-        return get_batch(config.data_dir, split, config.batch_size, config.block_size, generator, device)
+    # the training loop: a stop (Ctrl-C, SIGTERM) saves the state from the start of the iteration it lands in
+    log = MetricsLog(config.out_dir, iter_num if config.resume else None) if master else None  # log.jsonl
 
-    @torch.no_grad()
-    def evaluate(it):
-        """Mean loss over eval_iters batches of each split; the same batches at every evaluation."""
-        nonlocal best_val_loss
-        loop.eval_model.eval()
-        losses = {}
-        for k, split in enumerate(("train", "val")):
-            gen = torch.Generator().manual_seed(config.seed + 100_000 + k)
-            total = 0.0
-            for _ in range(config.eval_iters):
-                loop.stop.poll()
-                total += loss_of(loop.eval_model, *batch(split, gen)).item()
-            losses[split] = total / config.eval_iters
-        loop.eval_model.train()
-        best_val_loss = min(best_val_loss, losses["val"])
-        print(f"eval at iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        loop.log.write(iter=it, tokens=it * tokens_per_iter, train_loss=losses["train"], val_loss=losses["val"])
+    def save(it):  # (every rank calls it)
+        save_run(ckpt_path, it, model, optimizer, scaler, data_gen, ddp, world_size, kind="lm",
+                 model_config=dataclasses.asdict(model_config), config=dataclasses.asdict(config),
+                 eval_done=evaluated == it, best_val_loss=best_val_loss, meta=meta)
+        if master:
+            plot_loss_curve(log.path, os.path.join(config.out_dir, "loss.png"),
+                            f"Cogformer (attn={model_config.attn}) on {os.path.basename(config.data_dir)}")
 
-    next_batch = None
-
-    def micro_loss(micro):
-        """The loss of one micro-batch; the next one is fetched while the GPU works on this one."""
-        nonlocal next_batch
-        x, y = batch("train", data_gen) if micro == 0 else next_batch
-        loss = loss_of(loop.model, x, y)
-        if micro < run.grad_accum - 1:
-            next_batch = batch("train", data_gen)
-        return loss
-
-    def plot():
-        plot_loss_curve(loop.log.path, os.path.join(config.out_dir, "loss.png"),
-                        f"Cogformer (attn={model_config.attn}) on {os.path.basename(config.data_dir)}")
-
-    it = loop.run_loop(micro_loss, evaluate, lambda: {"best_val_loss": best_val_loss, "meta": meta}, plot)
-    if master and it >= config.max_iters:
-        print(f"done: best val loss {best_val_loss:.4f}; checkpoint {run.ckpt_path}, log and loss.png in "
-              f"{config.out_dir}")
+    stop = StopRequest(ddp)
+    peak = peak_flops(device)  # for MFU; None on a CPU or a GPU without a figure
+    t_last, iters_timed = time.time(), 0
+    while True:
+        lr = learning_rate(iter_num, config.learning_rate, config.warmup_iters, config.max_iters, config.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        data_state = data_gen.get_state()
+        try:
+            # evaluate and save, once per iteration (a resumed run's checkpoint says whether it was done)
+            if (iter_num % config.eval_interval == 0 or iter_num >= config.max_iters) and evaluated != iter_num:
+                if master:
+                    losses = estimate_loss(eval_model, config, ctx, doc_start, stop)
+                    best_val_loss = min(best_val_loss, losses["val"])
+                    print(f"eval at iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                    log.write(iter=iter_num, tokens=iter_num * tokens_per_iter, train_loss=losses["train"],
+                              val_loss=losses["val"])
+                evaluated = iter_num
+                save(iter_num)
+                t_last, iters_timed = time.time(), 0
+            if iter_num >= config.max_iters:
+                break
+            # one optimizer step of grad_accum micro-batches; DDP all-reduces the gradients after the last one only
+            t_step, loss_sum = time.time(), torch.zeros((), device=device)
+            x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, data_gen, device)
+            for micro in range(grad_accum):
+                stop.poll()
+                with model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext():
+                    with ctx:
+                        _, loss = model(x, y, doc_ids=document_ids(x, doc_start) if config.doc_mask else None)
+                    if micro < grad_accum - 1:  # the next micro-batch loads while the GPU works on this one
+                        x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, data_gen,
+                                         device)
+                    scaler.scale(loss / grad_accum).backward()
+                loss_sum += loss.detach()
+            loss, stop_now = agree_on_step(loss_sum / grad_accum, stop.requested, ddp)
+            check_finite(loss, iter_num, ckpt_path)  # before the update: the checkpoint on disk stays the last good one
+            optimizer_step(model, optimizer, scaler, config.grad_clip)
+        except StopNow:  # inside the evaluation or the step: nothing of this iteration is kept, --resume redoes it
+            data_gen.set_state(data_state)
+            stop_now = True
+        else:
+            slow_run.first_step(time.time() - t_step, config.max_iters - iter_num - 1)
+            iters_timed += 1
+            if iter_num % config.log_interval == 0 and master:
+                dt = (time.time() - t_last) / iters_timed
+                mfu = flops_per_iter / dt / (peak * world_size) if peak else None
+                print(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.1e}, {dt * 1000:.1f}ms/iter, "
+                      f"{tokens_per_iter / dt:,.0f} tokens/s" + (f", mfu {mfu * 100:.1f}%" if mfu else ""), flush=True)
+                log.write(iter=iter_num, loss=loss, lr=lr, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_iter / dt,
+                          mfu=mfu)
+                t_last, iters_timed = time.time(), 0
+            iter_num += 1
+        if stop_now:
+            save(iter_num)
+            if master:
+                print(f"stopped: saved {ckpt_path} at iteration {iter_num}; continue with --resume")
+            return
+    if master:
+        print(f"done: best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}, log and loss.png in {config.out_dir}")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import analyze
+from checkpoint import save_checkpoint
 from data.prepare_lm import Tokenizer
 from model import Cogformer, CogformerConfig
-from train_utils import save_checkpoint
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 BYTES = Tokenizer("bytes")

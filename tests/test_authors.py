@@ -1,5 +1,5 @@
 """
-Tests of the authors' released LM format (trestad/CogAttn) in nanoCog: Cogformer.from_authors against an independent
+Tests of the authors' released LM format (trestad/CogAttn) in nanoCog: authors.load_cogformer against an independent
 forward pass written here from their conventions, the Llama-2 tokenizer path, and --init_from in sample.py,
 analyze.py and train_lm.py. Small random checkpoints in their layout, a tiny tokenizer built on the spot: no network.
 """
@@ -16,10 +16,11 @@ import torch.nn.functional as F
 
 import analyze
 import train_lm
+from authors import authors_to_nanocog, load_cogformer
+from checkpoint import load_checkpoint
 from data import prepare_lm
-from authors import authors_to_nanocog
+from logs import read_log
 from model import Cogformer, document_ids
-from train_utils import load_checkpoint, read_log
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 BOS, EOS = 1, 2  # Llama-2's
@@ -123,7 +124,7 @@ def save(tmp_path, ckpt, name="cog_ckpt_test.pt"):
                                              ("vanilla", ["softmax"] * 4)])
 def test_converted_model_gives_their_logits(tmp_path, attn_type, kinds):
     ckpt = authors_checkpoint(attn_type)
-    model = Cogformer.from_authors(save(tmp_path, ckpt))
+    model = load_cogformer(save(tmp_path, ckpt))
     assert not model.training and [b.attn.kind for b in model.blocks] == kinds
     assert model.config.block_size == 64 and model.config.ffn_hidden == 24
     idx = tokens(2, 23)
@@ -132,25 +133,25 @@ def test_converted_model_gives_their_logits(tmp_path, attn_type, kinds):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)  # the conversion is exact
     assert (want - want.mean(-1, keepdim=True)).abs().max() > 1.0  # the logits are far from flat: a real check
     # in float32 as they ran it (their casts, their complex64 table): float32 rounding apart
-    got32, _ = Cogformer.from_authors(ckpt)(idx)
+    got32, _ = load_cogformer(ckpt)(idx)
     torch.testing.assert_close(got32.double(), authors_forward(ckpt, idx), rtol=1e-4, atol=1e-4)
 
 
 def test_every_key_is_used(tmp_path):
     ckpt = authors_checkpoint()
     idx = tokens(1, 9)
-    base, _ = Cogformer.from_authors(ckpt).double()(idx)
+    base, _ = load_cogformer(ckpt).double()(idx)
     for key, value in ckpt["model"].items():
         if key in ("freqs_cis", "shortcut_bar"):
             continue
         changed = {**ckpt, "model": {**ckpt["model"], key: value + 0.3 * torch.ones_like(value)}}
-        logits, _ = Cogformer.from_authors(changed).double()(idx)
+        logits, _ = load_cogformer(changed).double()(idx)
         assert (logits - base).abs().max() > 1e-6, f"{key} does not reach the logits"
 
 
 def test_kv_cache_generation_is_their_greedy_decoding(tmp_path):
     ckpt = authors_checkpoint()
-    model = Cogformer.from_authors(save(tmp_path, ckpt))
+    model = load_cogformer(save(tmp_path, ckpt))
     idx = tokens(2, 7)
     out = model.generate(idx, 20, temperature=0)  # KV cache, float32
     seq = idx.clone()
@@ -161,7 +162,7 @@ def test_kv_cache_generation_is_their_greedy_decoding(tmp_path):
 
 def test_doc_mask_is_their_bos_mask(tmp_path):
     ckpt = authors_checkpoint()
-    model = float64_rope(Cogformer.from_authors(ckpt).double())
+    model = float64_rope(load_cogformer(ckpt).double())
     idx = tokens(2, 20)
     idx[0, [0, 6, 13]] = BOS
     idx[1, [4, 5]] = BOS
@@ -171,7 +172,7 @@ def test_doc_mask_is_their_bos_mask(tmp_path):
 
 
 def test_block_size_and_expert_recipes():
-    model = Cogformer.from_authors(authors_checkpoint(), block_size=32)
+    model = load_cogformer(authors_checkpoint(), block_size=32)
     assert model.config.block_size == 32 and model.rope_cos.shape[0] == 32
     # several "shared experts": hidden_dim is split by the recipe, their forward runs expert 0 only
     ckpt = authors_checkpoint(hidden=36, recipe=[2, 1])
@@ -209,7 +210,7 @@ def bad(edit):
 ])
 def test_wrong_checkpoints_are_clear_errors(tmp_path, ckpt, message):
     with pytest.raises(ValueError, match=message):
-        Cogformer.from_authors(save(tmp_path, ckpt))
+        load_cogformer(save(tmp_path, ckpt))
 
 
 class RunsCode:
@@ -227,11 +228,11 @@ def test_loading_never_runs_code_from_the_file(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump({"model_cfg": RunsCode(str(marker)), "model": {}}, f, protocol=2)
-    with pytest.raises(ValueError, match="refused to load it"):
-        Cogformer.from_authors(str(path))
+    with pytest.raises(ValueError, match="cannot read .*refusing to load"):
+        load_cogformer(str(path))
     assert not marker.exists()
     with pytest.raises(ValueError, match="no checkpoint file at"):
-        Cogformer.from_authors(str(tmp_path / "missing.pt"))
+        load_cogformer(str(tmp_path / "missing.pt"))
 
 
 # -----------------------------------------------------------------------------
@@ -331,7 +332,7 @@ def test_analyze_the_authors_checkpoints(tmp_path, llama_dir, monkeypatch):
     q = [BOS] + tok.encode(analyze.QUESTIONS["count_ones"])  # after BOS, as their probe
     one = tok.encode(analyze.QUESTIONS["count_ones"] + "1")[-1]
     n = res[0]["count_ones"]["n"][-1]
-    model = Cogformer.from_authors(cog)
+    model = load_cogformer(cog)
     a, b = (analyze.final_state(model, ids) for ids in (q + [one] * (n + 1), q + [one] * n))
     want = (a - b).abs().view(2, 8).amax(-1).mean().item()
     assert res[0]["count_ones"]["raw"][-1] == pytest.approx(want, rel=1e-5)
@@ -342,7 +343,7 @@ def test_analyze_the_authors_checkpoints(tmp_path, llama_dir, monkeypatch):
 
 def test_scorer_reads_text_after_bos(llama_dir):
     tok = prepare_lm.Tokenizer("llama2", llama_dir)
-    model = Cogformer.from_authors(authors_checkpoint())
+    model = load_cogformer(authors_checkpoint())
     (logprob, _), = analyze.Scorer(model, tok).loglikelihood([("The lighthouse keeper ", "climbed")])
     ctx, whole = [BOS] + tok.encode("The lighthouse keeper"), [BOS] + tok.encode("The lighthouse keeper climbed")
     logits = authors_forward(authors_checkpoint(), torch.tensor([whole]))
@@ -378,7 +379,7 @@ def test_eval_end_to_end_on_a_local_task(tmp_path, llama_dir, monkeypatch, capsy
     path = save(tmp_path, authors_checkpoint(), "cog_ckpt_100.00_Bi.pt")
     table = analyze.main(["eval", f"--init_from={path}", f"--tokenizer_path={llama_dir}", "--tasks=toy_authors",
                           f"--include_path={tmp_path / 'tasks'}"])
-    scorer = analyze.Scorer(Cogformer.from_authors(path), prepare_lm.Tokenizer("llama2", llama_dir))
+    scorer = analyze.Scorer(load_cogformer(path), prepare_lm.Tokenizer("llama2", llama_dir))
     right = [max(range(2), key=lambda c: scorer.loglikelihood([(d["q"], d["choices"][c])])[0][0]) == d["label"]
              for d in docs]
     assert table == {"cog_ckpt_100.00_Bi (cog)": {"toy_authors": pytest.approx(100 * sum(right) / 3)}}
@@ -401,7 +402,7 @@ def test_finetune_the_authors_checkpoint(tmp_path, llama_dir):
     _, converted = authors_to_nanocog(ckpt)
     assert all(torch.equal(saved["model"][k], converted[k]) for k in converted)  # their weights, unchanged
     # the first evaluation is their model's loss on the trainer's val batches, with the masks reset at each BOS
-    model, gen = Cogformer.from_authors(ckpt, block_size=24), torch.Generator().manual_seed(1337 + 100_000 + 1)
+    model, gen = load_cogformer(ckpt, block_size=24), torch.Generator().manual_seed(1337 + 100_000 + 1)
     batches = [train_lm.get_batch(str(data), "val", 4, 24, gen, "cpu") for _ in range(2)]
     masked = sum(model(x, y, doc_ids=document_ids(x, BOS))[1].item() for x, y in batches) / 2
     assert read_log(out / "log.jsonl")[0]["val_loss"] == pytest.approx(masked, rel=1e-6)

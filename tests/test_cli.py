@@ -3,7 +3,7 @@ What a user meets at the command line of every entry point: --help, errors that 
 written, checkpoints that are loaded without running code and survive damage, and stop requests (Ctrl-C, SIGTERM).
 Tiny models, a few subprocesses; about half a minute on 2 CPU cores.
 
-    python -m pytest test_cli.py -q
+    python -m pytest tests/test_cli.py -q
 """
 
 import dataclasses
@@ -19,12 +19,16 @@ import pytest
 import torch
 
 import analyze
+import checkpoint
 import sample
 import train_diffusion
 import train_lm
-import train_utils
+from checkpoint import load_checkpoint
+from cli import help_value, parse_config
 from data import prepare_lm
-from train_utils import SlowRun, StopNow, StopRequest, help_value, load_checkpoint, read_log, run_trainer
+from logs import SlowRun, read_log
+from stopping import StopNow, StopRequest, run_trainer
+from training import pick_fields
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's folder
 ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": "1"}
@@ -189,7 +193,7 @@ def test_a_stop_between_micro_batches_drops_the_step_and_resume_is_exact(tmp_pat
 def test_a_second_ctrl_c_quits_at_once_without_a_traceback(tmp_path, lm_data, monkeypatch, capsys):
     out = tmp_path / "run"
     signal_on_calls(monkeypatch, train_lm, "get_batch", {16})  # a training batch: the first Ctrl-C
-    signal_on_calls(monkeypatch, train_utils, "save_checkpoint", {2})  # the second, as the stop's checkpoint is saved
+    signal_on_calls(monkeypatch, checkpoint, "save_checkpoint", {2})  # the second, as the stop's checkpoint is saved
     try:
         with pytest.raises(SystemExit) as err:
             run_trainer(lambda: train_lm.main(LM + [f"--data_dir={lm_data}", f"--out_dir={out}", "--max_iters=50",
@@ -247,7 +251,8 @@ def test_stop_request_flags_then_quits():
     ("lm", ["--n_head=3"], "n_embd (16) must be divisible by n_head (3)"),
     ("lm", ["--n_head=0"], "n_head must be at least 1, got 0"),
     ("lm", ["--bogus=1"], "unknown config key --bogus"),
-    ("lm", ["--preset=tiny"], "invalid choice: 'tiny'"),
+    ("lm", ["--preset=tiny"], "--preset=tiny: choose one of paper, demo, 600m, 1b, 3b"),
+    ("lm", ["--max_iter=5"], "unknown config key --max_iter; did you mean --max_iters?"),
     ("lm", ["--n_layer=two"], "--n_layer=two: expected a value of type int"),
     ("lm", ["--compile=maybe"], "--compile=maybe: expected a value of type bool"),
     ("lm", ["--n_layer", "4"], "--n_layer needs a value: --n_layer=VALUE"),
@@ -335,8 +340,8 @@ def test_every_field_of_the_models_is_a_flag_of_its_trainer():
     for trainer, model_config in ((train_lm, train_lm.CogformerConfig), (train_diffusion, train_diffusion.UViCConfig)):
         flags = {f.name for f in dataclasses.fields(trainer.TrainConfig)}
         assert {f.name for f in dataclasses.fields(model_config)} <= flags, trainer.__name__
-    config = train_utils.parse_config(train_lm.TrainConfig, train_lm.PRESETS, ["--preset=demo", "--rope_theta=500"])
-    assert train_utils.pick_fields(config, train_lm.CogformerConfig).rope_theta == 500.0
+    config = parse_config(train_lm.TrainConfig, train_lm.PRESETS, ["--preset=demo", "--rope_theta=500"])
+    assert pick_fields(config, train_lm.CogformerConfig).rope_theta == 500.0
 
 
 def test_help_from_the_shell_and_for_analyze(capsys):

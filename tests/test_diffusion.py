@@ -1,7 +1,7 @@
 """
 Tests of the diffusion side: the VP-SDE, the two samplers (checked on Gaussian data where the answer is known),
 EMA, the trainer (loss falls, exact resume, CIFAR-10 loading), and FID. Tiny models: the file runs in ~1-2 minutes
-on 2 CPU cores. Run with `python -m pytest -q test_diffusion.py`.
+on 2 CPU cores. Run with `python -m pytest -q tests/test_diffusion.py`.
 """
 
 import math
@@ -16,11 +16,12 @@ import torch
 import diffusion
 import sample
 import train_diffusion
+from checkpoint import load_checkpoint
 from data import shapes
 from diffusion import (BETA_0, BETA_1, T_END, alpha_sigma, ema_update, feature_stats, frechet_distance, generate,
                        load_cifar10, log_snr, noise_predictor, sample_dpm, sample_em, t_of_log_snr)
+from logs import read_log
 from model import UViC, UViCConfig
-from train_utils import load_checkpoint, read_log
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -222,6 +223,39 @@ def test_resume_is_exact(tmp_path):
         assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key])
     with open(os.path.join(full, "samples_000006.png"), "rb") as fa, open(os.path.join(split, "samples_000006.png"), "rb") as fb:
         assert fa.read() == fb.read()
+
+
+def test_gradient_accumulation_gives_the_gradients_of_one_big_batch(tmp_path, monkeypatch):
+    """grad_accum = 4 micro-batches of 2 images: the gradients of one batch of 8, not 4 times them. Each image's t and
+    noise are drawn from a generator of its own, so that they do not depend on how the batch is split."""
+    images = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    real_loss, runs = train_diffusion.diffusion_loss, {}
+    for grad_accum, batch_size in ((1, 8), (4, 2)):
+        served, grads = [0], {}
+
+        def draw_batch(data, config, generator, device, empty_context, p_uncond):
+            start = served[0] % len(images) if torch.is_grad_enabled() else 0
+            served[0] += config.batch_size if torch.is_grad_enabled() else 0
+            return images[start:start + config.batch_size], None
+
+        def per_image_loss(model, x0, generator, prediction, schedule, context):
+            first = (served[0] - len(x0)) % len(images) if torch.is_grad_enabled() else 0
+            return torch.stack([real_loss(model, x0[i:i + 1], torch.Generator().manual_seed(first + i), prediction,
+                                          schedule) for i in range(len(x0))]).mean()
+
+        def spy(model, optimizer, scaler, grad_clip, real_step=train_diffusion.optimizer_step, grads=grads):
+            if not grads:
+                grads.update({name: p.grad.clone() for name, p in model.named_parameters()})
+            real_step(model, optimizer, scaler, grad_clip)
+        monkeypatch.setattr(train_diffusion, "draw_batch", draw_batch)
+        monkeypatch.setattr(train_diffusion, "diffusion_loss", per_image_loss)
+        monkeypatch.setattr(train_diffusion, "optimizer_step", spy)
+        train_diffusion.main(["--preset=demo", *TINY, "--max_iters=1", f"--batch_size={batch_size}",
+                              f"--grad_accum={grad_accum}", f"--out_dir={tmp_path / str(grad_accum)}"])
+        monkeypatch.undo()
+        runs[grad_accum] = grads
+    for name in runs[1]:
+        torch.testing.assert_close(runs[4][name], runs[1][name], rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_prediction_errors(tmp_path):

@@ -1,10 +1,11 @@
 """
 Tests of the LM pipeline: data/prepare_lm.py, train_lm.py and the LM branch of sample.py. CPU, about a minute.
 
-    python -m pytest test_lm.py -q
+    python -m pytest tests/test_lm.py -q
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,8 +17,10 @@ import pytest
 import torch
 
 import train_lm
+from checkpoint import load_checkpoint
 from data import prepare_lm
-from train_utils import NonFiniteLoss, load_checkpoint, pick_fields, read_log
+from logs import read_log
+from training import NonFiniteLoss, learning_rate, pick_fields
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's folder
 # subprocesses: 2 threads, and Cog attention through the reference as on any CPU (not Triton's slow interpreter)
@@ -245,6 +248,68 @@ def test_resume_is_bit_for_bit(tmp_path, stdlib_dir):
     assert len([r for r in log_b if "loss" in r]) == 8
     a, b = ckpt(tmp_path / "a"), ckpt(tmp_path / "b")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_learning_rate_warms_up_then_decays_by_the_cosine():
+    lr, min_lr, warmup, max_iters = 1.0, 0.1, 4, 24
+    want = [lr * (it + 1) / (warmup + 1) for it in range(warmup)]  # linear, never 0, reaching lr just after warmup
+    want += [min_lr + 0.5 * (1 + math.cos(math.pi * (it - warmup) / (max_iters - warmup))) * (lr - min_lr)
+             for it in range(warmup, max_iters + 3)]
+    want[max_iters + 1:] = [min_lr] * 2  # past max_iters: min_lr
+    got = [learning_rate(it, lr, warmup, max_iters, min_lr) for it in range(max_iters + 3)]
+    assert got == pytest.approx(want, rel=1e-12)
+    assert got[warmup] == lr and got[max_iters] == pytest.approx(min_lr)
+    assert learning_rate(100, lr, warmup) == lr  # no decay without max_iters: constant after warmup (U-ViT's)
+
+
+def test_the_trainer_steps_with_the_schedule_s_learning_rate(tmp_path, stdlib_dir):
+    train_lm.main(TINY + [f"--data_dir={stdlib_dir}", f"--out_dir={tmp_path}", "--max_iters=6", "--warmup_iters=3",
+                          "--learning_rate=1e-3", "--min_lr=1e-4", "--eval_interval=100"])
+    logged = [r["lr"] for r in read_log(tmp_path / "log.jsonl") if "loss" in r]
+    assert logged == [learning_rate(it, 1e-3, 3, 6, 1e-4) for it in range(6)]
+
+
+def fixed_batches(monkeypatch, module, rows):
+    """module.get_batch serves consecutive micro-batches of rows to the training steps (gradients on), whatever their
+    size; the evaluation's batches (no gradients) are rows' first ones."""
+    served = []
+
+    def get_batch(data_dir, split, batch_size, block_size, generator, device):
+        start = 0 if not torch.is_grad_enabled() else sum(served) % len(rows)
+        if torch.is_grad_enabled():
+            served.append(batch_size)
+        chunk = rows[start:start + batch_size]
+        return chunk[:, :-1], chunk[:, 1:]
+    monkeypatch.setattr(module, "get_batch", get_batch)
+
+
+def first_step_gradients(monkeypatch, module):
+    """The gradients the trainer hands to its first optimizer step."""
+    grads = {}
+    real_step = module.optimizer_step
+
+    def spy(model, optimizer, scaler, grad_clip):
+        if not grads:
+            grads.update({name: p.grad.clone() for name, p in model.named_parameters()})
+        real_step(model, optimizer, scaler, grad_clip)
+    monkeypatch.setattr(module, "optimizer_step", spy)
+    return grads
+
+
+def test_gradient_accumulation_gives_the_gradients_of_one_big_batch(tmp_path, stdlib_dir, monkeypatch):
+    """grad_accum = 4 micro-batches of 2 rows: the gradients of one batch of 8, not 4 times them."""
+    rows = torch.randint(0, 256, (8, 33), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for grad_accum, batch_size in ((1, 8), (4, 2)):
+        fixed_batches(monkeypatch, train_lm, rows)
+        runs[grad_accum] = first_step_gradients(monkeypatch, train_lm)
+        train_lm.main(TINY + [f"--data_dir={stdlib_dir}", f"--out_dir={tmp_path / str(grad_accum)}", "--max_iters=1",
+                              f"--batch_size={batch_size}", f"--grad_accum={grad_accum}", "--grad_clip=0"])
+    assert runs[1].keys() == runs[4].keys()
+    for name in runs[1]:
+        torch.testing.assert_close(runs[4][name], runs[1][name], rtol=1e-4, atol=1e-7, msg=name)
+    loss = [[r["loss"] for r in read_log(tmp_path / str(n) / "log.jsonl") if "loss" in r] for n in (1, 4)]
+    assert loss[0] == pytest.approx(loss[1], rel=1e-5)  # the logged loss is the mean over the micro-batches
 
 
 def test_sigterm_saves_and_resumes(tmp_path, stdlib_dir):

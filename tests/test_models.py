@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model as model_module
-import train_utils
-from model import Cogformer, CogformerConfig, UViC, UViCConfig
+from model import Cogformer, CogformerConfig, UViC, UViCConfig, timestep_embedding
+from training import configure_adamw
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -164,6 +165,36 @@ def test_uvic_shapes_and_time_conditioning():
     assert not torch.allclose(out, model(x, torch.tensor([900.0, 900.0])), atol=1e-4)  # t enters the network
 
 
+def uvic_by_hand(model, x, t, skip_order):
+    """U-ViT's forward written out: in-block i's output is the long skip of out-block skip_order[i]."""
+    c, n = model.config, len(model.in_blocks)
+    patches = F.conv2d(x, model.patch_embed.weight, model.patch_embed.bias, stride=c.patch_size)  # (B, D, h, w)
+    h = torch.cat([timestep_embedding(t, c.embed_dim).unsqueeze(1), patches.flatten(2).transpose(1, 2)], 1)
+    h = h + model.pos_embed
+    skips = {}
+    for i in range(n):
+        h = model.in_blocks[i](h)
+        skips[skip_order[i]] = h
+    h = model.mid_block(h)
+    for i in range(n):
+        h = model.out_blocks[i](h, skips[i])
+    pixels = model.decoder_pred(model.norm(h))[:, 1:]  # (B, L, p*p*C), without the time token
+    side, p = c.img_size // c.patch_size, c.patch_size
+    image = pixels.reshape(-1, side, side, p, p, c.in_chans).permute(0, 5, 1, 3, 2, 4)
+    return model.final_conv(image.reshape(-1, c.in_chans, c.img_size, c.img_size))
+
+
+def test_uvic_long_skips_join_each_in_block_to_its_mirror_out_block():
+    torch.manual_seed(0)
+    model = UViC(tiny_uvic_config(depth=7, img_size=8)).double().eval()  # 3 in-blocks, 3 out-blocks: 3 skips
+    for param in model.parameters():  # random weights everywhere, so that every skip changes the output
+        torch.nn.init.normal_(param, std=0.2)
+    x, t = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.tensor([3.0, 700.0])
+    mirror = [2, 1, 0]  # the last in-block's output goes to the first out-block: U-ViT's stack
+    torch.testing.assert_close(model(x, t), uvic_by_hand(model, x, t, mirror), rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(model(x, t), uvic_by_hand(model, x, t, [0, 1, 2]), atol=1e-3)  # order matters
+
+
 def test_uvic_unpatchify_inverts_patching():
     model = UViC(tiny_uvic_config())
     img = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
@@ -177,7 +208,7 @@ def test_tiny_lm_loss_falls(attn):
     torch.manual_seed(0)
     model = Cogformer(tiny_lm_config(attn=attn))
     idx = torch.randint(0, 64, (4, 17))
-    opt = train_utils.configure_adamw(model, 0.1, 3e-3, (0.9, 0.95), "cpu")
+    opt = configure_adamw(model, 0.1, 3e-3, (0.9, 0.95), "cpu")
     losses = []
     for _ in range(40):
         _, loss = model(idx[:, :-1], idx[:, 1:])
@@ -194,7 +225,7 @@ def test_tiny_uvic_loss_falls(attn):
     torch.manual_seed(0)
     model = UViC(tiny_uvic_config(attn=attn))
     x, noise, t = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8), torch.rand(8) * 999
-    opt = train_utils.configure_adamw(model, 0.03, 2e-3, (0.9, 0.999), "cpu")
+    opt = configure_adamw(model, 0.03, 2e-3, (0.9, 0.999), "cpu")
     losses = []
     for _ in range(40):
         loss = ((model(x + noise, t) - noise) ** 2).mean()
@@ -207,7 +238,7 @@ def test_tiny_uvic_loss_falls(attn):
 
 def test_weight_decay_only_on_matrices():
     model = Cogformer(tiny_lm_config())
-    decay, no_decay = train_utils.configure_adamw(model, 0.1, 1e-3, (0.9, 0.95), "cpu").param_groups
+    decay, no_decay = configure_adamw(model, 0.1, 1e-3, (0.9, 0.95), "cpu").param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))

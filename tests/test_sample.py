@@ -1,7 +1,7 @@
 """
 Tests of sample.py's contract with a checkpoint: every setting sampling needs (noise schedule, prediction, tokenizer,
 model config) comes from it, a flag that contradicts it is an error that names the key, and which flags apply to
-which kind of model is stated in code. Tiny models, a few seconds. Run with `python -m pytest -q test_sample.py`.
+which kind of model is stated in code. Tiny models, a few seconds. Run with `python -m pytest -q tests/test_sample.py`.
 """
 
 import dataclasses
@@ -14,10 +14,10 @@ import diffusion
 import sample
 import train_diffusion
 import train_lm
+from checkpoint import load_checkpoint, save_checkpoint
 from diffusion import SD, generate, noise_predictor
 from model import Cogformer, CogformerConfig, UViC, UViCConfig
 from test_diffusion import TINY
-from train_utils import load_checkpoint, save_checkpoint
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

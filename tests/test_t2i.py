@@ -2,7 +2,7 @@
 Tests of the text-to-image path: the conditional U-ViC (parameter count, context tokens), classifier-free guidance,
 the discrete schedule, DPM-Solver++, MS-COCO preparation -> training -> sampling -> FID on a tiny MS-COCO-shaped folder
 with tiny random autoencoder and CLIP models, the authors' checkpoint layout, the shapes demo with captions, and the
-errors for missing or broken inputs. Run with `python -m pytest -q test_t2i.py`.
+errors for missing or broken inputs. Run with `python -m pytest -q tests/test_t2i.py`.
 """
 
 import json
@@ -18,12 +18,14 @@ import torch.nn.functional as F
 import diffusion
 import sample
 import train_diffusion
+from authors import load_uvic
+from checkpoint import load_checkpoint
 from data import prepare_coco
 from data import shapes as demo_shapes
 from diffusion import SD, generate_guided, noise_predictor, sample_dpm_pp
+from logs import read_log
 from model import UViC, UViCConfig
 from test_diffusion import fake_inception
-from train_utils import load_checkpoint, read_log
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -422,7 +424,7 @@ def test_authors_checkpoint_maps_every_tensor(tmp_path):
     sd, blocks = authors_state_dict()
     path = str(tmp_path / "cog_nnet_ema.pth")
     torch.save(sd, path)
-    model = UViC.from_authors(path, num_heads=2).eval()
+    model = load_uvic(path, num_heads=2).eval()
     assert model.config == UViCConfig(img_size=8, patch_size=2, in_chans=4, embed_dim=32, depth=3, num_heads=2,
                                       mlp_ratio=4.0, attn="cog", clip_dim=12, num_clip_token=77)
     ours = model.state_dict()
@@ -434,14 +436,14 @@ def test_authors_checkpoint_maps_every_tensor(tmp_path):
     x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0]), torch.randn(2, 77, 12)
     expected = uvit_t2i_forward(sd, blocks, x, t, context, heads=2, cog_blocks={"mid_block"})
     torch.testing.assert_close(model(x, t, context), expected, atol=1e-4, rtol=1e-4)
-    softmax = UViC.from_authors(path, attn="softmax", num_heads=2).eval()
+    softmax = load_uvic(path, attn="softmax", num_heads=2).eval()
     torch.testing.assert_close(softmax(x, t, context), uvit_t2i_forward(sd, blocks, x, t, context, 2, set()),
                                atol=1e-4, rtol=1e-4)
     # round trip: our weights written in U-ViT's names load back into the same network
     back = {k.replace("patch_embed.", "patch_embed.proj.").replace("mlp.0.", "mlp.fc1.").replace("mlp.2.", "mlp.fc2.")
             .replace("final_conv.", "final_layer."): v for k, v in model.state_dict().items()}
     torch.save(back, str(tmp_path / "again_np.pth"))
-    again = UViC.from_authors(str(tmp_path / "again_np.pth"), num_heads=2).eval()
+    again = load_uvic(str(tmp_path / "again_np.pth"), num_heads=2).eval()
     assert torch.equal(again(x, t, context), model(x, t, context))
 
 
@@ -452,12 +454,12 @@ def test_attention_kind_is_read_from_the_path(tmp_path):
         path = tmp_path / "k" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(sd, str(path))
-        assert UViC.from_authors(str(path)).config.attn == kind, name
+        assert load_uvic(str(path)).config.attn == kind, name
     (tmp_path / "plain" / "weights").mkdir(parents=True)
     torch.save(sd, str(tmp_path / "plain" / "weights" / "nnet_ema.pth"))
     with pytest.raises(ValueError, match="cannot tell from its path"):
-        UViC.from_authors(str(tmp_path / "plain" / "weights" / "nnet_ema.pth"))
-    assert UViC.from_authors(str(tmp_path / "plain" / "weights" / "nnet_ema.pth"), attn="cog").config.attn == "cog"
+        load_uvic(str(tmp_path / "plain" / "weights" / "nnet_ema.pth"))
+    assert load_uvic(str(tmp_path / "plain" / "weights" / "nnet_ema.pth"), attn="cog").config.attn == "cog"
 
 
 def test_bad_authors_files_are_clear_errors(tmp_path):
@@ -466,20 +468,20 @@ def test_bad_authors_files_are_clear_errors(tmp_path):
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ValueError, match="cannot read"):
-            UViC.from_authors(str(tmp_path / name))
+            load_uvic(str(tmp_path / name))
     torch.save({"weights": sd, "step": train_diffusion.TrainConfig()}, str(tmp_path / "objects_np.pth"))
     with pytest.raises(ValueError, match="cannot read"):  # a pickled object: refused, never run
-        UViC.from_authors(str(tmp_path / "objects_np.pth"))
+        load_uvic(str(tmp_path / "objects_np.pth"))
     with pytest.raises(ValueError, match="no such file"):
-        UViC.from_authors(str(tmp_path / "missing_np.pth"))
+        load_uvic(str(tmp_path / "missing_np.pth"))
     broken = {**{k: v for k, v in sd.items() if k != "final_layer.weight"}, "time_embed.0.weight": torch.zeros(8, 8)}
     torch.save(broken, str(tmp_path / "broken_np.pth"))
     with pytest.raises(ValueError, match="unused tensors \\['time_embed.0.weight'\\], missing tensors "
                                          "\\['final_layer.weight'\\]"):
-        UViC.from_authors(str(tmp_path / "broken_np.pth"))
+        load_uvic(str(tmp_path / "broken_np.pth"))
     torch.save({**sd, "context_embed.bias": torch.zeros(7)}, str(tmp_path / "shape_np.pth"))
     with pytest.raises(ValueError, match="context_embed.bias has shape \\(7,\\), expected \\(32,\\)"):
-        UViC.from_authors(str(tmp_path / "shape_np.pth"))
+        load_uvic(str(tmp_path / "shape_np.pth"))
     with pytest.raises(SystemExit, match="--init_from: cannot read"):
         sample.main([f"--init_from={tmp_path / 'garbage_np.pth'}"])
     torch.save({"some.weight": torch.zeros(2)}, str(tmp_path / "other.pth"))

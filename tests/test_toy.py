@@ -1,7 +1,7 @@
 """toy.py: the task generators follow their rules, a hand-set Cog head solves the majority task exactly, a softmax
 head's share on X grows with X's count whatever the query, training lowers the loss, a Cog head learns the deletion
 task with negative weights where a softmax head cannot, and the table covers every task.
-Run: python -m pytest -q test_toy.py"""
+Run: python -m pytest -q tests/test_toy.py"""
 import dataclasses
 
 import pytest
