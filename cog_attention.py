@@ -203,15 +203,18 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                         lse: torch.Tensor, used: torch.Tensor, causal: bool, scale: float, deterministic: bool,
                         doc_ids: Optional[torch.Tensor], named: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     name, config = BACKENDS[int(used[0])], _config(q, causal, doc_ids, deterministic)
-    ok, tile = _verdicts.get((name, config), (False, None))
-    if name != "reference" and ok:
-        try:
-            grads = _BACKWARD[name](do, q, k, v, o, lse, causal, scale, deterministic, doc_ids, tile)
-            return tuple(g.contiguous() for g in grads)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as error:
-            _give_up(name, config, _one_line(error), named or None, ["reference"], q, k)
+    if name != "reference":
+        ok, tile = _verdicts.get((name, config), (False, "its first-use verdict is gone"))
+        if ok:
+            try:
+                grads = _BACKWARD[name](do, q, k, v, o, lse, causal, scale, deterministic, doc_ids, tile)
+                return tuple(g.contiguous() for g in grads)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as error:  # it passed its check, but fails at this shape
+                _give_up(name, config, _one_line(error), named, ["reference"], q, k)
+        elif named:  # skipped since its forward ran (auto has warned): asked for by name, raise as the forward does
+            _give_up(name, config, tile, named, ["reference"], q, k)
     return cog_attention_reference_backward(do, q, k, v, causal, scale, doc_ids)
 
 

@@ -554,6 +554,36 @@ def test_a_backend_that_fails_later_is_skipped_from_then_on(fresh_chooser, monke
     assert calls == ["compact", "compact"]  # its first-use check, then the call
 
 
+def test_a_backend_asked_for_by_name_raises_in_the_backward(fresh_chooser, monkeypatch):
+    """Asked for by name (argument or COG_BACKEND), a backend whose backward fails raises, as in the forward, instead
+    of handing back the reference's gradients; so does one skipped (or forgotten) between its forward and backward.
+    Under auto the same failure is skipped with a warning, and the gradients are the reference's."""
+    q, k, v, do = make_inputs(1, 2, 19, 23, 16, torch.float32)
+    for name in ("tuned", "compact"):
+        run(cog_attention, q, k, v, do, backend=name)  # passes its first-use check
+        monkeypatch.setitem(chooser._BACKWARD, name, raising)
+        with pytest.raises(RuntimeError, match=f"backend '{name}' failed for .*: RuntimeError: out of resources"):
+            run(cog_attention, q, k, v, do, backend=name)
+        monkeypatch.setenv("COG_BACKEND", name)
+        with pytest.raises(RuntimeError, match=f"backend '{name}' failed for .*: RuntimeError: out of resources"):
+            run(cog_attention, q, k, v, do)
+        monkeypatch.delenv("COG_BACKEND")
+    with pytest.warns(RuntimeWarning, match="skipping the tuned backend .*out of resources"):
+        got = run(cog_attention, q, k, v, do)
+    for name, x, ref in zip(("o", "dq", "dk", "dv"), got, reference64(q, k, v, do)):
+        assert max_err(x, ref) < TOL[torch.float32], name
+    key = ("compact", chooser._config(q, False, None, False))
+    passed = chooser._verdicts[key]
+    for verdict, why in (((False, "RuntimeError: out of resources"), "out of resources"), (None, "verdict is gone")):
+        o = cog_attention(*(t.detach().requires_grad_() for t in (q, k, v)), backend="compact")
+        if verdict is None:  # forgotten
+            del chooser._verdicts[key]
+        else:  # an auto call gave up on it
+            chooser._verdicts[key] = verdict
+        with pytest.raises(RuntimeError, match=f"backend 'compact' failed for .*{why}"):
+            o.backward(do)
+        chooser._verdicts[key] = passed
+
 @cpu
 def test_a_tile_that_fails_is_dropped(fresh_chooser, monkeypatch):
     """The compact tier checks its tiles in order: one that fails is dropped with a warning, the next one runs."""
