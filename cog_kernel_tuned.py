@@ -102,11 +102,10 @@ def has_xorsign(backend, arch):
 # query rows and BLOCK_N key rows. Chosen from sm_90 compile reports (python bench.py --sm90): for head dims 64 and 128,
 # no register spills and every Hopper wgmma at least 64 wide (narrower head dims make narrower dots); the GPU's
 # autotuner picks among them by timing. At 256 the backward's dK and dV accumulators alone fill the registers: it
-# spills whatever the tiles, so the fast path is head dims up to 128. Triton 3.6 (torch 2.11's) allocates registers
-# differently: its one-pass backward at head dim 128 spills 280-590 bytes in the (64, 128) tiles, softmax's as much,
-# so (32, 128, 8, 2), which spills in neither Triton 3.6 nor 3.9, is a candidate there too, although its dQ matmul
-# (32 query rows) runs on mma.sync. (64, 64, 8, 2) spills in neither either, but runs 40% more instructions per score.
-# Only timing can rank them against the spilling tiles.
+# spills whatever the tiles, so the fast path is head dims up to 128. The one-pass backward at 128 cannot have both:
+# its (64, 128) tiles spill under some Triton versions (and softmax's with them: not the signs' doing), so it gets the
+# two tiles that spill under none measured, (32, 128, 8, 2), whose dQ matmul (32 query rows) runs on mma.sync, and
+# (64, 64, 8, 2), which runs more instructions per score; only timing can rank them. BENCHMARKS.md lists the figures.
 TILES = {
     "fwd": {16: [(64, 64, 4, 3), (128, 64, 8, 3)], 32: [(64, 64, 4, 3), (128, 64, 8, 3)],
             64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
@@ -120,7 +119,7 @@ TILES = {
 }
 TILES["dkdv"] = TILES["bwd"]  # the two-pass backward's first kernel: the one-pass kernel without dQ
 # GPUs with ~99 KB of shared memory per block (sm_86, sm_89, sm_120: RTX 3090/4090/5090, A10, L4, L40S) fit none of
-# the head dim 128 tiles above; these fit there and spill no registers (sm_86 compile reports under Triton 3.8).
+# the head dim 128 tiles above; these fit there and spill no registers (chosen from sm_86 compile reports).
 SMALL_TILES = {"fwd": {128: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3)]},
                "bwd": {128: [(32, 64, 8, 2), (32, 64, 4, 2)]},
                "dq": {128: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)]}}
@@ -158,9 +157,9 @@ def shared_memory_bytes(kind, block_m, block_n, num_stages, block_d, itemsize):
     """What a config keeps in shared memory: num_stages copies of the two tiles its loop streams, plus the tiles that
     stay (the forward's Q; the backward's K and V; the dQ pass's Q and dO) and, in the one-pass backward ("bwd"; "dkdv"
     is the two-pass backward's first kernel), the (BLOCK_M, BLOCK_N) dS tile twice on its way to the dQ dot.
-    Accumulators live in registers. Within 2 KB of the sm_90 compiler's figure (bench.py --sm90 prints both), but for
-    the one-pass backward at head dim 128: 112 KB for (64, 64, 8, 2), which takes 129 KB, and for (32, 128, 8, 2),
-    which takes 104 KB. A tile that does not fit fails its first-use check and is dropped."""
+    Accumulators live in registers. An estimate, close to the sm_90 compiler's figure but for the one-pass backward's
+    tiles at head dim 128, where it is off either way (bench.py --sm90 prints both; BENCHMARKS.md lists them): a tile
+    let through that does not fit fails its first-use check and is dropped."""
     streamed, resident = {
         "fwd": (2 * block_n, block_m),
         "bwd": (2 * block_m, 2 * block_n + 2 * block_m * block_n // block_d),
@@ -289,8 +288,8 @@ def _block_and_head(num_blocks, CAUSAL: tl.constexpr):
 @_jit
 def _magnitude(qk):
     """|q . k| (fp32): softmax runs over it. As a PTX abs.f32, which ptxas folds into the exp2's multiply-add as an
-    operand modifier; Triton lowers tl.abs to a bitwise and, which CUDA 12.8's ptxas (Triton 3.6's) keeps as one more
-    instruction per score in the backward (the 13.x one folds both)."""
+    operand modifier; Triton lowers tl.abs to a bitwise and, which older ptxas versions keep as one more instruction
+    per score (BENCHMARKS.md)."""
     if XORSIGN:
         return tl.inline_asm_elementwise("abs.f32 $0, $1;", "=r,r", [qk], dtype=tl.float32, is_pure=True, pack=1)
     return tl.abs(qk)
