@@ -52,8 +52,9 @@ import torch.nn.functional as F
 
 import cog_kernel
 import cog_kernel_tuned
-from cog_kernel import cog_attention_reference
-from cog_kernel_tuned import TILES, cog_attention_triton, padded_head_dim, shared_memory_bytes, tl
+from cog_attention import cog_attention
+from cog_kernel import cog_attention_reference, padded_head_dim, tl
+from cog_kernel_tuned import TILES, shared_memory_bytes
 from model import CogformerConfig
 
 try:  # torch >= 2.3
@@ -80,7 +81,7 @@ def _weights(qk, p, qk_scale, FP16: tl.constexpr, OUT: tl.constexpr):
 def softmax_twin():
     """cog_kernel_tuned's kernels rebuilt over a copy of its globals in which _magnitude and _signed_weights are softmax's:
     a namespace with the twin's autotuned kernels (tuned, by TILES kind) and its forward and backward functions."""
-    if cog_kernel_tuned.triton is None:
+    if cog_kernel.triton is None:
         raise RuntimeError("the softmax twin needs Triton")
     scope = dict(vars(cog_kernel_tuned))
     scope["_magnitude"], scope["_signed_weights"] = cog_kernel_tuned._jit(_logits), cog_kernel_tuned._jit(_weights)
@@ -170,9 +171,9 @@ def int_list(s):
 
 def head_dims(s):
     dims = int_list(s)
-    bad = [d for d in dims if not 1 <= d <= cog_kernel_tuned.MAX_HEAD_DIM]
+    bad = [d for d in dims if not 1 <= d <= cog_kernel.MAX_HEAD_DIM]
     if bad:
-        raise argparse.ArgumentTypeError(f"{bad}: head dims run from 1 to {cog_kernel_tuned.MAX_HEAD_DIM}")
+        raise argparse.ArgumentTypeError(f"{bad}: head dims run from 1 to {cog_kernel.MAX_HEAD_DIM}")
     return dims
 
 
@@ -262,15 +263,16 @@ def attention_functions(args):
         if shape not in docs:
             docs[shape] = packed_documents(*shape, args.doc_len, q.device)
         ids = docs[shape]
-        return cog_attention_triton(q, k, v, causal=causal, deterministic=args.deterministic, doc_ids=ids)
+        return cog_attention(q, k, v, causal=causal, deterministic=args.deterministic, doc_ids=ids, backend="tuned")
 
     from torch.nn.attention.flex_attention import flex_attention
     flex = torch.compile(flex_attention, dynamic=False)
     return {
         "cog_docs": cog_docs,
-        "compact": lambda q, k, v, causal: cog_kernel.cog_attention(q, k, v, causal=causal, backend="compact"),
+        "compact": lambda q, k, v, causal: cog_attention(q, k, v, causal=causal, backend="compact"),
         "flex": lambda q, k, v, causal: flex_cog_attention(q, k, v, causal, flex=flex),
-        "cog": lambda q, k, v, causal: cog_attention_triton(q, k, v, causal=causal, deterministic=args.deterministic),
+        "cog": lambda q, k, v, causal: cog_attention(q, k, v, causal=causal, deterministic=args.deterministic,
+                                                     backend="tuned"),
         "twin": lambda q, k, v, causal: softmax_attention_twin(q, k, v, causal, twin=twin,
                                                                deterministic=args.deterministic),
         "sdpa": sdpa_softmax,

@@ -5,16 +5,16 @@ negative; each row has sum |w| = 1. Masked keys get -inf after the absolute valu
 
 q: (B, H, Tq, D), k and v: (B, H, Tk, D), Tq <= Tk. With causal=True, query i sits at position i + Tk - Tq and sees keys
 j <= i + Tk - Tq (aligned to the end, as a KV-cache step is). With doc_ids (B, Tk), a query sees only the keys of its
-own document. This file holds the definition (cog_attention_reference), the compact fused kernel (FlashAttention-2
-style, written to be read) and cog_attention, the chooser the models call. The tuned kernel is in cog_kernel_tuned.py.
+own document. This file holds, in that order, the definition (cog_attention_reference and its backward), the compact
+fused kernel (FlashAttention-2 style, written to be read: forward, delta pre-pass, dK/dV, dQ, then their launchers)
+and the input checks. It is also where Triton is imported and the constants live, for cog_kernel_tuned.py (the tuned
+kernel) to share. cog_attention.py holds cog_attention, the chooser the models call.
 """
 
 import contextlib
 import math
 import os
 import types
-import warnings
-from typing import Optional
 
 import torch
 
@@ -26,9 +26,11 @@ except ImportError:  # no Triton (e.g. macOS): the reference still works; the ke
 
 # Triton runs kernels on CPU tensors in its interpreter (slow; for tests) if TRITON_INTERPRET=1 when it is imported
 _INTERPRET = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+_jit = triton.jit if triton is not None else (lambda fn: fn)
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 256  # the fused kernels' widest head dim
 
+# --- The definition ---------------------------------------------------------------------------------------------------
 
 def causal_mask(Tq, Tk, device=None):
     """(Tq, Tk) bool, True where query i may see key j: j <= i + (Tk - Tq)."""
@@ -60,9 +62,11 @@ def cog_attention_weights(q, k, causal=False, scale=None, doc_ids=None):
     return torch.sign(s) * p
 
 
-def cog_attention_reference(q, k, v, causal=False, scale=None, doc_ids=None):
-    """The definition: materialises the weights. Computes in float32 (or float64), returns q's dtype."""
-    check_attention_inputs(q, k, v, doc_ids)
+def cog_attention_reference(q, k, v, causal=False, scale=None, doc_ids=None, check=True):
+    """The definition: materialises the weights. Computes in float32 (or float64), returns q's dtype. check=False skips
+    the input checks, for a caller that has run them."""
+    if check:
+        check_attention_inputs(q, k, v, doc_ids)
     w = cog_attention_weights(q, k, causal, scale, doc_ids)
     return torch.matmul(w, v.to(w.dtype)).to(q.dtype)  # (B, H, Tq, D)
 
@@ -77,11 +81,6 @@ def cog_attention_reference_backward(do, q, k, v, causal=False, scale=None, doc_
     ds = w.abs() * dp - w * (w * dp).sum(-1, keepdim=True)  # dL/ds; (w * dp).sum(-1) = rowsum(dO * O)
     dq, dk, dv = scale * ds @ k_, scale * ds.transpose(-2, -1) @ q_, w.transpose(-2, -1) @ do_
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-def cog_attention_triton(q, k, v, causal=False, scale=None, deterministic=None, doc_ids=None):
-    """The tuned fused kernel alone, without the chooser."""
-    return _tuned().cog_attention_triton(q, k, v, causal, scale, deterministic, doc_ids)
 
 
 # --- The compact fused kernel ----------------------------------------------------------------------------------------
@@ -112,8 +111,6 @@ def cog_attention_triton(q, k, v, causal=False, scale=None, deterministic=None, 
 # with fp32 accumulation (weights and dS are rounded to it first, as in FlashAttention); fp32 dots are tf32 on NVIDIA.
 # Inputs are contiguous (B, H, T, D): row t of batch-head bh starts at (bh * T + t) * D; bh is int64 in the offsets,
 # as B * H * T * D may pass 2^31.
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
 
 
 @_jit
@@ -255,9 +252,10 @@ def _compact_dq(Q, K, V, DO, DQ, LSE, DELTA, DOCS, qk_scale, scale, H, Tq, Tk, H
     _store_rows(DQ, dq * scale, bh, Tq, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
 
 
+# --- Tiles and launchers ---------------------------------------------------------------------------------------------
 # Tiles per kernel, (BLOCK_M, BLOCK_N, num_warps, num_stages), tried in order: the first that compiles and passes the
-# first-use check (see the chooser) runs. (64, 64) fits the ~99 KB of shared memory of consumer GPUs at head dim 128 in
-# fp16/bf16; (32, 32) is the small tile for fp32 and head dims up to 256. Untimed: no GPU has run this kernel yet.
+# first-use check (see cog_attention.py) runs. (64, 64) fits the ~99 KB of shared memory of consumer GPUs at head dim
+# 128 in fp16/bf16; (32, 32) is the small tile for fp32 and head dims up to 256. Untimed: no GPU has run this kernel.
 COMPACT_TILES = {kind: [(64, 64, 4, 2), (32, 32, 4, 1)] for kind in ("fwd", "dkdv", "dq")}
 COMPACT_TILES["delta"] = [(64, None, 4, 1), (32, None, 4, 1)]  # BLOCK_N unused
 INTERPRETER_TILES = {"fwd": [(16, 32, 1, 1)], "dkdv": [(16, 32, 1, 1)], "dq": [(16, 32, 1, 1)],
@@ -276,7 +274,7 @@ def padded_head_dim(D):
     return max(16, 1 << (D - 1).bit_length())
 
 
-def _tile_sets():
+def compact_tile_sets():
     """The compact kernel's tile choices, as dicts {kind: tile}: the i-th tile of every kind together."""
     tiles = INTERPRETER_TILES if _INTERPRET else COMPACT_TILES
     return [{kind: tiles[kind][i] for kind in tiles} for i in range(len(tiles["fwd"]))]
@@ -365,232 +363,3 @@ def check_doc_ids(doc_ids, B, Tk, device):
         torch._assert_async(ordered, message)
     elif not ordered:
         raise ValueError(message + ", but they decrease somewhere")
-
-
-# --- The chooser -----------------------------------------------------------------------------------------------------
-# cog_attention runs the first backend of BACKENDS that applies to the inputs and passes its first-use check (or only
-# the one named by its backend argument or COG_BACKEND). The check runs once per configuration (device, dtype, head dim,
-# causal, document masks, deterministic) and process; a backend that fails it, or fails later, is skipped with one
-# warning; one asked for by name raises. docs/kernel.md says more. The choice is made inside a custom op, at run time,
-# so a fallback under torch.compile needs no recompile; the backward runs the backend its forward ran.
-
-BACKENDS = ("tuned", "compact", "reference")
-VERIFY_TOL = {torch.float32: 2e-2, torch.float16: 1e-2, torch.bfloat16: 4e-2}  # relative L2; fp32 dots are tf32
-# Decode steps (Tq = 1) of few sequences launch only B * H programs of a fused kernel, while the reference needs only
-# O(Tq * Tk) memory there. Untimed: bench.py's decode rows are where to set this bound from a GPU run.
-DECODE_REFERENCE_MAX_HEADS = 64
-_verdicts = {}  # (backend, config) -> (True, tile) or (False, why)
-
-
-def _config(q, causal, doc_ids, deterministic):
-    """What a first-use check covers, in the words that name it in warnings."""
-    flags = [name for name, on in (("causal", causal), ("doc_ids", doc_ids is not None),
-                                   ("deterministic", deterministic)) if on]
-    return " ".join([str(q.device), str(q.dtype).replace("torch.", ""), f"head dim {q.size(-1)}"] + flags)
-
-
-def _not_for(name, q):
-    """Why backend `name` does not apply to these inputs (auto skips it silently), or None."""
-    if name == "reference":
-        return None
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"the fused kernels take float16, bfloat16 or float32, not {q.dtype}"
-    if q.size(-1) > MAX_HEAD_DIM:
-        return f"the fused kernels take head dims up to {MAX_HEAD_DIM}, not {q.size(-1)}"
-    if q.is_cuda:
-        return None
-    if q.device.type != "cpu" or not (_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1"):
-        return f"tensors on {q.device} need CUDA, or Triton's interpreter (TRITON_INTERPRET=1 before importing triton)"
-    return "Triton's interpreter computes bfloat16 dots wrongly" if q.dtype == torch.bfloat16 else None
-
-
-def _tuned():  # imported when first needed: it imports this file
-    import cog_kernel_tuned
-    return cog_kernel_tuned
-
-
-def _reference_forward(q, k, v, causal, scale, doc_ids, tile):
-    return cog_attention_reference(q, k, v, causal, scale, doc_ids), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-
-# forward(q, k, v, causal, scale, doc_ids, tile) -> o, lse; backward(do, q, k, v, o, lse, causal, scale, deterministic,
-# doc_ids, tile) -> dq, dk, dv (the reference's backward is cog_attention_reference_backward)
-_FORWARD = dict(tuned=lambda *args: _tuned().forward(*args), compact=compact_forward, reference=_reference_forward)
-_BACKWARD = dict(tuned=lambda *args: _tuned().backward(*args), compact=compact_backward)
-
-
-def _check(name, tile, q, causal, scale, deterministic, doc_ids, judged=("output", "dq", "dk", "dv")):
-    """Raise unless backend `name` (with `tile`) gives the reference's output and gradients (those named in judged) on a
-    small random problem in q's configuration, a few tiles long and ragged (Tq < Tk, neither a multiple of a tile)."""
-    Tk = 263 if q.is_cuda else 71
-    g = torch.Generator().manual_seed(0)
-    q_, k_, v_, do_ = (torch.randn(1, 2, T, q.size(-1), generator=g).to(q.device, q.dtype)
-                       for T in (Tk - 6, Tk, Tk, Tk - 6))
-    docs = None if doc_ids is None else (torch.arange(Tk, device=q.device) * 3 // Tk)[None].to(doc_ids.dtype)
-    o, lse = _FORWARD[name](q_, k_, v_, causal, scale, docs, tile)
-    grads = judged != ("output",)
-    got = (o, *_BACKWARD[name](do_, q_, k_, v_, o, lse, causal, scale, deterministic, docs, tile)) if grads else (o,)
-    q64, k64, v64, do64 = (t.double() for t in (q_, k_, v_, do_))
-    want = (cog_attention_reference(q64, k64, v64, causal, scale, docs),
-            *(cog_attention_reference_backward(do64, q64, k64, v64, causal, scale, docs) if grads else ()))
-    for label, x, ref in zip(("output", "dq", "dk", "dv"), got, want):
-        if label not in judged:
-            continue
-        err = ((x.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
-        if not err < VERIFY_TOL[q.dtype]:  # (a NaN fails too)
-            raise RuntimeError(f"wrong numbers: {label} is off by {err:.1e} (relative L2) from the reference")
-
-
-def _one_line(error):
-    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"[:300]
-
-
-def _verify(name, config, q, causal, scale, deterministic, doc_ids):
-    """(True, the tile to run) or (False, why not): the compact tier runs its first tile set that passes _check; the
-    tuned tier checks each of its kernels' tiles and autotunes over those that pass (cog_kernel_tuned.check_tiles).
-    Warns of the tiles dropped."""
-    if name == "reference":
-        return True, None
-    problem = "Triton is not installed" if triton is None else _tuned().kernel_problem() if name == "tuned" else None
-    if problem:
-        return False, problem
-
-    def why_wrong(tile, judged=("output", "dq", "dk", "dv")):
-        try:
-            _check(name, tile, q, causal, scale, deterministic, doc_ids, judged)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as error:  # a compile error, out of resources, an unsupported configuration, wrong numbers
-            return _one_line(error)
-
-    if name == "tuned":  # (tile None: it autotunes)
-        tile, (ok, failures) = None, _tuned().check_tiles(why_wrong, q, causal, deterministic, doc_ids is not None)
-    else:
-        ok, failures = False, []
-        for tile in _tile_sets():
-            why = why_wrong(tile)
-            if not why:
-                ok = True
-                break
-            failures.append(f"tile {tile['fwd'][:2]}: {why}")
-    if ok and failures:
-        warnings.warn(f"cog_attention: {name} backend, {config}: dropped {'; '.join(failures)}", RuntimeWarning,
-                      stacklevel=2)
-    return (True, tile) if ok else (False, "; ".join(failures))
-
-
-def _give_up(name, config, why, named, rest, q, k):
-    """Backend `name` failed for config: raise if it was asked for by name, else skip it from now on with a warning
-    that names what the reference will need if only it is left."""
-    if named:
-        raise RuntimeError(f"cog_attention: backend {name!r} failed for {config}: {why}")
-    _verdicts[(name, config)] = (False, why)
-    note = ""
-    if rest == ["reference"]:
-        B, H, Tq, Tk = *q.shape[:3], k.size(2)
-        note = (f"; the reference materialises the (Tq, Tk) weights: B*H*Tq*Tk*4 bytes per weight matrix, "
-                f"{B * H * Tq * Tk * 4 / 2**30:.2f} GiB at this call's shape (B={B}, H={H}, Tq={Tq}, Tk={Tk})")
-    warnings.warn(f"cog_attention: skipping the {name} backend for {config}: {why}{note}", RuntimeWarning, stacklevel=3)
-
-
-def _order(q, named):
-    """The backends to try, in order, for these inputs."""
-    if named:
-        why = _not_for(named, q)
-        if why:
-            raise RuntimeError(f"cog_attention: backend {named!r} cannot run here: {why}")
-        return [named]
-    B, H, Tq = q.shape[:3]
-    if Tq == 1 and B * H <= DECODE_REFERENCE_MAX_HEADS:
-        return ["reference"]
-    return [name for name in BACKENDS if _not_for(name, q) is None]
-
-
-def _run_forward(q, k, v, causal, scale, deterministic, doc_ids, named):
-    config, order = _config(q, causal, doc_ids, deterministic), _order(q, named)
-    for i, name in enumerate(order):
-        first_use = (name, config) not in _verdicts
-        if first_use:
-            _verdicts[(name, config)] = _verify(name, config, q, causal, scale, deterministic, doc_ids)
-        ok, tile = _verdicts[(name, config)]
-        if not ok:
-            if first_use or named:
-                _give_up(name, config, tile, named, order[i + 1:], q, k)
-            continue
-        try:
-            return (*_FORWARD[name](q, k, v, causal, scale, doc_ids, tile), name)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as error:  # it passed its check, but fails at this shape
-            _give_up(name, config, _one_line(error), named, order[i + 1:], q, k)
-    raise AssertionError("unreachable: the reference is always in the order")
-
-
-@torch.library.custom_op("nanocog::cog_attention", mutates_args=())
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, deterministic: bool,
-               doc_ids: Optional[torch.Tensor], named: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    o, lse, name = _run_forward(q, k, v, causal, scale, deterministic, doc_ids, named or None)
-    return o.contiguous(), lse, torch.tensor([BACKENDS.index(name)])  # which backend ran, for the backward (on the CPU)
-
-
-@_attention.register_fake
-def _(q, k, v, causal, scale, deterministic, doc_ids, named):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32), torch.empty(1, dtype=torch.long)
-
-
-@torch.library.custom_op("nanocog::cog_attention_backward", mutates_args=())
-def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                        lse: torch.Tensor, used: torch.Tensor, causal: bool, scale: float, deterministic: bool,
-                        doc_ids: Optional[torch.Tensor], named: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    name, config = BACKENDS[int(used[0])], _config(q, causal, doc_ids, deterministic)
-    ok, tile = _verdicts.get((name, config), (False, None))
-    if name != "reference" and ok:
-        try:
-            grads = _BACKWARD[name](do, q, k, v, o, lse, causal, scale, deterministic, doc_ids, tile)
-            return tuple(g.contiguous() for g in grads)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as error:
-            _give_up(name, config, _one_line(error), named or None, ["reference"], q, k)
-    return cog_attention_reference_backward(do, q, k, v, causal, scale, doc_ids)
-
-
-@_attention_backward.register_fake
-def _(do, q, k, v, o, lse, used, causal, scale, deterministic, doc_ids, named):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, ctx.causal, ctx.scale, ctx.deterministic, doc_ids, ctx.named = inputs
-    ctx.save_for_backward(q, k, v, *output, doc_ids)
-
-
-def _backward(ctx, do, dlse, dused):  # lse and the backend index are internal outputs: no gradient
-    q, k, v, o, lse, used, doc_ids = ctx.saved_tensors
-    dq, dk, dv = _attention_backward(do, q, k, v, o, lse, used, ctx.causal, ctx.scale, ctx.deterministic, doc_ids,
-                                     ctx.named)
-    return dq, dk, dv, None, None, None, None, None
-
-
-_attention.register_autograd(_backward, setup_context=_setup_context)
-
-
-def cog_attention(q, k, v, causal=False, scale=None, deterministic=None, doc_ids=None, backend=None):
-    """Cog attention for the models: (B, H, Tq, D) in q's dtype, through the chosen backend (see above).
-    deterministic: bit-reproducible gradients (None follows torch.are_deterministic_algorithms_enabled(); the compact
-    kernel and the reference always are, the tuned kernel then takes its two-pass backward).
-    doc_ids (B, Tk): per-key document ids of packed sequences (query i has id doc_ids[:, Tk - Tq + i]); a query sees
-    only keys of its own document. backend: None (auto, or COG_BACKEND), "tuned", "compact" or "reference"."""
-    check_attention_inputs(q, k, v, doc_ids)
-    choice = (os.environ.get("COG_BACKEND", "") if backend is None else backend).strip().lower()
-    if choice not in ("", "auto") + BACKENDS:
-        raise ValueError(f"cog_attention: backend must be auto, tuned, compact or reference (argument or COG_BACKEND), "
-                         f"got {choice!r}")
-    named = None if choice in ("", "auto") else choice
-    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
-    deterministic = torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
-    if scale < 0:  # the fused kernels need c > 0 (sign(s) = sign(q . k)): move the sign into q, exactly
-        q, scale = -q, -scale
-    if _order(q, named) == ["reference"] or scale == 0:  # (scale 0: every logit is 0, so every weight is 0)
-        return cog_attention_reference(q, k, v, causal, scale, doc_ids)
-    return _attention(q, k, v, bool(causal), scale, deterministic, doc_ids, named or "")[0]

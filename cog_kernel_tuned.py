@@ -1,11 +1,11 @@
 """
-The tuned fused Cog attention kernel: cog_attention_triton(q, k, v, causal=False, scale=None, deterministic=None,
-doc_ids=None), the signature of cog_kernel.cog_attention_reference.
+The tuned fused Cog attention kernel: forward(q, k, v, causal, scale, doc_ids, tile) and backward(...), which
+cog_attention.py's chooser runs as its "tuned" backend (cog_attention(..., backend="tuned") runs it alone).
 
 The same FlashAttention-2 algorithm as cog_kernel.py's compact kernel, with the speed tricks chosen from sm_90 compile
 reports: the sign as a min.xorsign.abs clamp on rescaled weights, tensor descriptors (TMA) for every tile, a one-pass
 backward with atomic dQ adds (two passes when deterministic), document masks that skip other documents' tiles, and
-tile tables per head dim. cog_kernel.cog_attention chooses between it, the compact kernel and the reference.
+tile tables per head dim. Triton, its no-Triton fallback and the shared constants come from cog_kernel.py.
 
 It runs on CUDA tensors, and on CPU tensors in Triton's interpreter (slow; for tests), which needs TRITON_INTERPRET=1
 in the environment before triton is first imported (Triton reads it then).
@@ -14,20 +14,11 @@ in the environment before triton is first imported (Triton reads it then).
 import contextlib
 import functools
 import math
-import os
 import re
-import types
-from typing import Optional
 
 import torch
 
-from cog_kernel import check_attention_inputs, cog_attention_reference, padded_head_dim
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton (e.g. macOS): the reference still works; the kernel definitions below stay inert
-    triton, tl = None, types.SimpleNamespace(constexpr=None)
+from cog_kernel import _INTERPRET, LOG2E, _jit, padded_head_dim, tl, triton
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The fused kernel: FlashAttention-2 structure, as in Triton's tutorial 06-fused-attention.
@@ -71,11 +62,7 @@ except ImportError:  # no Triton (e.g. macOS): the reference still works; the ke
 # in FlashAttention). fp32 inputs use Triton's default fp32 dot precision, which is tf32 on NVIDIA GPUs (exact fp32 in
 # the interpreter).
 
-LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256
 SIGN_BITS = 32  # the clamp above is exact for every logit with |s * log2(e)| >= 2^-SIGN_BITS * p
-# Triton builds kernels for its interpreter (CPU tensors, one program at a time) when TRITON_INTERPRET=1 at import.
-_INTERPRET = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _version(text):  # "3.6.0+git1234" -> (3, 6)
@@ -99,7 +86,6 @@ def kernel_problem():
     return None
 
 
-_jit = triton.jit if triton is not None else (lambda fn: fn)
 if triton is not None:  # module globals that jit code reads must be constexprs
     _SIGN_SCALE = tl.constexpr(2.0**SIGN_BITS)
     # the clamp as one min.xorsign.abs PTX instruction, and |s| as abs.f32: NVIDIA sm_86 and newer (_check_gpu turns
@@ -116,11 +102,10 @@ def has_xorsign(backend, arch):
 # query rows and BLOCK_N key rows. Chosen from sm_90 compile reports (python bench.py --sm90): for head dims 64 and 128,
 # no register spills and every Hopper wgmma at least 64 wide (narrower head dims make narrower dots); the GPU's
 # autotuner picks among them by timing. At 256 the backward's dK and dV accumulators alone fill the registers: it
-# spills whatever the tiles, so the fast path is head dims up to 128. Triton 3.6 (torch 2.11's) allocates registers
-# differently: its one-pass backward at head dim 128 spills 280-590 bytes in the (64, 128) tiles, softmax's as much,
-# so (32, 128, 8, 2), which spills in neither Triton 3.6 nor 3.9, is a candidate there too, although its dQ matmul
-# (32 query rows) runs on mma.sync. (64, 64, 8, 2) spills in neither either, but runs 40% more instructions per score.
-# Only timing can rank them against the spilling tiles.
+# spills whatever the tiles, so the fast path is head dims up to 128. The one-pass backward at 128 cannot have both:
+# its (64, 128) tiles spill under some Triton versions (and softmax's with them: not the signs' doing), so it gets the
+# two tiles that spill under none measured, (32, 128, 8, 2), whose dQ matmul (32 query rows) runs on mma.sync, and
+# (64, 64, 8, 2), which runs more instructions per score; only timing can rank them. BENCHMARKS.md lists the figures.
 TILES = {
     "fwd": {16: [(64, 64, 4, 3), (128, 64, 8, 3)], 32: [(64, 64, 4, 3), (128, 64, 8, 3)],
             64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
@@ -134,7 +119,7 @@ TILES = {
 }
 TILES["dkdv"] = TILES["bwd"]  # the two-pass backward's first kernel: the one-pass kernel without dQ
 # GPUs with ~99 KB of shared memory per block (sm_86, sm_89, sm_120: RTX 3090/4090/5090, A10, L4, L40S) fit none of
-# the head dim 128 tiles above; these fit there and spill no registers (sm_86 compile reports under Triton 3.8).
+# the head dim 128 tiles above; these fit there and spill no registers (chosen from sm_86 compile reports).
 SMALL_TILES = {"fwd": {128: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3)]},
                "bwd": {128: [(32, 64, 8, 2), (32, 64, 4, 2)]},
                "dq": {128: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)]}}
@@ -172,9 +157,9 @@ def shared_memory_bytes(kind, block_m, block_n, num_stages, block_d, itemsize):
     """What a config keeps in shared memory: num_stages copies of the two tiles its loop streams, plus the tiles that
     stay (the forward's Q; the backward's K and V; the dQ pass's Q and dO) and, in the one-pass backward ("bwd"; "dkdv"
     is the two-pass backward's first kernel), the (BLOCK_M, BLOCK_N) dS tile twice on its way to the dQ dot.
-    Accumulators live in registers. Within 2 KB of the sm_90 compiler's figure (bench.py --sm90 prints both), but for
-    the one-pass backward at head dim 128: 112 KB for (64, 64, 8, 2), which takes 129 KB, and for (32, 128, 8, 2),
-    which takes 104 KB. A tile that does not fit fails its first-use check and is dropped."""
+    Accumulators live in registers. An estimate, close to the sm_90 compiler's figure but for the one-pass backward's
+    tiles at head dim 128, where it is off either way (bench.py --sm90 prints both; BENCHMARKS.md lists them): a tile
+    let through that does not fit fails its first-use check and is dropped."""
     streamed, resident = {
         "fwd": (2 * block_n, block_m),
         "bwd": (2 * block_m, 2 * block_n + 2 * block_m * block_n // block_d),
@@ -210,10 +195,10 @@ def _shape(config):
     return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
 
-# The tile-by-tile first-use check of cog_kernel's chooser. Each kernel a configuration runs is checked in the order it
-# runs, with every tile autotuning may pick for it, pinned one at a time (no autotuning), on the outputs it computes
-# (the forward's o; the one-pass backward's dq, dk, dv; the two-pass dk, dv, then dq). The tiles that pass are kept in
-# checked_tiles, where _prune_configs finds them: autotuning never picks a tile that gave wrong numbers.
+# The tile-by-tile first-use check of the chooser (cog_attention.py). Each kernel a configuration runs is checked in
+# the order it runs, with every tile autotuning may pick for it, pinned one at a time (no autotuning), on the outputs
+# it computes (the forward's o; the one-pass backward's dq, dk, dv; the two-pass dk, dv, then dq). The tiles that pass
+# are kept in checked_tiles, where _prune_configs finds them: autotuning never picks a tile that gave wrong numbers.
 JUDGED = {"fwd": ("output",), "bwd": ("dq", "dk", "dv"), "dkdv": ("dk", "dv"), "dq": ("dq",)}
 checked_tiles = {}  # _checked_key(...) -> the tiles that passed
 
@@ -303,8 +288,8 @@ def _block_and_head(num_blocks, CAUSAL: tl.constexpr):
 @_jit
 def _magnitude(qk):
     """|q . k| (fp32): softmax runs over it. As a PTX abs.f32, which ptxas folds into the exp2's multiply-add as an
-    operand modifier; Triton lowers tl.abs to a bitwise and, which CUDA 12.8's ptxas (Triton 3.6's) keeps as one more
-    instruction per score in the backward (the 13.x one folds both)."""
+    operand modifier; Triton lowers tl.abs to a bitwise and, which older ptxas versions keep as one more instruction
+    per score (BENCHMARKS.md)."""
     if XORSIGN:
         return tl.inline_asm_elementwise("abs.f32 $0, $1;", "=r,r", [qk], dtype=tl.float32, is_pure=True, pack=1)
     return tl.abs(qk)
@@ -621,7 +606,7 @@ def kernels(docs=False):
     return dict(fwd=_fwd, bwd=_bwd_one_pass, dkdv=_bwd_dkdv, dq=_dq_pass)
 
 
-# --- launchers, wrapped as torch custom ops: opaque to torch.compile (no graph break), autograd through the backward op
+# --- launchers: forward and backward (at the end) are what cog_attention.py's chooser calls
 
 
 def _strides(*tensors):  # the (b, h, t) strides of each tensor; the head dim must have unit stride
@@ -630,7 +615,7 @@ def _strides(*tensors):  # the (b, h, t) strides of each tensor; the head dim mu
 
 def _tma_ready(t):
     """A copy of t where the tensor descriptors could not read it: TMA needs a 16-byte aligned start and 16-byte
-    multiples for the batch, head and row strides (the head dim itself is padded by cog_attention_triton)."""
+    multiples for the batch, head and row strides (the head dim itself is padded by pad_rows)."""
     size = t.element_size()
     aligned = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
         stride * size % 16 == 0 for stride, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
@@ -739,86 +724,16 @@ def attention_backward(do, q, k, v, o, lse, causal, scale, deterministic, docs=N
     return dq, dk, dv
 
 
-@torch.library.custom_op("nanocog::cog_attention_fwd", mutates_args=())
-def _cog_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                       deterministic: bool, docs: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, causal, scale, docs)
-
-
-@_cog_attention_fwd.register_fake
-def _(q, k, v, causal, scale, deterministic, docs):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-
-@torch.library.custom_op("nanocog::cog_attention_bwd", mutates_args=())
-def _cog_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                       lse: torch.Tensor, causal: bool, scale: float, deterministic: bool,
-                       docs: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(do, q, k, v, o, lse, causal, scale, deterministic, docs)
-
-
-@_cog_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, causal, scale, deterministic, docs):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, ctx.causal, ctx.scale, ctx.deterministic, docs = inputs
-    ctx.save_for_backward(q, k, v, *output, docs)
-
-
-def _backward(ctx, do, dlse):  # lse is an internal output: its gradient is ignored
-    q, k, v, o, lse, docs = ctx.saved_tensors
-    dq, dk, dv = _cog_attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.deterministic, docs)
-    return dq, dk, dv, None, None, None, None
-
-
-_cog_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def cog_attention_triton(q, k, v, causal=False, scale=None, deterministic=None, doc_ids=None):
-    """The fused kernel: (B, H, Tq, D) in q's dtype; fp16, bf16 (GPU only) or fp32, any head dim up to 256.
-    deterministic: a bit-reproducible backward (two passes, no atomic adds; slower); None follows
-    torch.are_deterministic_algorithms_enabled(). doc_ids: see cog_attention."""
-    check_attention_inputs(q, k, v, doc_ids)
-    problem = kernel_problem()
-    if problem:
-        raise RuntimeError(f"cog_attention_triton: {problem}")
-    D = q.size(-1)
-    if D > MAX_HEAD_DIM:
-        raise ValueError(f"cog_attention_triton: head dim {D} is not supported, at most {MAX_HEAD_DIM}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"cog_attention_triton: dtype {q.dtype} is not supported, only float16, bfloat16, float32")
-    if not q.is_cuda and not (_INTERPRET and q.device.type == "cpu"):
-        raise ValueError(f"cog_attention_triton: tensors on {q.device} need CUDA (CPU tensors run in Triton's "
-                         "interpreter, which needs TRITON_INTERPRET=1 set before triton is imported)")
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        raise ValueError("cog_attention_triton: bfloat16 is not supported in Triton's interpreter (its bf16 dots are wrong)")
-    if q.size(2) * D >= 2**31:
-        raise ValueError(f"cog_attention_triton: {q.size(2)} queries of head dim {D} overflow the kernel's 32-bit "
-                         "offsets")
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    if scale == 0:  # every logit is 0, so every weight is sign(0) * p = 0
-        return cog_attention_reference(q, k, v, causal, scale, doc_ids)
-    if scale < 0:  # the kernels need c > 0 (sign(s) = sign(q . k)): move the sign into q, exactly
-        q, scale = -q, -scale
-    docs = None if doc_ids is None else document_table(doc_ids)
-    o = _cog_attention_fwd(*(pad_rows(t) for t in (q, k, v)), bool(causal), scale, bool(deterministic), docs)[0]
-    return o[..., :D]
-
-
 def forward(q, k, v, causal, scale, doc_ids, tile):
-    """o and lse, for cog_kernel's chooser: its forward signature (tile: the {kind: tile} to pin, or None to autotune),
-    scale > 0."""
+    """o and lse, for the chooser (cog_attention.py): its forward signature (tile: the {kind: tile} to pin, or None to
+    autotune), scale > 0."""
     docs = None if doc_ids is None else document_table(doc_ids)
     o, lse = attention_forward(*(pad_rows(t) for t in (q, k, v)), causal, scale, docs, tiles=tile)
     return o[..., :q.size(-1)], lse
 
 
 def backward(do, q, k, v, o, lse, causal, scale, deterministic, doc_ids, tile):
-    """dq, dk, dv, for cog_kernel's chooser: its backward signature."""
+    """dq, dk, dv, for the chooser (cog_attention.py): its backward signature."""
     docs = None if doc_ids is None else document_table(doc_ids)
     grads = attention_backward(*(pad_rows(t) for t in (do, q, k, v, o)), lse, causal, scale, deterministic, docs,
                                tiles=tile)

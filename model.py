@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cog_kernel import causal_mask, cog_attention, document_mask
+from cog_attention import cog_attention
+from cog_kernel import causal_mask, document_mask
 
 # -----------------------------------------------------------------------------
 # attention: q (B, nh, Tq, hs), k and v (B, nh, Tk, hs) -> (B, nh, Tq, hs). causal masks are aligned to the end (query
@@ -27,8 +28,8 @@ from cog_kernel import causal_mask, cog_attention, document_mask
 def cog_attn(q, k, v, causal, doc_ids=None):
     """Cog attention. With scores s = q k^T / sqrt(hs) (masked keys left out of the row), the weights are
         w = sign(s) * softmax(|s|)
-    so a key can add its value or subtract it, and each row's |w| sums to one; y = w v. cog_kernel.cog_attention runs
-    a fused Triton kernel (forward and backward) on a GPU and its PyTorch reference elsewhere."""
+    so a key can add its value or subtract it, and each row's |w| sums to one; y = w v. cog_attention.cog_attention
+    runs a fused Triton kernel (forward and backward) on a GPU and its PyTorch reference elsewhere."""
     return cog_attention(q, k, v, causal=causal, doc_ids=doc_ids)
 
 

@@ -20,7 +20,7 @@ from authors import authors_to_nanocog, load_cogformer
 from checkpoint import load_checkpoint
 from data import prepare_lm
 from logs import read_log
-from model import Cogformer, document_ids
+from model import document_ids
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 BOS, EOS = 1, 2  # Llama-2's

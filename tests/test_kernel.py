@@ -1,7 +1,7 @@
 """
-Tests of the fused Cog attention kernels (the tuned tier, cog_attention_triton, and the compact tier,
+Tests of the fused Cog attention kernels (the tuned tier, cog_attention(backend="tuned"), and the compact tier,
 cog_attention(backend="compact")) against the reference, and of cog_attention's backend chooser:
-`python -m pytest test_kernel.py`.
+`python -m pytest tests/test_kernel.py`.
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter (small shapes, fp32 and fp16; its bf16 dots are
 wrong). The GPU tests (bf16/fp16 at realistic shapes, torch.compile) run only where CUDA is available.
@@ -21,9 +21,11 @@ if not torch.cuda.is_available():
     # Triton reads this when it is first imported (by cog_kernel here), so it must come before that import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import cog_attention as chooser  # noqa: E402
 import cog_kernel  # noqa: E402
 import cog_kernel_tuned  # noqa: E402
-from cog_kernel import cog_attention, cog_attention_reference, cog_attention_triton  # noqa: E402
+from cog_attention import cog_attention  # noqa: E402
+from cog_kernel import cog_attention_reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -100,11 +102,15 @@ def rel_l2(x, ref):
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
 
 
+def tuned(q, k, v, causal=False, scale=None, deterministic=None, doc_ids=None):
+    return cog_attention(q, k, v, causal, scale, deterministic, doc_ids, backend="tuned")
+
+
 def compact(q, k, v, causal=False, scale=None, deterministic=None, doc_ids=None):
     return cog_attention(q, k, v, causal, scale, deterministic, doc_ids, backend="compact")
 
 
-TIERS = {"tuned": cog_attention_triton, "compact": compact}
+TIERS = {"tuned": tuned, "compact": compact}
 tiers = pytest.mark.parametrize("tier", list(TIERS))
 
 
@@ -154,11 +160,11 @@ def test_matches_reference(B, H, Tq, Tk, D, dtype, scale, causal, tier):
 @cpu
 @tiers
 @pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 16), (64, 64)])
-def test_other_block_shapes(block_m, block_n, tier, monkeypatch):
-    """The other tests use BLOCK_M < BLOCK_N; the loop bounds must hold for the other shapes too."""
+def test_other_block_shapes(block_m, block_n, tier, fresh_chooser, monkeypatch):
+    """The other tests use BLOCK_M < BLOCK_N; the loop bounds must hold for the other shapes too. (A fresh chooser:
+    it keeps the tiles it checked.)"""
     tile = (block_m, block_n, 1, 1)
     monkeypatch.setattr(cog_kernel, "INTERPRETER_TILES", {kind: [tile] for kind in ("fwd", "dkdv", "dq", "delta")})
-    monkeypatch.setattr(cog_kernel, "_verdicts", {})  # the chooser keeps the tile it checked
     with blocks(block_m, block_n):
         for Tq, Tk in ((37, 37), (21, 70), (1, 33)):
             for causal in (False, True):
@@ -219,28 +225,27 @@ def test_tiny_logits_keep_their_sign(dtype, tier):
 
 @cpu
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_deterministic_backward(causal, monkeypatch):
+def test_deterministic_backward(causal, fresh_chooser, monkeypatch):
     """deterministic=True runs the two-pass backward (the dQ pass, no atomic adds): the same gradients as the one-pass
     backward and the reference; torch.use_deterministic_algorithms switches it on by default."""
     passes = []
     monkeypatch.setattr(cog_kernel_tuned, "_dq_pass", spy_on(cog_kernel_tuned._dq_pass, passes))
     q, k, v, do = make_inputs(2, 1, 27, 35, 32, torch.float32)
-    one_pass = run(cog_attention_triton, q, k, v, do, causal=causal)
+    one_pass = run(tuned, q, k, v, do, causal=causal)  # (its first-use check too)
     assert passes == []
-    check(q, k, v, do, TOL[torch.float32], causal=causal, deterministic=True)
-    assert len(passes) == 1
-    two_pass = run(cog_attention_triton, q, k, v, do, causal=causal, deterministic=True)
+    check(q, k, v, do, TOL[torch.float32], causal=causal, deterministic=True)  # the first use also runs the check
+    launched = len(passes)
+    two_pass = run(tuned, q, k, v, do, causal=causal, deterministic=True)
+    assert launched > 2 and len(passes) == launched + 1
     for x, y in zip(one_pass[1:], two_pass[1:]):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     previous = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        run(cog_attention, q, k, v, do, causal=causal, backend="tuned")  # the first use also runs the check
-        launched = len(passes)
-        run(cog_attention, q, k, v, do, causal=causal, backend="tuned")
+        run(tuned, q, k, v, do, causal=causal)
     finally:
         torch.use_deterministic_algorithms(previous)
-    assert launched > 2 and len(passes) == launched + 1
+    assert len(passes) == launched + 2
 
 
 def spy_on(kernel, calls):
@@ -327,7 +332,7 @@ def test_document_mask_matches_reference(Tq, Tk, lengths, dtype, causal, determi
 @pytest.mark.parametrize("deterministic", [False, True], ids=["one-pass", "two-pass"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("poisoned", [0, 1], ids=["first-NaN", "second-NaN"])
-def test_document_mask_skips_other_documents(poisoned, causal, deterministic):
+def test_document_mask_skips_other_documents(poisoned, causal, deterministic, fresh_chooser):
     """Blocks wholly in other documents are skipped, not just masked: one of two 64-token documents has NaN keys,
     values and queries, and with 64 x 64 tiles nothing of it may reach the other document's output or gradients (a
     masked tile still multiplies its values: NaN would get through)."""
@@ -337,7 +342,7 @@ def test_document_mask_skips_other_documents(poisoned, causal, deterministic):
         t[:, :, bad] = float("nan")
     doc_ids = torch.repeat_interleave(torch.arange(2), 64)[None]
     with blocks(64, 64):
-        got = run(cog_attention_triton, q, k, v, do, causal=causal, deterministic=deterministic, doc_ids=doc_ids)
+        got = run(tuned, q, k, v, do, causal=causal, deterministic=deterministic, doc_ids=doc_ids)
     want = reference64(*(t[:, :, good] for t in (q, k, v, do)), causal=causal)  # the other document alone
     for name, x, ref in zip(("o", "dq", "dk", "dv"), got, want):
         assert max_err(x[:, :, good], ref) < TOL[torch.float32], name
@@ -345,9 +350,10 @@ def test_document_mask_skips_other_documents(poisoned, causal, deterministic):
 
 @cpu
 def test_torch_compile_cpu():
-    """The custom ops trace with fake tensors and autograd: fullgraph compile (aot_eager on CPU) matches eager."""
+    """The chooser's custom ops trace with fake tensors and autograd: fullgraph compile (aot_eager on CPU) of the tuned
+    tier, asked for by name, matches eager."""
     q, k, v, do = make_inputs(1, 2, 20, 20, 16, torch.float32)
-    f = lambda q, k, v: cog_attention_triton(q * 0.5, k, v, causal=True) * 2.0  # noqa: E731
+    f = lambda q, k, v: cog_attention(q * 0.5, k, v, causal=True, backend="tuned") * 2.0  # noqa: E731
     eager = run(f, q, k, v, do)
     compiled = run(torch.compile(f, backend="aot_eager", fullgraph=True), q, k, v, do)
     for x, y in zip(eager, compiled):
@@ -357,7 +363,7 @@ def test_torch_compile_cpu():
 # --- errors and dispatch (any machine) --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", cog_kernel.BACKENDS)
+@pytest.mark.parametrize("backend", chooser.BACKENDS)
 def test_models_give_the_same_numbers_through_every_backend(backend, monkeypatch):
     """Cogformer (also with document masks) and UViC give the same outputs, parameter gradients and KV-cache
     generations through each backend (chosen by COG_BACKEND, as a user would) as through the reference itself."""
@@ -400,25 +406,25 @@ def test_models_give_the_same_numbers_through_every_backend(backend, monkeypatch
 
 def test_errors_name_the_problem():
     q, k, v, _ = make_inputs(1, 2, 4, 4, 16, torch.float32)
-    with pytest.raises(ValueError, match="head dim 300"):
-        cog_attention_triton(*make_inputs(1, 1, 2, 2, 300, torch.float32)[:3])
-    with pytest.raises(ValueError, match="float64"):
-        cog_attention_triton(q.double(), k.double(), v.double())
+    with pytest.raises(RuntimeError, match="backend 'tuned' cannot run here: .*head dims up to 256, not 300"):
+        tuned(*make_inputs(1, 1, 2, 2, 300, torch.float32)[:3])
+    with pytest.raises(RuntimeError, match="backend 'tuned' cannot run here: .*not torch.float64"):
+        tuned(q.double(), k.double(), v.double())
     with pytest.raises(ValueError, match="dtype"):
-        cog_attention_triton(q, k.half(), v)
+        tuned(q, k.half(), v)
     with pytest.raises(ValueError, match="one device"):
-        cog_attention_triton(q, k.to("meta"), v)
+        tuned(q, k.to("meta"), v)
     with pytest.raises(ValueError, match="same shape"):
-        cog_attention_triton(q, k, v[:, :, :3])
+        tuned(q, k, v[:, :, :3])
     with pytest.raises(ValueError, match="head dims differ"):
-        cog_attention_triton(q[..., :8], k, v)
+        tuned(q[..., :8], k, v)
     with pytest.raises(ValueError, match="Tq <= Tk"):
-        cog_attention_triton(torch.cat([q, q], 2), k, v)
+        tuned(torch.cat([q, q], 2), k, v)
     with pytest.raises(ValueError, match="4-D"):
-        cog_attention_triton(q[0], k, v)
+        tuned(q[0], k, v)
 
 
-def test_prune_keeps_the_listed_tiles_that_fit(monkeypatch):
+def test_prune_keeps_the_listed_tiles_that_fit(fresh_chooser, monkeypatch):  # (no tiles checked yet)
     """Autotuning only tries the tiles TILES lists for the head dim, and only those whose shared memory fits: the
     224 KB (128, 128) forward at head dim 128 fits an H100/H200 (227 KB) and is kept; where none fits, FALLBACK_TILE."""
     Config = cog_kernel_tuned.triton.Config
@@ -451,8 +457,8 @@ def test_autotuning_restarts_the_dq_sum():
 
 @cpu
 def test_bf16_refused_in_interpreter():
-    with pytest.raises(ValueError, match="bfloat16"):
-        cog_attention_triton(*make_inputs(1, 1, 4, 4, 16, torch.bfloat16)[:3])
+    with pytest.raises(RuntimeError, match="backend 'tuned' cannot run here: .*bfloat16"):
+        tuned(*make_inputs(1, 1, 4, 4, 16, torch.bfloat16)[:3])
 
 
 # --- the chooser (any machine: CPU tensors in the interpreter, or CUDA) ------------------------------------------------
@@ -461,7 +467,7 @@ def test_bf16_refused_in_interpreter():
 @pytest.fixture
 def fresh_chooser(monkeypatch):
     """A chooser that has checked nothing yet: each configuration's first use checks (and warns) again."""
-    monkeypatch.setattr(cog_kernel, "_verdicts", {})
+    monkeypatch.setattr(chooser, "_verdicts", {})
     monkeypatch.setattr(cog_kernel_tuned, "checked_tiles", {})
 
 
@@ -470,7 +476,7 @@ def raising(*args):
 
 
 def wrong_forward(name):
-    real = cog_kernel._FORWARD[name]
+    real = chooser._FORWARD[name]
 
     def forward(*args):
         o, lse = real(*args)
@@ -480,16 +486,16 @@ def wrong_forward(name):
 
 def spy_on_forwards(monkeypatch, calls):
     for name in ("tuned", "compact"):
-        real = cog_kernel._FORWARD[name]
-        monkeypatch.setitem(cog_kernel._FORWARD, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+        real = chooser._FORWARD[name]
+        monkeypatch.setitem(chooser._FORWARD, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
 
 
 def test_chooser_skips_a_failing_and_a_wrong_backend(fresh_chooser, monkeypatch):
     """A tier that raises and a tier that returns wrong numbers are each skipped with one warning that names the
     configuration and the error (and, once only the reference is left, its memory); the run goes on with the
     reference's numbers, and the next call of that configuration warns no more."""
-    monkeypatch.setitem(cog_kernel._FORWARD, "tuned", raising)
-    monkeypatch.setitem(cog_kernel._FORWARD, "compact", wrong_forward("compact"))
+    monkeypatch.setitem(chooser._FORWARD, "tuned", raising)
+    monkeypatch.setitem(chooser._FORWARD, "compact", wrong_forward("compact"))
     q, k, v, do = make_inputs(1, 2, 19, 23, 16, torch.float32)
     with pytest.warns(RuntimeWarning) as record:
         got = run(cog_attention, q, k, v, do, causal=True)
@@ -512,8 +518,8 @@ def test_chooser_skips_a_failing_and_a_wrong_backend(fresh_chooser, monkeypatch)
 
 
 def test_backend_asked_for_by_name_raises(fresh_chooser, monkeypatch):
-    monkeypatch.setitem(cog_kernel._FORWARD, "tuned", raising)
-    monkeypatch.setitem(cog_kernel._FORWARD, "compact", wrong_forward("compact"))
+    monkeypatch.setitem(chooser._FORWARD, "tuned", raising)
+    monkeypatch.setitem(chooser._FORWARD, "compact", wrong_forward("compact"))
     q, k, v, _ = make_inputs(1, 2, 9, 9, 16, torch.float32)
     with pytest.raises(RuntimeError, match="backend 'tuned' failed for .* head dim 16: fwd tile .*RuntimeError: out of resources"):
         cog_attention(q, k, v, backend="tuned")
@@ -537,7 +543,7 @@ def test_a_backend_that_fails_later_is_skipped_from_then_on(fresh_chooser, monke
     with a warning, in the backward as in the forward; the gradients come from the reference's."""
     q, k, v, do = make_inputs(1, 2, 19, 23, 16, torch.float32)
     run(cog_attention, q, k, v, do)
-    monkeypatch.setitem(cog_kernel._BACKWARD, "tuned", raising)
+    monkeypatch.setitem(chooser._BACKWARD, "tuned", raising)
     with pytest.warns(RuntimeWarning, match="skipping the tuned backend .*out of resources"):
         got = run(cog_attention, q, k, v, do)
     for name, x, ref in zip(("o", "dq", "dk", "dv"), got, reference64(q, k, v, do)):
@@ -547,6 +553,36 @@ def test_a_backend_that_fails_later_is_skipped_from_then_on(fresh_chooser, monke
     run(cog_attention, q, k, v, do)
     assert calls == ["compact", "compact"]  # its first-use check, then the call
 
+
+def test_a_backend_asked_for_by_name_raises_in_the_backward(fresh_chooser, monkeypatch):
+    """Asked for by name (argument or COG_BACKEND), a backend whose backward fails raises, as in the forward, instead
+    of handing back the reference's gradients; so does one skipped (or forgotten) between its forward and backward.
+    Under auto the same failure is skipped with a warning, and the gradients are the reference's."""
+    q, k, v, do = make_inputs(1, 2, 19, 23, 16, torch.float32)
+    for name in ("tuned", "compact"):
+        run(cog_attention, q, k, v, do, backend=name)  # passes its first-use check
+        monkeypatch.setitem(chooser._BACKWARD, name, raising)
+        with pytest.raises(RuntimeError, match=f"backend '{name}' failed for .*: RuntimeError: out of resources"):
+            run(cog_attention, q, k, v, do, backend=name)
+        monkeypatch.setenv("COG_BACKEND", name)
+        with pytest.raises(RuntimeError, match=f"backend '{name}' failed for .*: RuntimeError: out of resources"):
+            run(cog_attention, q, k, v, do)
+        monkeypatch.delenv("COG_BACKEND")
+    with pytest.warns(RuntimeWarning, match="skipping the tuned backend .*out of resources"):
+        got = run(cog_attention, q, k, v, do)
+    for name, x, ref in zip(("o", "dq", "dk", "dv"), got, reference64(q, k, v, do)):
+        assert max_err(x, ref) < TOL[torch.float32], name
+    key = ("compact", chooser._config(q, False, None, False))
+    passed = chooser._verdicts[key]
+    for verdict, why in (((False, "RuntimeError: out of resources"), "out of resources"), (None, "verdict is gone")):
+        o = cog_attention(*(t.detach().requires_grad_() for t in (q, k, v)), backend="compact")
+        if verdict is None:  # forgotten
+            del chooser._verdicts[key]
+        else:  # an auto call gave up on it
+            chooser._verdicts[key] = verdict
+        with pytest.raises(RuntimeError, match=f"backend 'compact' failed for .*{why}"):
+            o.backward(do)
+        chooser._verdicts[key] = passed
 
 @cpu
 def test_a_tile_that_fails_is_dropped(fresh_chooser, monkeypatch):
@@ -558,11 +594,11 @@ def test_a_tile_that_fails_is_dropped(fresh_chooser, monkeypatch):
     def forward(q, k, v, causal, scale, doc_ids, tile):
         o, lse = real(q, k, v, causal, scale, doc_ids, tile)
         return (o.flip(-1) if tile["fwd"] == tiles[0] else o), lse  # the first tile's numbers are wrong
-    monkeypatch.setitem(cog_kernel._FORWARD, "compact", forward)
+    monkeypatch.setitem(chooser._FORWARD, "compact", forward)
     q, k, v, do = make_inputs(1, 2, 19, 23, 16, torch.float32)
     with pytest.warns(RuntimeWarning, match=r"compact backend, .*: dropped tile \(16, 16\): RuntimeError: wrong numbers"):
         check(q, k, v, do, TOL[torch.float32], tier="compact")
-    assert cog_kernel._verdicts[("compact", cog_kernel._config(q, False, None, False))] == (True, {
+    assert chooser._verdicts[("compact", chooser._config(q, False, None, False))] == (True, {
         kind: tiles[1] for kind in ("fwd", "dkdv", "dq", "delta")})
 
 
@@ -593,7 +629,7 @@ def test_the_tuned_tier_drops_a_bad_tile_and_stays(fresh_chooser, monkeypatch, d
     assert set(launched) == {good, bad}  # the check ran both
     key = cog_kernel_tuned._checked_key(kind, q, 16, True, False)
     assert cog_kernel_tuned.checked_tiles[key] == [good]
-    assert cog_kernel._verdicts[("tuned", cog_kernel._config(q, True, None, deterministic))][0]  # the tier stays
+    assert chooser._verdicts[("tuned", chooser._config(q, True, None, deterministic))][0]  # the tier stays
     for name, x, ref in zip(("o", "dq", "dk", "dv"), got, reference64(q, k, v, do, causal=True)):
         assert max_err(x, ref) < TOL[torch.float32], name
     launched.clear()
@@ -620,7 +656,7 @@ def test_decode_steps_of_few_sequences_take_the_reference(fresh_chooser, monkeyp
     q, k, v, _ = make_inputs(2, 2, 1, 30, 16, torch.float32)
     torch.testing.assert_close(cog_attention(q, k, v, causal=True), cog_attention_reference(q, k, v, causal=True))
     assert calls == []
-    monkeypatch.setattr(cog_kernel, "DECODE_REFERENCE_MAX_HEADS", 3)  # B * H = 4 decode rows: the fused tier
+    monkeypatch.setattr(chooser, "DECODE_REFERENCE_MAX_HEADS", 3)  # B * H = 4 decode rows: the fused tier
     cog_attention(q, k, v, causal=True)
     assert calls[-1] == "tuned"
     calls.clear()
@@ -630,8 +666,8 @@ def test_decode_steps_of_few_sequences_take_the_reference(fresh_chooser, monkeyp
 
 def test_deterministic_reaches_the_backend(fresh_chooser, monkeypatch):
     seen = []
-    real = cog_kernel._BACKWARD["tuned"]
-    monkeypatch.setitem(cog_kernel._BACKWARD, "tuned", lambda *a: seen.append(a[8]) or real(*a))
+    real = chooser._BACKWARD["tuned"]
+    monkeypatch.setitem(chooser._BACKWARD, "tuned", lambda *a: seen.append(a[8]) or real(*a))
     q, k, v, do = make_inputs(1, 2, 19, 23, 16, torch.float32)
     run(cog_attention, q, k, v, do)
     previous = torch.are_deterministic_algorithms_enabled()
@@ -670,7 +706,7 @@ def test_torch_compile_chooses_at_run_time(fresh_chooser, monkeypatch):
     compiled_f = torch.compile(f, backend=counter, fullgraph=True)
     for x, y in zip(eager, run(compiled_f, q, k, v, do)):
         torch.testing.assert_close(x, y)
-    monkeypatch.setitem(cog_kernel._FORWARD, "tuned", raising)
+    monkeypatch.setitem(chooser._FORWARD, "tuned", raising)
     with pytest.warns(RuntimeWarning, match="skipping the tuned backend .*out of resources"):
         again = run(compiled_f, q, k, v, do)
     for x, y in zip(eager, again):
@@ -694,7 +730,7 @@ def test_gpu_matches_reference(B, H, Tq, Tk, D, dtype, causal):
 
 
 def gpu_check(q, k, v, do, **kw):
-    got = run(cog_attention_triton, q, k, v, do, **kw)
+    got = run(tuned, q, k, v, do, **kw)
     want = reference64(q, k, v, do, causal=kw.get("causal", False), doc_ids=kw.get("doc_ids"))
     assert got[0].dtype == q.dtype
     for name, x, ref in zip(("o", "dq", "dk", "dv"), got, want):
@@ -716,7 +752,7 @@ def test_gpu_any_head_dim(D, dtype):
 def test_gpu_deterministic_backward_is_bitwise_reproducible(dtype):
     q, k, v, do = make_inputs(2, 4, 2048, 2048, 128, dtype)
     first = gpu_check(q, k, v, do, causal=True, deterministic=True)
-    second = run(cog_attention_triton, q, k, v, do, causal=True, deterministic=True)
+    second = run(tuned, q, k, v, do, causal=True, deterministic=True)
     for name, x, y in zip(("o", "dq", "dk", "dv"), first, second):
         assert torch.equal(x, y), name
     gpu_check(q, k, v, do, causal=True, deterministic=False)  # the atomic one-pass backward
@@ -747,7 +783,7 @@ def test_gpu_many_heads_and_tiny_logits():
 def test_gpu_fp32_and_small_head_dims(D):
     for dtype in (torch.float32, torch.float16):
         q, k, v, do = make_inputs(2, 2, 300, 513, D, dtype)
-        got, want = run(cog_attention_triton, q, k, v, do, causal=True), reference64(q, k, v, do, causal=True)
+        got, want = run(tuned, q, k, v, do, causal=True), reference64(q, k, v, do, causal=True)
         for name, x, ref in zip(("o", "dq", "dk", "dv"), got, want):
             assert rel_l2(x, ref) < GPU_TOL[dtype], name
 
@@ -758,7 +794,7 @@ def test_gpu_noncontiguous():
     x = torch.randn(B, T, 3 * H * D, device="cuda", dtype=torch.bfloat16)
     q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in x.split(H * D, dim=-1))  # as the model makes them
     do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-    got, want = run(cog_attention_triton, q, k, v, do, causal=True), reference64(q, k, v, do, causal=True)
+    got, want = run(tuned, q, k, v, do, causal=True), reference64(q, k, v, do, causal=True)
     for name, x_, ref in zip(("o", "dq", "dk", "dv"), got, want):
         assert rel_l2(x_, ref) < GPU_TOL[torch.bfloat16], name
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cog_kernel import causal_mask, cog_attention, cog_attention_reference, cog_attention_weights
+from cog_attention import cog_attention
+from cog_kernel import causal_mask, cog_attention_reference, cog_attention_weights
 from model import softmax_attn
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
