@@ -10,14 +10,15 @@ import torch
 
 
 def setup_distributed(device):
-    """Under torchrun, join the process group and take this rank's GPU. Returns (ddp, rank, world_size, device)."""
+    """Under torchrun, join the process group and take this rank's GPU (NCCL), or with --device=cpu stay on the CPU
+    (gloo). Returns (ddp, rank, world_size, device)."""
     if int(os.environ.get("RANK", -1)) == -1:
         return False, 0, 1, device
     from torch.distributed import init_process_group
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    init_process_group(backend=backend)
+    on_gpus = torch.cuda.is_available() and device.startswith("cuda")
+    init_process_group(backend="nccl" if on_gpus else "gloo")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
+    if on_gpus:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
     return True, rank, world_size, device
