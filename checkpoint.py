@@ -268,13 +268,14 @@ def save_run(path, it, model, optimizer, scaler, data_gen, ddp, world_size, **en
                          **entries}, path)
 
 
-def restore_run(checkpoint, model, optimizer, scaler, data_gen, rank, world_size):
+def restore_run(checkpoint, model, optimizer, scaler, data_gen, rank, world_size, shared_data=False):
     """save_run's state back into model, optimizer, scaler and the generators, so the run goes on as if it had not
-    stopped. Returns (the iteration to continue from, the last iteration evaluated, or None if that one is not)."""
+    stopped. shared_data: every rank draws from one stream (see restore_generator_state). Returns (the iteration to
+    continue from, the last iteration evaluated, or None if that one is not)."""
+    it = checkpoint["iter"]
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
     set_rng_state(checkpoint["rng"])
-    restore_generator_state(data_gen, checkpoint["data_rng"], rank, world_size, rank == 0)
-    it = checkpoint["iter"]
+    restore_generator_state(data_gen, checkpoint["data_rng"], rank, world_size, rank == 0, it, shared_data)
     return it, it if checkpoint.get("eval_done", True) else None

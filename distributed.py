@@ -40,11 +40,23 @@ def gather_generator_states(generator, ddp, world_size):
     return states
 
 
-def restore_generator_state(generator, states, rank, world_size, master):
-    if len(states) == world_size:
+def restore_generator_state(generator, states, rank, world_size, master, it, shared=False):
+    """This rank's data generator from the checkpoint's states (one per rank, saved at iteration it). shared: every
+    rank follows one stream (the LM trainer's), so any number of processes continues it. Otherwise each rank has its
+    own: with as many processes as the checkpoint's run each continues its own, and with another number each starts a
+    fresh stream (its seed moved on by the iteration, so no batches of the run's start are repeated)."""
+    if shared:
+        generator.set_state(states[0])
+        if master and any(not torch.equal(s, states[0]) for s in states[1:]):
+            print("note: this checkpoint's ranks drew their batches from streams of their own (an older nanoCog): "
+                  "from here on every rank follows rank 0's")
+    elif len(states) == world_size:
         generator.set_state(states[rank])
-    elif master:
-        print("note: a different number of processes than the checkpoint's: batches are drawn afresh")
+    else:
+        generator.manual_seed(generator.initial_seed() + 1_000_003 * it)
+        if master:
+            print(f"note: {world_size} process(es), the checkpoint's run had {len(states)}: each process draws its "
+                  "batches from a fresh stream")
 
 
 def agree_on_step(loss, stop_requested, ddp):

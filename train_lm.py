@@ -113,10 +113,18 @@ def load_meta(data_dir, master, ddp):
         return json.load(f)
 
 
-def get_batch(data_dir, split, batch_size, block_size, generator, device):
-    """batch_size random windows of the split (nanoGPT's sampler): inputs x and next-token targets y, (B, T)."""
+def draw_windows(data_dir, split, block_size, generator, *shape):
+    """Random starts of windows of block_size + 1 tokens in the split (nanoGPT's sampler), a tensor of this shape."""
+    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+    return torch.randint(len(data) - block_size, shape, generator=generator)
+
+
+def get_batch(data_dir, split, batch_size, block_size, generator, device, ix=None):
+    """batch_size random windows of the split (or those starting at ix, drawn already): inputs x and next-token
+    targets y, (B, T)."""
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")  # fresh: a kept memmap leaks
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    if ix is None:
+        ix = draw_windows(data_dir, split, block_size, generator, batch_size)
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
     if device.startswith("cuda"):  # pinned memory: the copy overlaps with the GPU's work
@@ -224,10 +232,12 @@ def main(argv=None):
                                 device.split(":")[0])
     scaler = make_grad_scaler(device, config.dtype)  # fp16 only: loss scaling
     ctx = autocast_context(device, config.dtype)
-    data_gen = torch.Generator().manual_seed(config.seed + 1 + rank)  # draws the training batches; checkpointed
+    # draws the training batches of every rank (each takes its own): the same batches on any number of processes
+    data_gen = torch.Generator().manual_seed(config.seed + 1)  # checkpointed
     iter_num, evaluated, best_val_loss = 0, None, float("inf")  # evaluated: the last iteration evaluated
     if checkpoint is not None:
-        iter_num, evaluated = restore_run(checkpoint, model, optimizer, scaler, data_gen, rank, world_size)
+        iter_num, evaluated = restore_run(checkpoint, model, optimizer, scaler, data_gen, rank, world_size,
+                                          shared_data=True)
         best_val_loss = checkpoint["best_val_loss"]
         checkpoint = None  # free the memory
     flops_per_iter = model.flops_per_token() * tokens_per_iter
@@ -272,17 +282,21 @@ def main(argv=None):
                 t_last, iters_timed = time.time(), 0
             if iter_num >= config.max_iters:
                 break
-            # one optimizer step of grad_accum micro-batches; DDP all-reduces the gradients after the last one only
+            # one optimizer step of grad_accum micro-batches on each rank; DDP all-reduces the gradients after the last
+            # one only. Every rank draws the windows of all ranks' micro-batches and takes its own, so that a step's
+            # batches do not depend on the number of processes
             t_step, loss_sum = time.time(), torch.zeros((), device=device)
-            x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, data_gen, device)
+            windows = draw_windows(config.data_dir, "train", config.block_size, data_gen, world_size * grad_accum,
+                                   config.batch_size)[rank * grad_accum:(rank + 1) * grad_accum]
+            x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, None, device, windows[0])
             for micro in range(grad_accum):
                 stop.poll()
                 with model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext():
                     with ctx:
                         _, loss = model(x, y, doc_ids=document_ids(x, doc_start) if config.doc_mask else None)
                     if micro < grad_accum - 1:  # the next micro-batch loads while the GPU works on this one
-                        x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, data_gen,
-                                         device)
+                        x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, None, device,
+                                         windows[micro + 1])
                     scaler.scale(loss / grad_accum).backward()
                 loss_sum += loss.detach()
             loss, stop_now = agree_on_step(loss_sum / grad_accum, stop.requested, ddp)
