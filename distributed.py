@@ -1,7 +1,7 @@
 """
-Several processes under torchrun: the process group and each rank's device, the micro-batches each rank runs, and
-what ranks must agree on (the step's mean loss, whether to stop, every rank's data generator state for the checkpoint).
-One process without torchrun is the same code with world size 1.
+Several processes under torchrun: the process group and each rank's device, the micro-batches each rank runs, FSDP's
+sharding of a model, and what ranks must agree on (the step's mean loss, whether to stop, every rank's data generator
+state for the checkpoint). One process without torchrun is the same code with world size 1.
 """
 
 import os
@@ -27,8 +27,35 @@ def setup_distributed(device):
 def micro_steps_per_process(grad_accum, world_size):
     """grad_accum counts micro-batches over all processes, so a step's tokens (or images) do not depend on the GPUs."""
     if grad_accum % world_size:
-        raise SystemExit(f"error: grad_accum ({grad_accum}) must be divisible by the number of GPUs ({world_size})")
+        raise SystemExit(f"error: grad_accum ({grad_accum}) must be divisible by the number of processes "
+                         f"({world_size}): run on a number of GPUs that divides it (a resumed run keeps its own "
+                         "grad_accum), or give a new run another --grad_accum")
     return grad_accum // world_size
+
+
+def fsdp_applies(requested, ddp, master):
+    """--fsdp shards over torchrun's processes; one process without torchrun holds the whole model anyway, so the flag
+    changes nothing there (and says so), which lets a preset ask for FSDP and still run on one GPU."""
+    if requested and not ddp and master:
+        print("note: --fsdp without torchrun: one process holds the whole model, nothing is sharded")
+    return requested and ddp
+
+
+def shard_model(model, blocks, device, dtype):
+    """FSDP2 (torch.distributed.fsdp.fully_shard): each block becomes a unit whose parameters are gathered just before
+    it runs and freed after, then the root takes the rest (embeddings, head, norms). Each process keeps 1/world_size of
+    every parameter, its gradient and its AdamW state. Under --dtype=bfloat16 the gathered weights are bf16 and
+    gradients are reduced in fp32 (the sharded weights stay fp32); the model's inputs are not cast (U-ViC's timesteps
+    keep fp32). Parameters that are on the CPU move to this process's device one block at a time."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.split(":")[0], (torch.distributed.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
+                                  reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
 
 
 def gather_generator_states(generator, ddp, world_size):
