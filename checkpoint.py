@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -97,7 +98,7 @@ def start_or_resume(config, kind, what, argv=None):
     ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
     if not config.resume:
         return config, ckpt_path, None
-    checkpoint = load_checkpoint(ckpt_path)
+    checkpoint = load_checkpoint(ckpt_path, mmap=True)  # every process of a node reads it: one copy in memory
     if checkpoint.get("kind") != kind:
         raise SystemExit(f"error: {ckpt_path} is a {checkpoint.get('kind')!r} checkpoint, not {what}")
     return resume_config(config, checkpoint, ckpt_path, argv), ckpt_path, checkpoint
@@ -193,14 +194,17 @@ class RefusedFile(ValueError):
     """A file that holds more than tensors and plain values: loading it could run code from it."""
 
 
-def load_plain(path, map_location):
+def load_plain(path, map_location, mmap=False):
     """torch.load(weights_only=True): tensors and plain Python values only, so loading never runs code from the file
     (a pickle can name any function to call; this loader refuses all but PyTorch's own safe ones). Raises DamagedFile
     for a truncated or corrupt file, RefusedFile for a file that asks for anything else. Every loader of the project
-    reads through this one."""
+    reads through this one. mmap: map the tensors from the file instead of reading them (torch.save's zip files;
+    others are read)."""
+    mmap = mmap and zipfile.is_zipfile(path)
+
     def load(allowed=()):
         with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     try:
         try:
             return load()
@@ -223,16 +227,17 @@ def load_plain(path, map_location):
         raise DamagedFile(str(err).splitlines()[0].partition(". This is an internal")[0]) from None
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint that save_checkpoint wrote, loaded safely (load_plain). When it is missing or damaged and the
-    previous one is beside it, the message says how to continue from that one."""
+def load_checkpoint(path, map_location="cpu", mmap=False):
+    """A checkpoint that save_checkpoint wrote, loaded safely (load_plain); mmap: its tensors mapped from the file
+    rather than read, so that the processes of one machine share one copy in memory. When it is missing or damaged and
+    the previous one is beside it, the message says how to continue from that one."""
     prev = previous_checkpoint_path(path)
     if not os.path.exists(path):
         if os.path.exists(prev):
             raise SystemExit(f"error: no checkpoint at {path}; {use_previous(path, prev)}")
         raise SystemExit(f"error: no checkpoint at {path} (train first, or point --out_dir at a run's folder)")
     try:
-        return load_plain(path, map_location)
+        return load_plain(path, map_location, mmap)
     except RefusedFile as err:
         raise SystemExit(f"error: {err}") from None
     except DamagedFile as err:
