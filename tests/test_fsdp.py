@@ -140,10 +140,11 @@ def runs(tmp_path_factory, data):
     ddp:       its checkpoint resumed with DDP on 2 processes, with activation checkpointing
     one:       its checkpoint resumed on one process without torchrun (--fsdp, kept from the run, does nothing)
     two_nodes: a fresh FSDP run to the same end, as 2 "nodes" of one process (c10d rendezvous on loopback)
+    kernel:    a fresh FSDP run of 2 iterations with activation checkpointing, Cog attention in the fused kernel
     single:    a fresh run to the same end on one process.
     Returns {name: out_dir}, stop, end, the outputs and the spy's records."""
     root = tmp_path_factory.mktemp("runs")
-    out = {name: str(root / name) for name in ("stopped", "fsdp", "ddp", "one", "two_nodes", "single")}
+    out = {name: str(root / name) for name in ("stopped", "fsdp", "ddp", "one", "two_nodes", "kernel", "single")}
     args = TINY + [f"--data_dir={data}"]
     proc = torchrun("train_lm.py", *args, "--fsdp", "--max_iters=100000", f"--out_dir={out['stopped']}")
     log, deadline = os.path.join(out["stopped"], "log.jsonl"), time.time() + 120
@@ -169,10 +170,12 @@ def runs(tmp_path_factory, data):
                 torchrun("train_lm.py", *resume, "--fsdp=false", "--activation_checkpointing",
                          f"--out_dir={out['ddp']}"),
                 *[torchrun("train_lm.py", *args, "--fsdp", f"--max_iters={end}", f"--out_dir={out['two_nodes']}",
-                           launch=two_nodes) for _node in range(2)]]
+                           launch=two_nodes) for _node in range(2)],
+                torchrun("train_lm.py", *args, "--fsdp", "--activation_checkpointing", "--max_iters=2",
+                         f"--out_dir={out['kernel']}", env={**ENV, "TRITON_INTERPRET": "1", "COG_BACKEND": "tuned"})]
     printed["one"] = quietly(train_lm.main, resume + [f"--out_dir={out['one']}"])
     printed["single"] = quietly(train_lm.main, args + [f"--max_iters={end}", f"--out_dir={out['single']}"])
-    printed["fsdp"], printed["ddp"], *printed["two_nodes"] = finish(*launches)
+    printed["fsdp"], printed["ddp"], *printed["two_nodes"], printed["kernel"] = finish(*launches)
     spied = [json.loads((root / f"spy.{rank}").read_text()) for rank in (0, 1)]
     return {"out": out, "stop": stop, "end": end, "printed": printed, "spied": spied}
 
@@ -245,6 +248,14 @@ def test_a_two_node_launch_trains(runs):
     master = [p for p in runs["printed"]["two_nodes"] if "training a Cogformer" in p]
     assert len(master) == 1 and "2 process(es), 2 micro-batches each" in master[0]
     assert [r["iter"] for r in logged(runs["out"]["two_nodes"]) if "loss" in r] == list(range(runs["end"]))
+
+
+def test_the_fused_cog_kernel_runs_inside_fsdp(runs):
+    """With TRITON_INTERPRET=1 the CPU runs Cog attention in the tuned Triton kernel, through its custom op
+    (nanocog::cog_attention), as a GPU does (COG_BACKEND=tuned: an error, not the reference, if it cannot): inside
+    FSDP's blocks and activation checkpointing's recompute it trains as the reference does on one process, to the
+    kernel's rounding."""
+    assert losses(runs["out"]["kernel"]) == pytest.approx(losses(runs["out"]["single"])[:2], rel=1e-4)
 
 
 # -----------------------------------------------------------------------------
