@@ -438,13 +438,20 @@ def test_the_estimate_s_weights_gradients_and_adamw_state_are_the_parameters_own
     assert shard_numel(torch.empty(3, 4, device="meta"), 8) == 4  # fewer rows than shards: one row each
 
 
-def test_the_diffusion_estimate_counts_its_ema():
-    config = train_diffusion.TrainConfig()
+@pytest.mark.parametrize("preset", list(train_diffusion.PRESETS))
+def test_the_diffusion_estimate_counts_the_parameters_and_the_ema(preset):
+    config = train_diffusion.TrainConfig(**train_diffusion.PRESETS[preset])
     with torch.device("meta"):
         model = train_diffusion.UViC(pick_fields(config, train_diffusion.UViCConfig))
-    plan = Plan(config.batch_size, 257, config.depth, config.embed_dim, 0, "bfloat16", 8, True, 8, ema=True)
-    e = estimate_memory(model, train_diffusion.blocks_of(model), plan)
-    assert e.extra["EMA model"] == 4 * sum(p.numel() for p in model.parameters())
+    params = list(model.parameters())
+    for world_size, fsdp in ((1, False), (4, True)):
+        plan = Plan(config.batch_size, 65, config.depth, config.embed_dim, 0, "bfloat16", world_size, fsdp, 4,
+                    ema=True)
+        e = estimate_memory(model, train_diffusion.blocks_of(model), plan)
+        shards = world_size if fsdp else 1
+        mine = sum(-(-p.shape[0] // shards) * p[0].numel() * 4 for p in params)  # rank 0's
+        assert e.weights == e.gradients == mine and e.optimizer == 2 * mine + 4 * len(params)
+        assert e.extra["EMA model"] == 4 * sum(p.numel() for p in params)  # whole on every process
 
 
 def test_the_1b_and_3b_presets_fit_8_gpus_of_80_gb():
