@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -66,13 +67,15 @@ def fresh_path(path):
 
 # --- a new run never replaces an earlier one, and --resume continues the run it names ---------------------------------
 
-# On --resume every key comes from the checkpoint's config, except these: they change how long the run goes on and
-# how it reports, not what it trains, so given on the command line they override the checkpoint's (and say so).
-RESUME_MAY_CHANGE = ("max_iters", "eval_interval", "eval_iters", "log_interval", "grid_size", "sample_steps")
+# On --resume every key comes from the checkpoint's config, except these: they change how long the run goes on, how
+# it reports and how its work is spread over the GPUs' memory, not what it trains, so given on the command line they
+# override the checkpoint's (and say so).
+RESUME_MAY_CHANGE = ("max_iters", "eval_interval", "eval_iters", "log_interval", "grid_size", "sample_steps", "fsdp",
+                     "activation_checkpointing")
 
 
 # and these, which always come from this command: where the run is, how to treat it, where and how fast to run it
-THIS_COMMAND = ("out_dir", "resume", "overwrite", "device", "compile")
+THIS_COMMAND = ("out_dir", "resume", "overwrite", "device", "compile", "memory_check")
 
 
 def check_new_run(config):
@@ -95,7 +98,7 @@ def start_or_resume(config, kind, what, argv=None):
     ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
     if not config.resume:
         return config, ckpt_path, None
-    checkpoint = load_checkpoint(ckpt_path)
+    checkpoint = load_checkpoint(ckpt_path, mmap=True)  # every process of a node reads it: one copy in memory
     if checkpoint.get("kind") != kind:
         raise SystemExit(f"error: {ckpt_path} is a {checkpoint.get('kind')!r} checkpoint, not {what}")
     return resume_config(config, checkpoint, ckpt_path, argv), ckpt_path, checkpoint
@@ -191,14 +194,17 @@ class RefusedFile(ValueError):
     """A file that holds more than tensors and plain values: loading it could run code from it."""
 
 
-def load_plain(path, map_location):
+def load_plain(path, map_location, mmap=False):
     """torch.load(weights_only=True): tensors and plain Python values only, so loading never runs code from the file
     (a pickle can name any function to call; this loader refuses all but PyTorch's own safe ones). Raises DamagedFile
     for a truncated or corrupt file, RefusedFile for a file that asks for anything else. Every loader of the project
-    reads through this one."""
+    reads through this one. mmap: map the tensors from the file instead of reading them (torch.save's zip files;
+    others are read)."""
+    mmap = mmap and zipfile.is_zipfile(path)
+
     def load(allowed=()):
         with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     try:
         try:
             return load()
@@ -221,16 +227,17 @@ def load_plain(path, map_location):
         raise DamagedFile(str(err).splitlines()[0].partition(". This is an internal")[0]) from None
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint that save_checkpoint wrote, loaded safely (load_plain). When it is missing or damaged and the
-    previous one is beside it, the message says how to continue from that one."""
+def load_checkpoint(path, map_location="cpu", mmap=False):
+    """A checkpoint that save_checkpoint wrote, loaded safely (load_plain); mmap: its tensors mapped from the file
+    rather than read, so that the processes of one machine share one copy in memory. When it is missing or damaged and
+    the previous one is beside it, the message says how to continue from that one."""
     prev = previous_checkpoint_path(path)
     if not os.path.exists(path):
         if os.path.exists(prev):
             raise SystemExit(f"error: no checkpoint at {path}; {use_previous(path, prev)}")
         raise SystemExit(f"error: no checkpoint at {path} (train first, or point --out_dir at a run's folder)")
     try:
-        return load_plain(path, map_location)
+        return load_plain(path, map_location, mmap)
     except RefusedFile as err:
         raise SystemExit(f"error: {err}") from None
     except DamagedFile as err:
@@ -252,29 +259,113 @@ def use_previous(path, prev):
 
 
 def unwrap(model):
-    """The plain module under DDP and torch.compile wrappers, whose state_dict has clean names."""
+    """The plain module under DDP and torch.compile wrappers, whose state_dict has clean names (FSDP shards a model in
+    place: it is its own plain module)."""
     model = model.module if hasattr(model, "module") else model
     return getattr(model, "_orig_mod", model)
 
 
+# --- one checkpoint for every mode: whole tensors on the CPU, the optimizer's state keyed by parameter name ----------
+
+def is_sharded(tensor):
+    """A DTensor: FSDP's shard of a parameter or of its state (torch.distributed.tensor, imported only where used)."""
+    return hasattr(tensor, "device_mesh") and hasattr(tensor, "full_tensor")
+
+
+def whole(tensor, master):
+    """tensor whole and on the CPU for the master's checkpoint (None on the other ranks). A shard of FSDP's (a DTensor)
+    is gathered from every rank first, so every rank calls this for the same tensors in the same order."""
+    if is_sharded(tensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu() if master else None
+
+
+def parameter_names(model, optimizer):
+    """The name of each of the optimizer's parameters, in its order (the positions optimizer.state_dict() keys by)."""
+    names = {p: name for name, p in unwrap(model).named_parameters()}
+    return [names[p] for group in optimizer.param_groups for p in group["params"]]
+
+
+def model_state(model, master):
+    """The model's state_dict, whole (gathered from FSDP's shards) and on the CPU, on the master."""
+    return {k: whole(v, master) for k, v in unwrap(model).state_dict().items()}
+
+
+def optimizer_state(model, optimizer, master):
+    """optimizer.state_dict() with whole tensors on the CPU, keyed by parameter name instead of position: the same for
+    one process, DDP and FSDP on any number of ranks."""
+    names, saved = parameter_names(model, optimizer), optimizer.state_dict()
+    return {"state": {names[i]: {k: whole(v, master) for k, v in state.items()} for i, state in saved["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+
+
+def keyed_by_name(optimizer_state):
+    return any(isinstance(p, str) for group in optimizer_state["param_groups"] for p in group["params"])
+
+
+def load_optimizer_state(model, optimizer, saved):
+    """A checkpoint's optimizer state into optimizer: keyed by name (save_run's) or by position (older checkpoints),
+    each whole tensor cut to this rank's shard where its parameter is sharded (FSDP)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if keyed_by_name(saved):
+        position = {name: i for i, name in enumerate(parameter_names(model, optimizer))}
+        saved = {"state": {position[name]: state for name, state in saved["state"].items()},
+                 "param_groups": [{**g, "params": [position[name] for name in g["params"]]}
+                                  for g in saved["param_groups"]]}
+    state = {i: {k: shard_like(v, params[i]) for k, v in s.items()} for i, s in saved["state"].items()}
+    optimizer.load_state_dict({**saved, "state": state})
+
+
+def shard_like(tensor, param):
+    """A whole tensor from a checkpoint as param is held: this rank's shard of it where param is sharded (one tensor
+    on the device at a time), else as it is (the optimizer moves it to the parameter's device)."""
+    if is_sharded(param) and tensor.shape == param.shape:
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements)
+    return tensor
+
+
+def check_checkpoint_fits(checkpoint, model, ckpt_path):
+    """Before anything is written: the checkpoint's weights and optimizer state must be those of model (built from the
+    checkpoint's config, on the meta device will do): the same names and shapes."""
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in checkpoint["model"].items()}
+    problems = [f"{k} is {theirs[k]}, this model's {ours[k]}" for k in ours if k in theirs and theirs[k] != ours[k]]
+    problems += [f"it lacks {k}" for k in ours if k not in theirs] + [f"it has {k}, which this model lacks"
+                                                                        for k in theirs if k not in ours]
+    names = [name for name, _ in model.named_parameters()]
+    saved = [p for group in checkpoint["optimizer"]["param_groups"] for p in group["params"]]
+    if not problems and (sorted(saved) != sorted(names) if keyed_by_name(checkpoint["optimizer"])
+                         else len(saved) != len(names)):
+        problems.append(f"its optimizer holds {len(saved)} parameters, not this model's {len(names)}")
+    if problems:
+        raise SystemExit(f"error: {ckpt_path} does not fit this run: {problems[0]}"
+                         + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+
+# --- a run's state: saved by every rank together, restored into any number of ranks ----------------------------------
+
 def save_run(path, it, model, optimizer, scaler, data_gen, ddp, world_size, **entries):
-    """Every rank calls it (each gives the state of the generator that draws its batches); rank 0 writes path
-    atomically: the model, the optimizer and the loss scaler, the iteration, every RNG state, and the trainer's entries
-    (kind, configs, ...)."""
+    """Every rank calls it (each gives the state of the generator that draws its batches, and under FSDP its shards);
+    rank 0 writes path atomically: the model, the optimizer and the loss scaler, the iteration, every RNG state, and
+    the trainer's entries (kind, configs, ...). Everything is gathered before the file is opened: a stop or a failure
+    while gathering leaves the checkpoint on disk as it was."""
+    master = not ddp or torch.distributed.get_rank() == 0
     data_rng = gather_generator_states(data_gen, ddp, world_size)
-    if not ddp or torch.distributed.get_rank() == 0:
-        save_checkpoint({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "iter": it, "rng": rng_state(), "data_rng": data_rng,
-                         **entries}, path)
+    weights, optimizer_states = model_state(model, master), optimizer_state(model, optimizer, master)
+    if master:
+        save_checkpoint({"model": weights, "optimizer": optimizer_states, "scaler": scaler.state_dict(), "iter": it,
+                         "rng": rng_state(), "data_rng": data_rng, **entries}, path)
 
 
-def restore_run(checkpoint, model, optimizer, scaler, data_gen, rank, world_size):
-    """save_run's state back into model, optimizer, scaler and the generators, so the run goes on as if it had not
-    stopped. Returns (the iteration to continue from, the last iteration evaluated, or None if that one is not)."""
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+def restore_run(checkpoint, model, optimizer, scaler, data_gen, rank, world_size, shared_data=False):
+    """save_run's state back into the optimizer, the scaler and the generators, so the run goes on as if it had not
+    stopped, on any number of ranks (model: as wrapped, for its parameters' names; its weights were loaded before it
+    was placed and wrapped). shared_data: every rank draws from one stream (see restore_generator_state). Returns (the
+    iteration to continue from, the last iteration evaluated, or None if that one is not)."""
+    it = checkpoint["iter"]
+    load_optimizer_state(model, optimizer, checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
     set_rng_state(checkpoint["rng"])
-    restore_generator_state(data_gen, checkpoint["data_rng"], rank, world_size, rank == 0)
-    it = checkpoint["iter"]
+    restore_generator_state(data_gen, checkpoint["data_rng"], rank, world_size, rank == 0, it, shared_data)
     return it, it if checkpoint.get("eval_done", True) else None

@@ -159,8 +159,11 @@ def diffusion_loss(model, x0, generator, prediction="eps", schedule=None, contex
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (and a copy of any buffers)."""
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (and a copy of any buffers); model's may be
+    sharded (FSDP), the EMA's are whole."""
     for e, p in zip(ema.parameters(), model.parameters()):
+        if hasattr(p, "full_tensor"):  # a shard of FSDP's (DTensor): gathered whole (every rank calls this in turn)
+            p = p.full_tensor()
         e.lerp_(p.detach().to(e.dtype), 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)

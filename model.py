@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from cog_attention import cog_attention
 from cog_kernel import causal_mask, document_mask
@@ -77,6 +78,16 @@ def layer_pattern(attn, softmax_layers, n_layer):
         raise ValueError(f"softmax_layers: layer {bad[0]} does not exist in a network of {n_layer} layers")
     keep = {i % n_layer for i in listed}
     return [("softmax" if i in keep else attn) for i in range(n_layer)]
+
+
+def run_block(model, block, *args):
+    """block(*args); with model.activation_checkpointing set (the trainers' --activation_checkpointing) and gradients
+    on, the block's activations are not kept for the backward but recomputed there from its input
+    (torch.utils.checkpoint): the same gradients for about a third more compute. The module tree and state_dict keys
+    do not change."""
+    if model.activation_checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 def document_ids(idx, start_token):
@@ -213,6 +224,7 @@ class DecoderBlock(nn.Module):
 
 
 class Cogformer(nn.Module):
+    activation_checkpointing = False  # recompute each block in the backward (run_block); not part of the config
 
     def __init__(self, config):
         super().__init__()
@@ -257,7 +269,7 @@ class Cogformer(nn.Module):
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.tok_emb(idx)  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache[i] if cache is not None else None, doc_ids)
+            x = run_block(self, block, x, cos, sin, cache[i] if cache is not None else None, doc_ids)
         logits = self.lm_head(self.norm(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
@@ -382,6 +394,7 @@ class ViTBlock(nn.Module):
 
 
 class UViC(nn.Module):
+    activation_checkpointing = False  # recompute each block in the backward (run_block); not part of the config
 
     def __init__(self, config):
         super().__init__()
@@ -437,10 +450,10 @@ class UViC(nn.Module):
         x = torch.cat([*prefix, x], dim=1) + self.pos_embed
         skips = []
         for block in self.in_blocks:
-            x = block(x)
+            x = run_block(self, block, x)
             skips.append(x)
-        x = self.mid_block(x)
+        x = run_block(self, self.mid_block, x)
         for block in self.out_blocks:
-            x = block(x, skips.pop())
+            x = run_block(self, block, x, skips.pop())
         x = self.decoder_pred(self.norm(x))[:, self.extras:]  # drop the time and text tokens: (B, L, p*p*C)
         return self.final_conv(self.unpatchify(x))

@@ -29,14 +29,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from authors import load_uvic
-from checkpoint import make_out_dir, restore_run, save_run
+from checkpoint import check_checkpoint_fits, make_out_dir, restore_run, save_run
 from cli import check_at_least, option, print_config, require
 from data.shapes import (DEMO_PROMPTS, DEMO_WORDS, captioned_shapes_batch, demo_caption_features, demo_prompt_features,
                          parse_demo_prompt, score_shapes, shapes_batch)
 from diffusion import (check_prediction, checkpoint_prediction, diffusion_loss, ema_update, generate, generate_guided,
                        get_schedule, load_cifar10, noise_predictor, save_captioned_grid, save_grid)
-from distributed import agree_on_step, micro_steps_per_process, setup_distributed
+from distributed import agree_on_step, fsdp_applies, micro_steps_per_process, setup_distributed, shard_model
 from logs import MetricsLog, SlowRun, plot_loss_curve
+from memory import Plan, check_fits, estimate_memory
 from model import UViC, UViCConfig
 from stopping import StopNow, StopRequest, run_trainer
 from training import (RunOptions, autocast_context, check_finite, configure_adamw, learning_rate,
@@ -260,6 +261,11 @@ def draw_grid(ema, config, val_data, schedule, ctx, empty_context, decode, grid_
     return {"match": share_matching(samples), "match_unguided": share_matching(draw(0.0))}
 
 
+def blocks_of(model):
+    """A U-ViC's transformer blocks, each an FSDP unit: the in-blocks, the mid-block and the out-blocks."""
+    return [*model.in_blocks, model.mid_block, *model.out_blocks]
+
+
 def check_resumed(config, checkpoint, ckpt_path):
     """A resumed run samples as it was trained: the same prediction and noise schedule."""
     for key, trained_on in (("prediction", checkpoint_prediction(checkpoint)),
@@ -296,6 +302,7 @@ def main(argv=None):
     config, ckpt_path, checkpoint = start_run(TrainConfig, PRESETS, check_config, "diffusion", "a diffusion one", argv)
     ddp, rank, world_size, device = setup_distributed(config.device)  # under torchrun: this rank's GPU
     config.device, master = device, rank == 0  # the master evaluates, logs and writes checkpoints
+    fsdp = fsdp_applies(config.fsdp, ddp, master)  # --fsdp under torchrun: shards, not a replica per GPU
     grad_accum = micro_steps_per_process(config.grad_accum, world_size)  # micro-batches per process in one step
     images_per_iter = config.batch_size * grad_accum * world_size
     schedule = get_schedule(config.noise_schedule)
@@ -311,17 +318,33 @@ def main(argv=None):
     model_config = pick_fields(config, UViCConfig)
     if checkpoint is not None:
         model_config = UViCConfig(**checkpoint["model_config"])
+    with torch.device("meta"):  # the model's shapes without its memory: the checkpoint's check, the memory estimate
+        shapes = UViC(model_config)
+    if checkpoint is not None:
+        check_checkpoint_fits(checkpoint, shapes, ckpt_path)
+    tokens = (model_config.img_size // model_config.patch_size) ** 2 + 1  # the patches and the time token
+    plan = Plan(config.batch_size, tokens + model_config.num_clip_token, model_config.depth, model_config.embed_dim,
+                0, config.dtype, world_size, fsdp, config.grad_accum, config.activation_checkpointing, ema=True)
     if master:
         print_config(config, f"training a U-ViC on {config.dataset}: {world_size} process(es), {grad_accum} "
                              f"micro-batches each, {images_per_iter} images per iteration")
+        print(f"memory per GPU, estimated (docs/lm.md): {estimate_memory(shapes, blocks_of(shapes), plan).describe()}")
+    if config.memory_check:  # on a GPU, a run that would not fit stops here, every rank alike
+        check_fits(shapes, blocks_of(shapes), plan, device, resuming=checkpoint is not None)
+    if master:
         make_out_dir(config.out_dir, move_aside=config.overwrite)
     set_up_torch(config.seed, config.deterministic)  # every rank alike: the same initial weights everywhere
-    model = UViC(model_config).to(device)
+    model = UViC(model_config)  # on the CPU
     if config.init_from and checkpoint is None:  # the authors' released weights; the EMA starts from them too
         model.load_state_dict(authors_weights(config.init_from, model_config))
-    ema = copy.deepcopy(model).requires_grad_(False).eval()  # float32 always; this is the model that samples
+    if checkpoint is not None:  # the run's weights, from the CPU, before the model is placed and sharded
+        model.load_state_dict(checkpoint["model"])
+    # float32 always, whole on every rank (also under FSDP: its update gathers the shards); this model samples
+    ema = copy.deepcopy(model).requires_grad_(False).eval().to(device)
     if checkpoint is not None:
         ema.load_state_dict(checkpoint["ema"])
+    model.activation_checkpointing = config.activation_checkpointing  # recompute each block in the backward
+    flops_per_iter = 6 * model.num_params()["total"] * tokens * images_per_iter
     if master:
         print(f"parameters: {model.num_params()['total']:,} total; blocks: {' '.join(model_config.block_kinds())}")
     empty_context, decode = None, None  # text-to-image: the empty caption's features; latents -> pixels for grids
@@ -331,7 +354,20 @@ def main(argv=None):
         empty_context = empty_context.to(device)
         decode = grid_decoder(config, train_data) if master else None
 
-    # optimizer, precision, the run's state on --resume, then compile and DDP
+    # onto the GPU(s): with --fsdp each block compiled and sharded, then the root; else compiled whole, and DDP
+    if fsdp:
+        if config.compile:  # block by block, as torchtitan does: FSDP's hooks between blocks stay outside compiled code
+            for block in blocks_of(model):
+                block.compile()
+        model = raw_model = shard_model(model, blocks_of(model), device, config.dtype)  # each rank keeps its shards
+    else:
+        model = raw_model = model.to(device)  # raw_model: the EMA's source, without the wrappers
+        if config.compile:
+            model = torch.compile(model)
+        if ddp:
+            model = DDP(model, device_ids=[device] if device.startswith("cuda") else None)
+
+    # optimizer (of the parameters as placed: under FSDP this rank's shards), precision, the run's state on --resume
     optimizer = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
                                 device.split(":")[0])
     scaler = make_grad_scaler(device, config.dtype)  # fp16 only: loss scaling
@@ -342,16 +378,9 @@ def main(argv=None):
     if checkpoint is not None:
         iter_num, evaluated = restore_run(checkpoint, model, optimizer, scaler, gen, rank, world_size)
         checkpoint = None  # free the memory
-    tokens = (model_config.img_size // model_config.patch_size) ** 2 + 1  # the patches and the time token
-    flops_per_iter = 6 * model.num_params()["total"] * tokens * images_per_iter
     slow_run = SlowRun(device, flops_per_iter, f"{images_per_iter} images per step, and each evaluation "
                        f"{config.eval_iters} batches and a {config.grid_size}-image grid of {config.sample_steps} "
                        "sampler steps", master)
-    raw_model = model
-    if config.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[device] if device.startswith("cuda") else None)
 
     # the training loop: a stop (Ctrl-C, SIGTERM) saves the state from the start of the iteration it lands in
     log = MetricsLog(config.out_dir, iter_num if config.resume else None) if master else None  # log.jsonl
@@ -388,11 +417,14 @@ def main(argv=None):
                 t_last, iters_timed = time.time(), 0
             if iter_num >= config.max_iters:
                 break
-            # one optimizer step of grad_accum micro-batches; DDP all-reduces the gradients after the last one only
+            # one optimizer step of grad_accum micro-batches on each rank, from its own generator
             t_step, loss_sum = time.time(), torch.zeros((), device=device)
             for micro in range(grad_accum):
                 stop.poll()
-                with model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext():
+                last = micro == grad_accum - 1  # FSDP and DDP reduce the gradients after the last micro-batch only
+                if fsdp:
+                    model.set_requires_gradient_sync(last)  # until then each rank accumulates whole gradients
+                with model.no_sync() if ddp and not fsdp and not last else nullcontext():
                     x0, context = draw_batch(train_data, config, gen, device, empty_context, config.p_uncond)
                     with ctx:
                         loss = diffusion_loss(model, x0, gen, config.prediction, schedule, context)
@@ -401,7 +433,7 @@ def main(argv=None):
             loss, stop_now = agree_on_step(loss_sum / grad_accum, stop.requested, ddp)
             check_finite(loss, iter_num, ckpt_path)  # before the update: the checkpoint on disk stays the last good one
             optimizer_step(model, optimizer, scaler, config.grad_clip)
-            ema_update(ema, raw_model, config.ema_decay)
+            ema_update(ema, raw_model, config.ema_decay)  # (under FSDP every rank gathers the new weights)
         except StopNow:  # inside the evaluation or the step: nothing of this iteration is kept, --resume redoes it
             gen.set_state(gen_state)
             stop_now = True

@@ -3,6 +3,7 @@ Train a Cogformer language model (arXiv 2411.07176) the way nanoGPT trains GPT-2
 
     python train_lm.py --compile                               # the paper's model on RedPajama, one GPU
     torchrun --standalone --nproc_per_node=8 train_lm.py --compile   # the same on 8 GPUs, no code change
+    torchrun --standalone --nproc_per_node=8 train_lm.py --preset=3b --compile   # 2.9B, sharded with FSDP
     python train_lm.py --preset=demo                           # a small Cogformer on Python's own sources, CPU
     python train_lm.py --preset=demo --attn=softmax --out_dir=out/demo_softmax   # the Transformer baseline
     python train_lm.py --preset=demo --resume                  # continue from out_dir/ckpt.pt, bit for bit
@@ -31,11 +32,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from authors import authors_to_nanocog, load_weights_file
-from checkpoint import make_out_dir, restore_run, save_run
+from checkpoint import check_checkpoint_fits, make_out_dir, restore_run, save_run
 from cli import check_at_least, option, print_config
 from data.prepare_lm import prepare_pystdlib
-from distributed import agree_on_step, micro_steps_per_process, setup_distributed
+from distributed import agree_on_step, fsdp_applies, micro_steps_per_process, setup_distributed, shard_model
 from logs import MetricsLog, SlowRun, plot_loss_curve
+from memory import Plan, check_fits, estimate_memory
 from model import Cogformer, CogformerConfig, document_ids
 from stopping import StopNow, StopRequest, run_trainer
 from training import (RunOptions, autocast_context, check_finite, configure_adamw, learning_rate,
@@ -87,8 +89,9 @@ PRESETS = {
     "600m": dict(n_layer=24, n_head=20, n_embd=1280, ffn_hidden=3840, learning_rate=2.5e-4, min_lr=2.5e-5),
     "1b": dict(n_layer=16, n_head=16, n_embd=2048, ffn_hidden=6144, batch_size=8, grad_accum=64, max_iters=95_367,
                learning_rate=2e-4, min_lr=2e-5),
+    # 3b: a whole replica per GPU (DDP) does not fit 80 GB (docs/lm.md, "Memory per GPU"): FSDP under torchrun
     "3b": dict(n_layer=32, n_head=20, n_embd=2560, ffn_hidden=7680, batch_size=4, grad_accum=128, max_iters=95_367,
-               learning_rate=1.6e-4, min_lr=1.6e-5),
+               learning_rate=1.6e-4, min_lr=1.6e-5, fsdp=True),
 }
 
 
@@ -113,10 +116,18 @@ def load_meta(data_dir, master, ddp):
         return json.load(f)
 
 
-def get_batch(data_dir, split, batch_size, block_size, generator, device):
-    """batch_size random windows of the split (nanoGPT's sampler): inputs x and next-token targets y, (B, T)."""
+def draw_windows(data_dir, split, block_size, generator, *shape):
+    """Random starts of windows of block_size + 1 tokens in the split (nanoGPT's sampler), a tensor of this shape."""
+    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+    return torch.randint(len(data) - block_size, shape, generator=generator)
+
+
+def get_batch(data_dir, split, batch_size, block_size, generator, device, ix=None):
+    """batch_size random windows of the split (or those starting at ix, drawn already): inputs x and next-token
+    targets y, (B, T)."""
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")  # fresh: a kept memmap leaks
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    if ix is None:
+        ix = draw_windows(data_dir, split, block_size, generator, batch_size)
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
     if device.startswith("cuda"):  # pinned memory: the copy overlaps with the GPU's work
@@ -183,6 +194,7 @@ def main(argv=None):
     config, ckpt_path, checkpoint = start_run(TrainConfig, PRESETS, check_config, "lm", "an LM's", argv)
     ddp, rank, world_size, device = setup_distributed(config.device)  # under torchrun: this rank's GPU
     config.device, master = device, rank == 0  # the master evaluates, logs and writes checkpoints
+    fsdp = fsdp_applies(config.fsdp, ddp, master)  # --fsdp under torchrun: shards, not a replica per GPU
     grad_accum = micro_steps_per_process(config.grad_accum, world_size)  # micro-batches per process in one step
     tokens_per_iter = config.batch_size * config.block_size * grad_accum * world_size
 
@@ -204,40 +216,64 @@ def main(argv=None):
             print(f"resuming from {ckpt_path} at iteration {checkpoint['iter']}")
     elif config.init_from:
         model_config, released = released_model(config, meta, master)
+    with torch.device("meta"):  # the model's shapes without its memory: the checkpoint's check, the memory estimate
+        shapes = Cogformer(model_config)
+    if checkpoint is not None:
+        check_checkpoint_fits(checkpoint, shapes, ckpt_path)
+    plan = Plan(config.batch_size, config.block_size, model_config.n_layer, model_config.n_embd,
+                model_config.vocab_size, config.dtype, world_size, fsdp, config.grad_accum,
+                config.activation_checkpointing)
     if master:
         print_config(config, f"training a Cogformer on {config.data_dir} ({meta['tokenizer']} tokens): {world_size} "
                              f"process(es), {grad_accum} micro-batches each, {tokens_per_iter:,} tokens per iteration")
+        print(f"memory per GPU, estimated (docs/lm.md): {estimate_memory(shapes, shapes.blocks, plan).describe()}")
+    if config.memory_check:  # on a GPU, a run that would not fit stops here, every rank alike
+        check_fits(shapes, shapes.blocks, plan, device, resuming=checkpoint is not None)
+    if master:
         make_out_dir(config.out_dir, move_aside=config.overwrite)
     set_up_torch(config.seed, config.deterministic)  # every rank alike: the same initial weights everywhere
-    model = Cogformer(model_config)
+    model = Cogformer(model_config)  # on the CPU
     if released is not None:
         model.load_state_dict(released)
         released = None  # free the memory
-    model = model.to(device)
+    if checkpoint is not None:  # the run's weights, from the CPU, before the model is placed and sharded
+        model.load_state_dict(checkpoint["model"])
+    model.activation_checkpointing = config.activation_checkpointing  # recompute each block in the backward
+    flops_per_iter = model.flops_per_token() * tokens_per_iter
     if master:
         counts = model.num_params()
         print(f"parameters: {counts['total']:,} total, {counts['non_embedding']:,} non-embedding; "
               f"layers: {' '.join(model_config.layer_kinds())}")
 
-    # optimizer, precision, the run's state on --resume, then compile and DDP
+    # onto the GPU(s): with --fsdp each block compiled and sharded, then the root; else compiled whole, and DDP
+    if fsdp:
+        if config.compile:  # block by block, as torchtitan does: FSDP's hooks between blocks stay outside compiled code
+            for block in model.blocks:
+                block.compile()
+        model = eval_model = shard_model(model, model.blocks, device, config.dtype)  # each rank keeps its shards
+    else:
+        model = model.to(device)
+        if config.compile:
+            model = torch.compile(model)
+        eval_model = model  # the master evaluates alone: without the DDP wrapper
+        if ddp:
+            model = DDP(model, device_ids=[device] if device.startswith("cuda") else None)
+
+    # optimizer (of the parameters as placed: under FSDP this rank's shards), precision, the run's state on --resume
     optimizer = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
                                 device.split(":")[0])
     scaler = make_grad_scaler(device, config.dtype)  # fp16 only: loss scaling
     ctx = autocast_context(device, config.dtype)
-    data_gen = torch.Generator().manual_seed(config.seed + 1 + rank)  # draws the training batches; checkpointed
+    # draws the training batches of every rank (each takes its own): the same batches on any number of processes
+    data_gen = torch.Generator().manual_seed(config.seed + 1)  # checkpointed
     iter_num, evaluated, best_val_loss = 0, None, float("inf")  # evaluated: the last iteration evaluated
     if checkpoint is not None:
-        iter_num, evaluated = restore_run(checkpoint, model, optimizer, scaler, data_gen, rank, world_size)
+        iter_num, evaluated = restore_run(checkpoint, model, optimizer, scaler, data_gen, rank, world_size,
+                                          shared_data=True)
         best_val_loss = checkpoint["best_val_loss"]
         checkpoint = None  # free the memory
-    flops_per_iter = model.flops_per_token() * tokens_per_iter
     slow_run = SlowRun(device, flops_per_iter, f"{tokens_per_iter:,} tokens per step, and each evaluation "
                        f"{2 * config.eval_iters} batches of {config.batch_size} x {config.block_size} tokens", master)
-    if config.compile:
-        model = torch.compile(model)
-    eval_model = model  # the master evaluates alone: without the DDP wrapper
-    if ddp:
-        model = DDP(model, device_ids=[device] if device.startswith("cuda") else None)
 
     # the training loop: a stop (Ctrl-C, SIGTERM) saves the state from the start of the iteration it lands in
     log = MetricsLog(config.out_dir, iter_num if config.resume else None) if master else None  # log.jsonl
@@ -261,8 +297,9 @@ def main(argv=None):
         try:
             # evaluate and save, once per iteration (a resumed run's checkpoint says whether it was done)
             if (iter_num % config.eval_interval == 0 or iter_num >= config.max_iters) and evaluated != iter_num:
-                if master:
+                if master or fsdp:  # under FSDP every rank takes part in the forward passes
                     losses = estimate_loss(eval_model, config, ctx, doc_start, stop)
+                if master:
                     best_val_loss = min(best_val_loss, losses["val"])
                     print(f"eval at iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                     log.write(iter=iter_num, tokens=iter_num * tokens_per_iter, train_loss=losses["train"],
@@ -272,17 +309,23 @@ def main(argv=None):
                 t_last, iters_timed = time.time(), 0
             if iter_num >= config.max_iters:
                 break
-            # one optimizer step of grad_accum micro-batches; DDP all-reduces the gradients after the last one only
+            # one optimizer step of grad_accum micro-batches on each rank. Every rank draws the windows of all ranks'
+            # micro-batches and takes its own, so that a step's batches do not depend on the number of processes
             t_step, loss_sum = time.time(), torch.zeros((), device=device)
-            x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, data_gen, device)
+            windows = draw_windows(config.data_dir, "train", config.block_size, data_gen, world_size * grad_accum,
+                                   config.batch_size)[rank * grad_accum:(rank + 1) * grad_accum]
+            x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, None, device, windows[0])
             for micro in range(grad_accum):
                 stop.poll()
-                with model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext():
+                last = micro == grad_accum - 1  # FSDP and DDP reduce the gradients after the last micro-batch only
+                if fsdp:
+                    model.set_requires_gradient_sync(last)  # until then each rank accumulates whole gradients
+                with model.no_sync() if ddp and not fsdp and not last else nullcontext():
                     with ctx:
                         _, loss = model(x, y, doc_ids=document_ids(x, doc_start) if config.doc_mask else None)
-                    if micro < grad_accum - 1:  # the next micro-batch loads while the GPU works on this one
-                        x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, data_gen,
-                                         device)
+                    if not last:  # the next micro-batch loads while the GPU works on this one
+                        x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, None, device,
+                                         windows[micro + 1])
                     scaler.scale(loss / grad_accum).backward()
                 loss_sum += loss.detach()
             loss, stop_now = agree_on_step(loss_sum / grad_accum, stop.requested, ddp)

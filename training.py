@@ -31,7 +31,14 @@ class RunOptions:
     device: str = option("auto", "auto: cuda if there is a GPU, else cpu")
     dtype: Dtype = option("auto", "auto: bfloat16 on GPUs that have it, float16 (with loss scaling) on others, "
                           "float32 on CPU")
-    compile: bool = option(False, "torch.compile the model")
+    compile: bool = option(False, "torch.compile the model (with --fsdp: each block)")
+    fsdp: bool = option(False, "under torchrun: shard the weights, gradients and AdamW state across the processes "
+                        "(FSDP2, one unit per block) instead of a whole replica per GPU (DDP); without torchrun: "
+                        "nothing to shard, the run says so and trains as usual")
+    activation_checkpointing: bool = option(False, "keep only each block's input for the backward and recompute the "
+                                            "rest there: far less activation memory for about a third more compute")
+    memory_check: bool = option(True, "on a GPU, stop before the first step when the memory estimate does not fit "
+                                "(false: start anyway)")
     deterministic: bool = option(False, "bit-reproducible GPU runs (slower): deterministic algorithms, two-pass Cog "
                                  "backward")
     seed: int = 1337
@@ -58,6 +65,8 @@ def start_run(config_cls, presets, check_config, kind, what, argv=None):
     config, ckpt_path, checkpoint = start_or_resume(config, kind, what, argv)
     config.device = resolve_device(config.device)
     config.dtype = resolve_dtype(config.dtype, config.device)
+    require(not (config.fsdp and config.dtype == "float16"), "--fsdp trains in bfloat16 or float32, not float16 (its "
+            "loss scaling is not sharded here): use --dtype=bfloat16 on a GPU that has it, or --dtype=float32")
     return config, ckpt_path, checkpoint
 
 

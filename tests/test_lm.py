@@ -274,7 +274,7 @@ def fixed_batches(monkeypatch, module, rows):
     size; the evaluation's batches (no gradients) are rows' first ones."""
     served = []
 
-    def get_batch(data_dir, split, batch_size, block_size, generator, device):
+    def get_batch(data_dir, split, batch_size, block_size, generator, device, ix=None):
         start = 0 if not torch.is_grad_enabled() else sum(served) % len(rows)
         if torch.is_grad_enabled():
             served.append(batch_size)
