@@ -1,6 +1,6 @@
 """
-Attention benchmarks: the fused Cog kernel against PyTorch's softmax attention (flash backend), a softmax twin of our
-own kernels, and the naive Cog reference.
+Attention benchmarks: the fused Cog kernels against PyTorch's softmax attention (flash backend), FlexAttention (Cog
+as two compiled flex_attention calls, softmax as one), a softmax twin of our own kernels, and the naive Cog reference.
 
 On a GPU, forward and forward+backward at a fixed number of tokens per batch (B * T):
 
@@ -49,10 +49,11 @@ import types
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import cog_kernel
 import cog_kernel_tuned
-from cog_attention import cog_attention
+from cog_attention import DECODE_REFERENCE_MAX_HEADS, cog_attention
 from cog_kernel import cog_attention_reference, padded_head_dim, tl
 from cog_kernel_tuned import TILES, shared_memory_bytes
 from model import CogformerConfig
@@ -62,6 +63,11 @@ try:  # torch >= 2.3
     flash_only = lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)  # noqa: E731
 except ImportError:
     flash_only = contextlib.nullcontext
+try:  # torch >= 2.9 asks for flex_attention's log-sum-exp this way (return_lse is deprecated there)
+    from torch.nn.attention.flex_attention import AuxRequest
+    FLEX_LSE = dict(return_aux=AuxRequest(lse=True))
+except ImportError:
+    FLEX_LSE = dict(return_lse=True)
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 # the jit function of each TILES kind
 KERNELS = {"fwd": "_cog_fwd", "bwd": "_cog_bwd", "dkdv": "_cog_bwd", "dq": "_cog_bwd_dq"}
@@ -122,7 +128,9 @@ def softmax_attention_twin(q, k, v, causal=False, scale=None, twin=None, determi
 
 
 # -----------------------------------------------------------------------------
-# GPU timings
+# timings: on a GPU (the report's dry run takes the same path on the CPU, at tiny sizes)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def sdpa_softmax(q, k, v, causal=False):
@@ -133,36 +141,50 @@ def sdpa_softmax(q, k, v, causal=False):
 @functools.lru_cache(maxsize=16)
 def causal_block_mask(Tq, Tk, device):
     """FlexAttention's block mask of the causal mask, made once per shape: query i sees key j <= i + Tk - Tq."""
-    from torch.nn.attention.flex_attention import create_block_mask
     return create_block_mask(lambda b, h, i, j: j <= i + (Tk - Tq), None, None, Tq, Tk, device=device)
 
 
-def flex_cog_attention(q, k, v, causal=False, flex=None):
-    """Cog attention as a user would write it with PyTorch's FlexAttention instead of a kernel: one call over the
-    positive logits and one over the negative ones (the others -inf), each softmax over |s|, combined through their
-    log-sum-exps Z = exp(lse):  o = (Z+ O+ - Z- O-) / (Z+ + Z-). An exact zero logit counts as positive (Cog gives it
-    weight 0; the kernels do). flex: flex_attention itself, or a torch.compile'd one (what runs fast on a GPU)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    flex = flex or flex_attention
-    Tq, Tk = q.size(2), k.size(2)
-    block_mask = causal_block_mask(Tq, Tk, str(q.device)) if causal else None
+def flex_cog_pair(q, k, v, block_mask):
+    """Cog attention as two FlexAttention calls, one over the positive logits and one over the negative ones (the others
+    -inf), each a softmax over |s|, combined through their log-sum-exps Z = exp(lse): o = (Z+ O+ - Z- O-) / (Z+ + Z-).
+    An exact zero logit counts as positive (Cog gives it weight 0; the kernels do). attention_functions compiles this
+    whole function, as a user would: one graph with both calls and the combination."""
     positive = lambda score, b, h, i, j: torch.where(score >= 0, score, float("-inf"))  # noqa: E731
     negative = lambda score, b, h, i, j: torch.where(score < 0, -score, float("-inf"))  # noqa: E731
-    try:  # torch >= 2.9 asks for the lse this way (return_lse is deprecated)
-        from torch.nn.attention.flex_attention import AuxRequest
-        want_lse = dict(return_aux=AuxRequest(lse=True))
-    except ImportError:
-        want_lse = dict(return_lse=True)
-    (o_pos, aux_pos), (o_neg, aux_neg) = (flex(q, k, v, score_mod=mod, block_mask=block_mask, **want_lse)
-                                          for mod in (positive, negative))
-    lse_pos, lse_neg = (getattr(aux, "lse", aux) for aux in (aux_pos, aux_neg))
+    o_pos, aux_pos = flex_attention(q, k, v, score_mod=positive, block_mask=block_mask, **FLEX_LSE)
+    o_neg, aux_neg = flex_attention(q, k, v, score_mod=negative, block_mask=block_mask, **FLEX_LSE)
+    lse_pos = aux_pos.lse if "return_aux" in FLEX_LSE else aux_pos
+    lse_neg = aux_neg.lse if "return_aux" in FLEX_LSE else aux_neg
     # a row with no positive (or no negative) logit has lse = -inf there: its weight exp(lse - m) is 0
     m = torch.maximum(lse_pos, lse_neg)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows that see no key at all: o = 0
     z_pos, z_neg = torch.exp(lse_pos - m).unsqueeze(-1), torch.exp(lse_neg - m).unsqueeze(-1)
     numerator = torch.where(z_pos > 0, z_pos * o_pos, 0.0) - torch.where(z_neg > 0, z_neg * o_neg, 0.0)
     return (numerator / (z_pos + z_neg).clamp_min(torch.finfo(z_pos.dtype).tiny)).to(q.dtype)
+
+
+def flex_softmax_call(q, k, v, block_mask):
+    """Softmax attention through FlexAttention (no score_mod): the yardstick for flex_cog_pair."""
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def flex_cog_attention(q, k, v, causal=False, pair=flex_cog_pair):
+    """Cog attention (B, H, Tq, D) through FlexAttention: flex_cog_pair, or pair (its torch.compile'd self), with the
+    causal block mask made outside it."""
+    return pair(q, k, v, causal_block_mask(q.size(2), k.size(2), str(q.device)) if causal else None)
+
+
+def compile_flex(fn, device):
+    """fn torch.compile'd on a GPU, where FlexAttention runs fast only compiled; as it is on the CPU (the dry run).
+    One graph per shape, mask and mode is more than Dynamo's default 8 recompiles of a function, after which it would
+    quietly run FlexAttention uncompiled (materialising the scores): the limit is raised."""
+    if device != "cuda":
+        return fn
+    import torch._dynamo
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # (its older name)
+    setattr(config, limit, max(getattr(config, limit), 256))
+    return torch.compile(fn, dynamic=False)
 
 
 def int_list(s):
@@ -196,7 +218,7 @@ def str_list(choices):
     return parse
 
 
-IMPLS = ["cog", "compact", "flex", "twin", "sdpa", "reference", "cog_docs"]
+IMPLS = ["cog", "compact", "flex", "twin", "sdpa", "flex_softmax", "reference", "cog_docs"]
 
 
 def parse_args(argv=None):
@@ -218,7 +240,7 @@ def parse_args(argv=None):
                    "(default 64,128; --portability: 64,128,72)")
     p.add_argument("--modes", type=str_list(["fwd", "fwd_bwd"]), default=["fwd", "fwd_bwd"], help="fwd,fwd_bwd")
     p.add_argument("--masks", type=str_list(["full", "causal"]), default=["full", "causal"], help="full,causal")
-    p.add_argument("--impls", type=str_list(IMPLS), default=IMPLS[:6], help=",".join(IMPLS)
+    p.add_argument("--impls", type=str_list(IMPLS), default=IMPLS[:7], help=",".join(IMPLS)
                    + " (cog: the tuned kernel; flex: Cog through FlexAttention)")
     p.add_argument("--decode_lens", type=lambda x: [] if x in ("", "0") else int_list(x),
                    default=[1024, 4096, 16384, 32768], help="decode rows (Tq = 1) after the table: comma-separated Tk "
@@ -254,7 +276,9 @@ def packed_documents(B, T, mean_len, device, seed=0):
     return torch.cumsum(starts, dim=1).to(device)
 
 
-def attention_functions(args):
+def attention_functions(args, device="cuda"):
+    """{impl: fn(q, k, v, causal)}, the implementations the tables and the report time (IMPLS); those that take
+    document masks (cog, compact, reference) also take doc_ids=. FlexAttention's are compiled on a GPU (compile_flex)."""
     twin = softmax_twin()
     docs = {}  # (B, T) -> doc ids, made once per shape
 
@@ -265,28 +289,39 @@ def attention_functions(args):
         ids = docs[shape]
         return cog_attention(q, k, v, causal=causal, deterministic=args.deterministic, doc_ids=ids, backend="tuned")
 
-    from torch.nn.attention.flex_attention import flex_attention
-    flex = torch.compile(flex_attention, dynamic=False)
+    flex_cog, flex_softmax = compile_flex(flex_cog_pair, device), compile_flex(flex_softmax_call, device)
     return {
         "cog_docs": cog_docs,
-        "compact": lambda q, k, v, causal: cog_attention(q, k, v, causal=causal, backend="compact"),
-        "flex": lambda q, k, v, causal: flex_cog_attention(q, k, v, causal, flex=flex),
-        "cog": lambda q, k, v, causal: cog_attention(q, k, v, causal=causal, deterministic=args.deterministic,
-                                                     backend="tuned"),
+        "compact": lambda q, k, v, causal, doc_ids=None: cog_attention(q, k, v, causal=causal, doc_ids=doc_ids,
+                                                                       backend="compact"),
+        "flex": lambda q, k, v, causal: flex_cog_attention(q, k, v, causal, pair=flex_cog),
+        "flex_softmax": lambda q, k, v, causal: flex_cog_attention(q, k, v, causal, pair=flex_softmax),
+        "cog": lambda q, k, v, causal, doc_ids=None: cog_attention(q, k, v, causal=causal, doc_ids=doc_ids,
+                                                                   deterministic=args.deterministic, backend="tuned"),
         "twin": lambda q, k, v, causal: softmax_attention_twin(q, k, v, causal, twin=twin,
                                                                deterministic=args.deterministic),
         "sdpa": sdpa_softmax,
-        "reference": lambda q, k, v, causal: cog_attention_reference(q, k, v, causal=causal),
+        "reference": lambda q, k, v, causal, doc_ids=None: cog_attention_reference(q, k, v, causal=causal,
+                                                                                   doc_ids=doc_ids),
     }
 
 
-def measure(fn, mode, causal, B, H, T, D, dtype, args, Tq=None):
-    """(milliseconds, MiB) of one call with T keys and Tq queries (T if None), or None where it ran out of memory."""
-    import triton.testing
+def one_line(error):
+    """An exception as one line: its type and the first line of its message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
-    Tq = Tq or T
-    q, do = (torch.randn(B, H, Tq, D, device="cuda", dtype=dtype) for _ in range(2))
-    k, v = (torch.randn(B, H, T, D, device="cuda", dtype=dtype) for _ in range(2))
+
+def synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def attention_call(fn, mode, causal, B, H, Tq, Tk, D, dtype, device):
+    """A function of no arguments that calls fn on random inputs (q (B, H, Tq, D); k, v (B, H, Tk, D)): the forward, and
+    for mode fwd_bwd the gradients of q, k and v too."""
+    q, do = (torch.randn(B, H, Tq, D, device=device, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(B, H, Tk, D, device=device, dtype=dtype) for _ in range(2))
     for t in (q, k, v):
         t.requires_grad_(mode == "fwd_bwd")
 
@@ -295,26 +330,100 @@ def measure(fn, mode, causal, B, H, T, D, dtype, args, Tq=None):
         if mode == "fwd_bwd":
             torch.autograd.grad(o, (q, k, v), do)
 
-    try:
-        ms = triton.testing.do_bench(call, warmup=args.warmup, rep=args.rep)  # the first call autotunes the kernel
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    return call
+
+
+def time_ms(call, args, device):
+    """Milliseconds per call: Triton's do_bench on a GPU (CUDA events); on the CPU (the dry run) one call's wall time."""
+    if device != "cuda":
+        t0 = time.perf_counter()
         call()
-        torch.cuda.synchronize()
-        return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
-    except OOM:
+        return (time.perf_counter() - t0) * 1e3
+    import triton.testing
+    return triton.testing.do_bench(call, warmup=args.warmup, rep=args.rep)
+
+
+def peak_mib(call, device):
+    """The peak memory allocated during one call beyond what was allocated before it, in MiB (None on the CPU)."""
+    if device != "cuda":
         return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure(fn, mode, causal, B, H, T, D, dtype, args, Tq=None, device="cuda"):
+    """One call with T keys and Tq queries (T if None), timed: {ms, mib, first_s}, first_s the seconds of the first call
+    (compiling, autotuning and the chooser's first-use check included); or {error}, "OOM" where it ran out of memory."""
+    call = None
+    try:
+        call = attention_call(fn, mode, causal, B, H, Tq or T, T, D, dtype, device)
+        t0 = time.perf_counter()
+        call()
+        synchronize(device)
+        first_s = time.perf_counter() - t0
+        return dict(ms=time_ms(call, args, device), mib=peak_mib(call, device), first_s=first_s)
+    except OOM:
+        return dict(error="OOM")
+    except Exception as error:  # noqa: BLE001 (an implementation that fails is a result: the table says so)
+        return dict(error=one_line(error))
     finally:
-        del q, k, v, do
-        torch.cuda.empty_cache()
+        del call  # (its inputs)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def attention_flops(mode, causal, B, H, T, D):
+    """FLOPs as counted for softmax attention: 4 * B * H * T * T * D for the forward (its two matmuls), halved when
+    causal, and 3.5 times that for forward + backward."""
+    return 4 * B * H * T * T * D * (0.5 if causal else 1.0) * (3.5 if mode == "fwd_bwd" else 1.0)
+
+
+def kernel_shapes(args):
+    """The kernel table's rows, (mode, mask, D, T, B, H), at B * T = args.tokens and H * D = args.width."""
+    return [(mode, mask, D, T, max(1, args.tokens // T), max(1, args.width // D))
+            for mode in args.modes for mask in args.masks for D in args.head_dims for T in args.seqlens]
+
+
+def kernel_row(shape, fns, impls, dtype, args, device, failed):
+    """One row of the kernel table: each implementation measured at shape (kernel_shapes), with its TFLOP/s and its speed
+    against SDPA's (vs_sdpa: SDPA's time / its time). failed {(impl, mode, mask, D): error} holds the failures of
+    earlier rows: an implementation that ran out of memory (or failed) at a shorter T is not tried again."""
+    mode, mask, D, T, B, H = shape
+    flops = attention_flops(mode, mask == "causal", B, H, T, D)
+    cells = {}
+    for impl in impls:
+        key = (impl, mode, mask, D)
+        cell = dict(error=failed[key]) if key in failed else \
+            measure(fns[impl], mode, mask == "causal", B, H, T, D, dtype, args, device=device)
+        if "error" in cell:
+            failed[key] = cell["error"]
+        else:
+            cell["tflops"] = flops / (cell["ms"] * 1e-3) / 1e12
+        cells[impl] = cell
+    if "ms" in cells.get("sdpa", {}):
+        for cell in cells.values():
+            if "ms" in cell:
+                cell["vs_sdpa"] = cells["sdpa"]["ms"] / cell["ms"]
+    return dict(mode=mode, mask=mask, D=D, T=T, B=B, H=H, cells=cells)
+
+
+def print_errors(rows):
+    """Below a table: each distinct error of its cells (other than running out of memory), once."""
+    errors = {(impl, cell["error"]) for row in rows for impl, cell in row["cells"].items()
+              if cell.get("error", "OOM") != "OOM"}
+    for impl, error in sorted(errors):
+        print(f"{impl}: {error}")
 
 
 def timings(args):
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU for timings (none found); nothing was measured. "
                  "`python bench.py --sm90` reports what sm_90 would run without one.")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     fns = attention_functions(args)
     import triton
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, "
@@ -324,51 +433,92 @@ def timings(args):
     print("| mode | mask | D | T | B x H | " + " | ".join(f"{i} TFLOP/s" for i in args.impls) + " | "
           + " | ".join(name for name, _, _ in ratios) + " | " + " | ".join(f"{i} MiB" for i in args.impls) + " |")
     print("|---" * (5 + 2 * len(args.impls) + len(ratios)) + "|")
-    out_of_memory = set()  # (impl, mode, mask, D): once it ran out of memory, longer T will too
-    for mode in args.modes:
-        for mask in args.masks:
-            for D in args.head_dims:
-                for T in args.seqlens:
-                    B, H = max(1, args.tokens // T), max(1, args.width // D)
-                    flops = 4 * B * H * T * T * D * (0.5 if mask == "causal" else 1.0)
-                    flops *= 3.5 if mode == "fwd_bwd" else 1.0
-                    results = {}
-                    for impl in args.impls:
-                        r = None if (impl, mode, mask, D) in out_of_memory else \
-                            measure(fns[impl], mode, mask == "causal", B, H, T, D, dtype, args)
-                        if r is None:
-                            out_of_memory.add((impl, mode, mask, D))
-                        results[impl] = r
-                    speed = [f"{flops / (r[0] * 1e-3) / 1e12:.1f}" if r else "OOM" for r in results.values()]
-                    mem = [f"{r[1]:.0f}" if r else "OOM" for r in results.values()]
-                    ratio = [f"{results[b][0] / results[a][0]:.2f}" if results[a] and results[b] else "-"
-                             for _, a, b in ratios]  # a speed ratio: time of b / time of a
-                    print(f"| {mode} | {mask} | {D} | {T} | {B} x {H} | " + " | ".join(speed + ratio + mem) + " |",
-                          flush=True)
+    rows, failed = [], {}
+    for shape in kernel_shapes(args):
+        row = kernel_row(shape, fns, args.impls, dtype, args, "cuda", failed)
+        rows.append(row)
+        cells = row["cells"]
+        speed = [f"{c['tflops']:.1f}" if "tflops" in c else short_error(c) for c in cells.values()]
+        mem = [f"{c['mib']:.0f}" if "mib" in c else short_error(c) for c in cells.values()]
+        ratio = [f"{cells[b]['ms'] / cells[a]['ms']:.2f}" if "ms" in cells[a] and "ms" in cells[b] else "-"
+                 for _, a, b in ratios]  # a speed ratio: time of b / time of a
+        print(f"| {row['mode']} | {row['mask']} | {row['D']} | {row['T']} | {row['B']} x {row['H']} | "
+              + " | ".join(speed + ratio + mem) + " |", flush=True)
+    print_errors(rows)
     if args.decode_lens:
         decode_timings(args, fns, dtype)
+
+
+def short_error(cell):  # a table cell's word for a failed measurement (print_errors says what failed)
+    return "OOM" if cell["error"] == "OOM" else "error"
 
 
 DECODE_IMPLS = ("cog", "compact", "flex", "reference", "sdpa")
 
 
-def decode_timings(args, fns, dtype):
+def decode_shapes(args):
+    """The decode rows, (D, Tk, B, H): one query against Tk cached keys, at H * D = args.width."""
+    return [(D, Tk, B, max(1, args.width // D)) for D in args.head_dims for Tk in args.decode_lens
+            for B in args.decode_batches]
+
+
+def decode_row(shape, fns, impls, dtype, args, device):
     """Decode steps as generate takes them: one query (Tq = 1) against Tk cached keys (it sees them all: no mask),
     forward only. GB/s counts the keys and values read, 2 * B * H * Tk * D elements: what bounds a decode step."""
+    D, Tk, B, H = shape
+    cells = {}
+    for impl in impls:
+        cell = cells[impl] = measure(fns[impl], "fwd", False, B, H, Tk, D, dtype, args, Tq=1, device=device)
+        if "ms" in cell:
+            cell["gbs"] = 2 * B * H * Tk * D * dtype.itemsize / (cell["ms"] * 1e-3) / 1e9
+    return dict(D=D, Tk=Tk, B=B, H=H, cells=cells)
+
+
+def decode_timings(args, fns, dtype):
     impls = [i for i in args.impls if i in DECODE_IMPLS]
     print(f"\n# decode: Tq = 1, forward, H*D = {args.width}; microseconds per call (GB/s of keys and values)\n")
     print("| D | Tk | B x H | " + " | ".join(f"{i} us (GB/s)" for i in impls) + " |")
     print("|---" * (3 + len(impls)) + "|")
-    for D in args.head_dims:
-        H = max(1, args.width // D)
-        for Tk in args.decode_lens:
-            for B in args.decode_batches:
-                cells = []
-                for impl in impls:
-                    r = measure(fns[impl], "fwd", False, B, H, Tk, D, dtype, args, Tq=1)  # one query sees every key
-                    gbs = 2 * B * H * Tk * D * dtype.itemsize / (r[0] * 1e-3) / 1e9 if r else 0
-                    cells.append(f"{r[0] * 1e3:.0f} ({gbs:.0f})" if r else "OOM")
-                print(f"| {D} | {Tk} | {B} x {H} | " + " | ".join(cells) + " |", flush=True)
+    rows = []
+    for shape in decode_shapes(args):
+        row = decode_row(shape, fns, impls, dtype, args, "cuda")
+        rows.append(row)
+        cells = [f"{c['ms'] * 1e3:.0f} ({c['gbs']:.0f})" if "ms" in c else short_error(c) for c in row["cells"].values()]
+        print(f"| {row['D']} | {row['Tk']} | {row['B']} x {row['H']} | " + " | ".join(cells) + " |", flush=True)
+    print_errors(rows)
+    print("\n" + decode_rule(rows)[1])
+
+
+# the implementations cog_attention chooses among, by their names in the chooser
+CHOOSER_BACKENDS = {"cog": "tuned", "compact": "compact", "reference": "reference"}
+
+
+def decode_rule(rows):
+    """What decode rows say about the chooser's decode rule (the reference for Tq = 1 when B * H <=
+    DECODE_REFERENCE_MAX_HEADS): (the largest bound that fits them, or None where none does, a sentence)."""
+    winners = {}  # B * H -> [(Tk, the fastest backend the chooser could take)]
+    for row in rows:
+        times = {name: row["cells"][impl]["ms"] for impl, name in CHOOSER_BACKENDS.items()
+                 if "ms" in row["cells"].get(impl, {})}
+        if "reference" in times and len(times) > 1:
+            winners.setdefault(row["B"] * row["H"], []).append((row["Tk"], min(times, key=times.get)))
+    now = f"(now DECODE_REFERENCE_MAX_HEADS = {DECODE_REFERENCE_MAX_HEADS})"
+    if not winners:
+        return None, f"Decode rule: no row timed both the reference and a fused kernel, so none follows {now}."
+    seen = ", ".join(f"B*H = {heads}: " + ", ".join(f"{name} at Tk {Tk}" for Tk, name in sorted(won))
+                     for heads, won in sorted(winners.items()))
+    reference = [heads for heads, won in winners.items() if all(name == "reference" for _, name in won)]
+    fused = [heads for heads, won in winners.items() if all(name != "reference" for _, name in won)]
+    if len(reference) + len(fused) < len(winners) or (reference and fused and max(reference) > min(fused)):
+        return None, (f"Decode rule: no bound on B*H alone fits these rows {now}; the fastest of the chooser's "
+                      f"backends: {seen}.")
+    low = max(reference, default=0)
+    high = min((heads for heads in fused if heads > low), default=None)
+    fits = f"any bound from {low} to {high - 1} fits" if high else f"any bound from {low} up fits"
+    where = f"the reference is fastest at B*H <= {low} and a fused kernel above" if reference else \
+        "a fused kernel is fastest at every B*H"
+    return low, (f"Decode rule: {where}, at every Tk measured: DECODE_REFERENCE_MAX_HEADS = {low} ({fits}; B*H "
+                 f"between the rows measured is untested) {now}. Fastest: {seen}.")
 
 
 # -----------------------------------------------------------------------------
@@ -473,6 +623,7 @@ def model_timings(args):
         print(f"| {attn} | {median[attn] * 1e3:.1f} | {min(rounds[attn]) * 1e3:.1f}-{max(rounds[attn]) * 1e3:.1f} | "
               f"{run.work / median[attn]:,.0f} | {mfu} | {memory} |")
     print(f"\ncog/softmax speed: {median['softmax'] / median['cog']:.3f} (softmax's time per step / cog's)")
+
 
 
 # -----------------------------------------------------------------------------

@@ -99,6 +99,25 @@ def test_flex_peer_matches_the_reference():
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_peers_compile_to_one_graph():
+    """What the GPU tables compile (attention_functions: compile_flex) traces as one graph, no graph break: Cog's two
+    FlexAttention calls with their combination, and softmax's one call, causal or not. (aot_eager: the trace without
+    Inductor, which on a CPU compiles C++ for minutes; the forward only: FlexAttention has no backward on a CPU.)"""
+    from cog_kernel import cog_attention_reference
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g) for n in (24, 40, 40))
+    cog = torch.compile(bench.flex_cog_pair, backend="aot_eager", fullgraph=True, dynamic=False)
+    softmax = torch.compile(bench.flex_softmax_call, backend="aot_eager", fullgraph=True, dynamic=False)
+    for causal in (False, True):
+        torch.testing.assert_close(bench.flex_cog_attention(q, k, v, causal, pair=cog),
+                                   cog_attention_reference(q, k, v, causal=causal), atol=1e-5, rtol=1e-5)
+        mask = torch.ones(24, 40, dtype=torch.bool).tril(40 - 24) if causal else None
+        torch.testing.assert_close(bench.flex_cog_attention(q, k, v, causal, pair=softmax),
+                                   torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_ctrl_c_ends_with_one_line():
     """SIGINT during a long --portability run ends it at once with a one-line message, not a traceback."""
     import signal
