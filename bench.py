@@ -29,6 +29,11 @@ softmax in one run, interleaved in rounds so that drift hits both alike:
     python bench.py --model=diffusion --compile      # U-ViC vs U-ViT: U-ViT-S/2 on 32 x 32 images, batch 128
     python bench.py --model=diffusion --preset=coco --compile    # text-to-image: 77 text tokens, 4 x 32 x 32 latents
     python bench.py --model=lm --preset=demo --vocab_size=256    # any trainer preset; this one runs on a CPU too
+    python bench.py --model=lm --compile --n_layer=24            # any other --key=value goes to the trainer's config
+
+Each model is built and warmed up in turn; its "peak MiB" is max_memory_allocated over its warm-up steps, less what
+the other model holds: its own weights, gradients, optimizer state and activations. "estimate MiB" is the trainers'
+memory estimate (training.memory_estimate), where it exists.
 
 TFLOP/s count FLOPs as for softmax attention: 4 * B * H * Tq * Tk * D for the forward (its two matmuls), halved when
 causal, and 3.5 times that for forward + backward. "MiB" is the peak memory allocated during one call beyond the inputs
@@ -222,7 +227,8 @@ IMPLS = ["cog", "compact", "flex", "twin", "sdpa", "flex_softmax", "reference", 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # (an abbreviation would swallow a trainer's --key=value)
     p.add_argument("--sm90", action="store_true", help="compile reports for sm_90 (no GPU needed) instead of timings")
     p.add_argument("--portability", action="store_true", help="compile every kernel of both fused tiers for every "
                    "target, dtype, head dim and tile (no GPU needed) instead of timings")
@@ -254,7 +260,8 @@ def parse_args(argv=None):
     p.add_argument("--docs", action="store_true", help="--sm90: report the document-masked kernels")
     p.add_argument("--doc_len", type=int, default=0, help="also time cog_docs: Cog with document masks, packed "
                    "documents of random lengths averaging this many tokens")
-    p.add_argument("--model", choices=["lm", "diffusion"], help="time training steps of a whole model instead")
+    p.add_argument("--model", choices=["lm", "diffusion"], help="time training steps of a whole model instead; any "
+                   "other --key=value goes to the trainer's TrainConfig (e.g. --n_layer=6)")
     p.add_argument("--preset", default="paper", help="--model: the trainer's preset")
     p.add_argument("--batch_size", type=at_least(0), default=0, help="--model: micro-batch (0: the preset's)")
     p.add_argument("--vocab_size", type=at_least(1), default=CogformerConfig.vocab_size, help="--model=lm: "
@@ -266,7 +273,16 @@ def parse_args(argv=None):
                    "autotune)")
     p.add_argument("--warmup", type=int, default=25, help="warmup time in ms for triton.testing.do_bench")
     p.add_argument("--rep", type=int, default=100, help="measurement time in ms for triton.testing.do_bench")
-    return p.parse_args(argv)
+    args, args.trainer_args = p.parse_known_args(argv)
+    if args.trainer_args and not args.model:
+        p.error(f"unrecognized arguments: {' '.join(args.trainer_args)} (trainer options go with --model)")
+    return args
+
+
+def trainer_module(model):
+    import train_diffusion
+    import train_lm
+    return train_lm if model == "lm" else train_diffusion
 
 
 def packed_documents(B, T, mean_len, device, seed=0):
@@ -529,15 +545,14 @@ def training_step(args, attn, device):
     """The trainer's model for --model and --preset with attention attn, and its training step on random data as the
     trainer takes it: a namespace of step (a function, which returns the loss), model, config, work per step (tokens
     or images) and FLOPs per step (None where not counted)."""
-    import train_diffusion
-    import train_lm
     from diffusion import diffusion_loss, ema_update, get_schedule
     from model import Cogformer, UViC, UViCConfig
     from cli import parse_config
     from training import autocast_context, configure_adamw, make_grad_scaler, optimizer_step, pick_fields, resolve_dtype
 
-    trainer = train_lm if args.model == "lm" else train_diffusion
-    config = parse_config(trainer.TrainConfig, trainer.PRESETS, [f"--preset={args.preset}", f"--attn={attn}"])
+    trainer = trainer_module(args.model)
+    config = parse_config(trainer.TrainConfig, trainer.PRESETS, [f"--preset={args.preset}", f"--attn={attn}",
+                                                                 *trainer_args(args)])
     config.batch_size = args.batch_size or config.batch_size
     config.dtype = dtype = resolve_dtype(config.dtype, device)
     torch.manual_seed(0)
@@ -578,52 +593,94 @@ def training_step(args, attn, device):
     return types.SimpleNamespace(step=step, model=model, config=config, work=work, flops=flops)
 
 
-def model_timings(args):
-    """Both models' training steps, timed in alternating rounds; the median round of each gives the ratio."""
+def trainer_args(args):
+    """The --key=value arguments bench.py does not know, for the trainer's TrainConfig (its parser names a key it does
+    not have)."""
+    return getattr(args, "trainer_args", [])
+
+
+def time_models(args, device):
+    """Cog's model and softmax's (--model, --preset) training, as training_step takes it: each built and warmed up in
+    turn (compiling, autotuning), then both timed in alternating rounds so that drift hits both alike. Returns the
+    run's facts and a row per model: the median round's ms per step, tokens or images per second, MFU, peak memory
+    (max_memory_allocated while it warms up, less what the model before it holds) and the memory estimate."""
     from training import peak_flops, use_deterministic_algorithms
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     use_deterministic_algorithms(args.deterministic)  # as the trainers' --deterministic
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    runs = {attn: training_step(args, attn, device) for attn in ("cog", "softmax")}
-    config = runs["cog"].config
-    unit = "tokens" if args.model == "lm" else "images"
-    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"# {where}, torch {torch.__version__}, --model={args.model} --preset={args.preset}, batch "
-          f"{config.batch_size}, dtype {config.dtype}, compile {args.compile}, deterministic {args.deterministic}: "
-          f"{args.warmup_steps} warm-up steps, "
-          f"then {args.steps} timed steps each, in rounds of {max(1, args.steps // 5)} alternating cog and softmax\n")
-    peak_memory = {}  # the peak of each model's steps beyond the weights of both (its optimizer state included)
-    for attn, run in runs.items():
+    runs, warmup_s, peak = {}, {}, {}
+    for attn in ("cog", "softmax"):
+        held = torch.cuda.memory_allocated() if device == "cuda" else 0  # the model before it: weights, optimizer
         if device == "cuda":
-            base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        run = runs[attn] = training_step(args, attn, device)
         for _ in range(args.warmup_steps):
             run.step()
-        sync()
-        if device == "cuda":
-            peak_memory[attn] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        synchronize(device)
+        warmup_s[attn] = time.perf_counter() - t0
+        peak[attn] = (torch.cuda.max_memory_allocated() - held) / 2**20 if device == "cuda" else None
     rounds, per_round = {attn: [] for attn in runs}, max(1, args.steps // 5)
     for _ in range(-(-args.steps // per_round)):
         for attn, run in runs.items():
-            sync()
+            synchronize(device)
             t0 = time.perf_counter()
             for _ in range(per_round):
                 run.step()
-            sync()
+            synchronize(device)
             rounds[attn].append((time.perf_counter() - t0) / per_round)
-    peak = peak_flops(device)
-    print(f"| attn | ms/step (median round) | rounds min-max ms | {unit}/s | MFU | steps' peak MiB |")
-    print("|---|---|---|---|---|---|")
-    median = {}
+    flops_peak, rows = peak_flops(device), []
     for attn, run in runs.items():
-        median[attn] = sorted(rounds[attn])[len(rounds[attn]) // 2]
-        mfu = f"{run.flops / median[attn] / peak * 100:.1f}%" if run.flops and peak else "-"
-        memory = f"{peak_memory[attn]:.0f}" if attn in peak_memory else "-"
-        print(f"| {attn} | {median[attn] * 1e3:.1f} | {min(rounds[attn]) * 1e3:.1f}-{max(rounds[attn]) * 1e3:.1f} | "
-              f"{run.work / median[attn]:,.0f} | {mfu} | {memory} |")
-    print(f"\ncog/softmax speed: {median['softmax'] / median['cog']:.3f} (softmax's time per step / cog's)")
+        median = sorted(rounds[attn])[len(rounds[attn]) // 2]
+        rows.append(dict(attn=attn, ms=median * 1e3, min_ms=min(rounds[attn]) * 1e3, max_ms=max(rounds[attn]) * 1e3,
+                         per_s=run.work / median, mfu=run.flops / median / flops_peak if run.flops and flops_peak else None,
+                         peak_mib=peak[attn], estimate_mib=memory_estimate_mib(run),
+                         first_s=max(0.0, warmup_s[attn] - args.warmup_steps * median)))  # compiling, autotuning
+    config = runs["cog"].config
+    return dict(model=args.model, preset=args.preset, batch=config.batch_size, dtype=config.dtype,
+                compile=args.compile, deterministic=args.deterministic, warmup_steps=args.warmup_steps,
+                steps=args.steps, per_round=per_round, unit="tokens" if args.model == "lm" else "images",
+                where=torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
+                rows=rows, speed=rows[1]["ms"] / rows[0]["ms"])
 
+
+def memory_estimate_mib(run):
+    """The trainers' memory estimate for this model and config, in MiB, where training.py has one:
+    training.memory_estimate(model, config), bytes or a dict of bytes by part (weights, gradients, optimizer,
+    activations; or with a "total"). None where it does not exist yet; its error, as text, where it fails."""
+    import training
+    estimate = getattr(training, "memory_estimate", None)
+    if estimate is None:
+        return None
+    try:
+        value = estimate(run.model, run.config)
+        if isinstance(value, dict):
+            value = value["total"] if "total" in value else sum(v for v in value.values() if isinstance(v, (int, float)))
+        return float(value) / 2**20
+    except Exception as error:  # noqa: BLE001 (say why, in the table, and go on)
+        return "error: " + one_line(error)
+
+
+def model_timings(args):
+    """--model: time_models, printed."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    r = time_models(args, device)
+    print(f"# {r['where']}, torch {torch.__version__}, --model={r['model']} --preset={r['preset']}, batch {r['batch']}, "
+          f"dtype {r['dtype']}, compile {r['compile']}, deterministic {r['deterministic']}: {r['warmup_steps']} warm-up "
+          f"steps, then {r['steps']} timed steps each, in rounds of {r['per_round']} alternating cog and softmax\n")
+    print(f"| attn | ms/step (median round) | rounds min-max ms | {r['unit']}/s | MFU | peak MiB | estimate MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for row in r["rows"]:
+        print(f"| {row['attn']} | {row['ms']:.1f} | {row['min_ms']:.1f}-{row['max_ms']:.1f} | {row['per_s']:,.0f} | "
+              f"{percent(row['mfu'])} | {mib(row['peak_mib'])} | {mib(row['estimate_mib'])} |")
+    print(f"\ncog/softmax speed: {r['speed']:.3f} (softmax's time per step / cog's)")
+
+
+def percent(x):
+    return "-" if x is None else f"{x * 100:.1f}%"
+
+
+def mib(x):  # MiB, or "-" where not measured (the CPU), or the text of an error
+    return "-" if x is None else x if isinstance(x, str) else f"{x:,.0f}"
 
 
 # -----------------------------------------------------------------------------
