@@ -2,6 +2,11 @@
 Attention benchmarks: the fused Cog kernels against PyTorch's softmax attention (flash backend), FlexAttention (Cog
 as two compiled flex_attention calls, softmax as one), a softmax twin of our own kernels, and the naive Cog reference.
 
+On a GPU, everything below in one command that keeps to 8 minutes, as a report (docs/kernel.md describes it; without
+a GPU it makes a dry run of the same steps at tiny sizes):
+
+    python bench.py --report=report.md               # report.md, report.json, report.log
+
 On a GPU, forward and forward+backward at a fixed number of tokens per batch (B * T):
 
     python bench.py                                  # the full table (T = 1024 ... 16384, head dims 64 and 128)
@@ -43,18 +48,43 @@ table says OOM.
 
 import argparse
 import contextlib
+import faulthandler
 import functools
+import gc
+import json
+import math
+import multiprocessing
 import os
+import platform
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import types
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+
+def cuda_in_a_child():
+    """torch.cuda.is_available(), asked in a forked process: asked here, it would start CUDA's driver in this process,
+    and CUDA then fails in the report's step processes, which are forked from this one."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if torch.cuda.is_available() else 1)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+# --report asks now, before Triton is imported below: without a GPU it makes a dry run, in Triton's interpreter
+REPORT_GPU = cuda_in_a_child() if __name__ == "__main__" and any(a.startswith("--report") for a in sys.argv) else None
+if REPORT_GPU is False:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # (read when Triton is first imported)
 
 import cog_kernel
 import cog_kernel_tuned
@@ -229,6 +259,8 @@ IMPLS = ["cog", "compact", "flex", "twin", "sdpa", "flex_softmax", "reference", 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # (an abbreviation would swallow a trainer's --key=value)
+    p.add_argument("--report", metavar="FILE.md", help="the GPU report: every step below in one run (about 8 "
+                   "minutes on an H100), written to FILE.md and FILE.json; without a GPU, a dry run at tiny sizes")
     p.add_argument("--sm90", action="store_true", help="compile reports for sm_90 (no GPU needed) instead of timings")
     p.add_argument("--portability", action="store_true", help="compile every kernel of both fused tiers for every "
                    "target, dtype, head dim and tile (no GPU needed) instead of timings")
@@ -274,9 +306,20 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=25, help="warmup time in ms for triton.testing.do_bench")
     p.add_argument("--rep", type=int, default=100, help="measurement time in ms for triton.testing.do_bench")
     args, args.trainer_args = p.parse_known_args(argv)
-    if args.trainer_args and not args.model:
-        p.error(f"unrecognized arguments: {' '.join(args.trainer_args)} (trainer options go with --model)")
+    if args.trainer_args and not (args.model or args.report):
+        p.error(f"unrecognized arguments: {' '.join(args.trainer_args)} (trainer options go with --model or --report)")
+    if args.report:  # each trainer gets the keys of its own config: refuse a key neither has, before the GPU time
+        unknown = [a for a in args.trainer_args if not any(a[2:].partition("=")[0] in trainer_keys(model)
+                                                           for model in ("lm", "diffusion"))]
+        if unknown:
+            p.error(f"unrecognized arguments: {' '.join(unknown)} (neither trainer's TrainConfig has them)")
     return args
+
+
+def trainer_keys(model):
+    """The --key names of a trainer's TrainConfig ("lm" or "diffusion")."""
+    import dataclasses
+    return {f.name for f in dataclasses.fields(trainer_module(model).TrainConfig)}
 
 
 def trainer_module(model):
@@ -294,7 +337,8 @@ def packed_documents(B, T, mean_len, device, seed=0):
 
 def attention_functions(args, device="cuda"):
     """{impl: fn(q, k, v, causal)}, the implementations the tables and the report time (IMPLS); those that take
-    document masks (cog, compact, reference) also take doc_ids=. FlexAttention's are compiled on a GPU (compile_flex)."""
+    document masks (cog, compact, reference) also take doc_ids=. FlexAttention's are compiled on a GPU
+    (compile_flex)."""
     twin = softmax_twin()
     docs = {}  # (B, T) -> doc ids, made once per shape
 
@@ -350,7 +394,8 @@ def attention_call(fn, mode, causal, B, H, Tq, Tk, D, dtype, device):
 
 
 def time_ms(call, args, device):
-    """Milliseconds per call: Triton's do_bench on a GPU (CUDA events); on the CPU (the dry run) one call's wall time."""
+    """Milliseconds per call: Triton's do_bench on a GPU (CUDA events); on the CPU (the dry run), one call's wall
+    time."""
     if device != "cuda":
         t0 = time.perf_counter()
         call()
@@ -405,8 +450,8 @@ def kernel_shapes(args):
 
 
 def kernel_row(shape, fns, impls, dtype, args, device, failed):
-    """One row of the kernel table: each implementation measured at shape (kernel_shapes), with its TFLOP/s and its speed
-    against SDPA's (vs_sdpa: SDPA's time / its time). failed {(impl, mode, mask, D): error} holds the failures of
+    """One row of the kernel table: each implementation measured at shape (kernel_shapes), with its TFLOP/s and its
+    speed against SDPA's (vs_sdpa: SDPA's time / its time). failed {(impl, mode, mask, D): error} holds the failures of
     earlier rows: an implementation that ran out of memory (or failed) at a shorter T is not tried again."""
     mode, mask, D, T, B, H = shape
     flops = attention_flops(mode, mask == "causal", B, H, T, D)
@@ -427,18 +472,17 @@ def kernel_row(shape, fns, impls, dtype, args, device, failed):
     return dict(mode=mode, mask=mask, D=D, T=T, B=B, H=H, cells=cells)
 
 
-def print_errors(rows):
-    """Below a table: each distinct error of its cells (other than running out of memory), once."""
-    errors = {(impl, cell["error"]) for row in rows for impl, cell in row["cells"].items()
-              if cell.get("error", "OOM") != "OOM"}
-    for impl, error in sorted(errors):
-        print(f"{impl}: {error}")
+def cell_errors(rows):
+    """For below a table: each distinct (impl, error) of its cells, but running out of memory (the cells say OOM)."""
+    return sorted({(impl, cell["error"]) for row in rows for impl, cell in row["cells"].items()
+                   if cell.get("error", "OOM") != "OOM"})
 
 
 def timings(args):
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU for timings (none found); nothing was measured. "
-                 "`python bench.py --sm90` reports what sm_90 would run without one.")
+                 "`python bench.py --sm90` reports what sm_90 would run without one, "
+                 "`python bench.py --report=report.md` makes a dry run of the GPU report.")
     dtype = DTYPES[args.dtype]
     fns = attention_functions(args)
     import triton
@@ -460,12 +504,13 @@ def timings(args):
                  for _, a, b in ratios]  # a speed ratio: time of b / time of a
         print(f"| {row['mode']} | {row['mask']} | {row['D']} | {row['T']} | {row['B']} x {row['H']} | "
               + " | ".join(speed + ratio + mem) + " |", flush=True)
-    print_errors(rows)
+    for impl, error in cell_errors(rows):
+        print(f"{impl}: {error}")
     if args.decode_lens:
         decode_timings(args, fns, dtype)
 
 
-def short_error(cell):  # a table cell's word for a failed measurement (print_errors says what failed)
+def short_error(cell):  # a table cell's word for a failed measurement (cell_errors says what failed)
     return "OOM" if cell["error"] == "OOM" else "error"
 
 
@@ -499,9 +544,11 @@ def decode_timings(args, fns, dtype):
     for shape in decode_shapes(args):
         row = decode_row(shape, fns, impls, dtype, args, "cuda")
         rows.append(row)
-        cells = [f"{c['ms'] * 1e3:.0f} ({c['gbs']:.0f})" if "ms" in c else short_error(c) for c in row["cells"].values()]
+        cells = [f"{c['ms'] * 1e3:.0f} ({c['gbs']:.0f})" if "ms" in c else short_error(c)
+                 for c in row["cells"].values()]
         print(f"| {row['D']} | {row['Tk']} | {row['B']} x {row['H']} | " + " | ".join(cells) + " |", flush=True)
-    print_errors(rows)
+    for impl, error in cell_errors(rows):
+        print(f"{impl}: {error}")
     print("\n" + decode_rule(rows)[1])
 
 
@@ -594,9 +641,13 @@ def training_step(args, attn, device):
 
 
 def trainer_args(args):
-    """The --key=value arguments bench.py does not know, for the trainer's TrainConfig (its parser names a key it does
-    not have)."""
-    return getattr(args, "trainer_args", [])
+    """The --key=value arguments bench.py does not know, for the trainer's TrainConfig: all of them with --model (the
+    trainer's parser names a key it does not have), those of this trainer's config with --report."""
+    extra = getattr(args, "trainer_args", [])
+    if not getattr(args, "report", None):
+        return extra
+    keys = trainer_keys(args.model)
+    return [arg for arg in extra if arg[2:].partition("=")[0] in keys]
 
 
 def time_models(args, device):
@@ -632,7 +683,8 @@ def time_models(args, device):
     for attn, run in runs.items():
         median = sorted(rounds[attn])[len(rounds[attn]) // 2]
         rows.append(dict(attn=attn, ms=median * 1e3, min_ms=min(rounds[attn]) * 1e3, max_ms=max(rounds[attn]) * 1e3,
-                         per_s=run.work / median, mfu=run.flops / median / flops_peak if run.flops and flops_peak else None,
+                         per_s=run.work / median,
+                         mfu=run.flops / median / flops_peak if run.flops and flops_peak else None,
                          peak_mib=peak[attn], estimate_mib=memory_estimate_mib(run),
                          first_s=max(0.0, warmup_s[attn] - args.warmup_steps * median)))  # compiling, autotuning
     config = runs["cog"].config
@@ -654,7 +706,8 @@ def memory_estimate_mib(run):
     try:
         value = estimate(run.model, run.config)
         if isinstance(value, dict):
-            value = value["total"] if "total" in value else sum(v for v in value.values() if isinstance(v, (int, float)))
+            parts = [v for v in value.values() if isinstance(v, (int, float))]
+            value = value["total"] if "total" in value else sum(parts)
         return float(value) / 2**20
     except Exception as error:  # noqa: BLE001 (say why, in the table, and go on)
         return "error: " + one_line(error)
@@ -664,8 +717,9 @@ def model_timings(args):
     """--model: time_models, printed."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     r = time_models(args, device)
-    print(f"# {r['where']}, torch {torch.__version__}, --model={r['model']} --preset={r['preset']}, batch {r['batch']}, "
-          f"dtype {r['dtype']}, compile {r['compile']}, deterministic {r['deterministic']}: {r['warmup_steps']} warm-up "
+    print(f"# {r['where']}, torch {torch.__version__}, --model={r['model']} --preset={r['preset']}, "
+          f"batch {r['batch']}, dtype {r['dtype']}, compile {r['compile']}, deterministic {r['deterministic']}: "
+          f"{r['warmup_steps']} warm-up "
           f"steps, then {r['steps']} timed steps each, in rounds of {r['per_round']} alternating cog and softmax\n")
     print(f"| attn | ms/step (median round) | rounds min-max ms | {r['unit']}/s | MFU | peak MiB | estimate MiB |")
     print("|---|---|---|---|---|---|---|")
@@ -681,6 +735,701 @@ def percent(x):
 
 def mib(x):  # MiB, or "-" where not measured (the CPU), or the text of an error
     return "-" if x is None else x if isinstance(x, str) else f"{x:,.0f}"
+
+
+# -----------------------------------------------------------------------------
+# the GPU report: python bench.py --report=FILE.md
+#
+# One command for a GPU lent for a few minutes. Its steps (REPORT_STEPS) run in order, each in a process of its own
+# forked from this one, so that a crash, a CUDA error (which poisons the process's CUDA context) or an overrun ends
+# that step alone. A step saves its results as it goes (save), starts no new work near its time limit (out_of_time)
+# and is killed at it; FILE.md, and the same figures in FILE.json, are rewritten after every step and every few
+# seconds, so a kill leaves what was done. Without a GPU the same steps run at tiny sizes on the CPU in Triton's
+# interpreter: the dry run, which the test suite runs, so that the GPU meets nothing a CPU could have caught.
+
+REPORT_SIZES = {
+    "cuda": dict(
+        dtype="bf16", train_shape=(4, 12, 2048, 64),  # (B, H, T, D): the paper's LM, 4 sequences
+        check_batch=(2, 4), checks=[  # (dtype, causal, head dim, Tq, Tk, document masks), lengths off the tiles
+            ("bf16", True, 64, 1000, 1000, False), ("bf16", False, 128, 1000, 1000, False),
+            ("fp16", False, 64, 600, 1000, False), ("fp16", True, 128, 600, 1000, False),  # Tq < Tk
+            ("bf16", True, 72, 1000, 1000, False),  # an odd head dim (padded to 128 inside)
+            ("bf16", True, 64, 1000, 1000, True)],  # packed documents
+        seqlens=[1024, 4096, 16384], head_dims=[64, 128], tokens=16384, width=2048,  # B * T and H * D
+        decode_lens=[1024, 4096, 16384, 32768], decode_batches=[1, 8],
+        warmup=10, rep=40,  # do_bench's milliseconds: a few dozen calls of the shortest kernels
+        presets=dict(lm="paper", diffusion="paper"), batch_size=0, vocab_size=CogformerConfig.vocab_size,
+        compile=True, warmup_steps=3, steps=20, warm_workers=8),
+    # the dry run: the same steps at sizes the interpreter runs in seconds; fp32 for bf16 (the interpreter computes
+    # bf16 dots wrongly), the demo models uncompiled, CPU wall-clock times
+    "cpu": dict(
+        dtype="fp32", train_shape=(1, 2, 32, 16), check_batch=(1, 2),
+        checks=[("fp32", True, 24, 20, 40, False), ("fp16", False, 16, 40, 40, True)],
+        seqlens=[32], head_dims=[16], tokens=32, width=32, decode_lens=[32], decode_batches=[1, 2],
+        warmup=1, rep=1, presets=dict(lm="demo", diffusion="demo"), batch_size=2, vocab_size=256,
+        compile=False, warmup_steps=1, steps=2, warm_workers=2),
+}
+KERNEL_IMPLS = ["cog", "compact", "flex", "sdpa", "flex_softmax", "reference"]  # the kernel table's columns
+CHECK_IMPLS = ["cog", "compact", "flex", "reference"]  # the backends the correctness step checks
+WARM_IMPLS = ["cog", "compact", "flex", "flex_softmax"]  # those with something to compile (SDPA and the reference: no)
+LABELS = {"cog": "tuned", "flex": "flex Cog", "flex_softmax": "flex softmax", "sdpa": "SDPA flash"}
+REFRESH_S = 10  # how often the report is rewritten while a step runs
+
+_step = dict(path=None, deadline=math.inf, meta={})  # in a step's process: its file, its soft deadline, what it records
+
+
+def report_args(args, device):
+    """The command line's args with the report's sizes for device (REPORT_SIZES) and the report's table layout: the
+    training shapes first, so that a step cut short keeps what matters most."""
+    return argparse.Namespace(**{**vars(args), **REPORT_SIZES[device], "device": device, "modes": ["fwd_bwd", "fwd"],
+                                 "masks": ["causal", "full"], "deterministic": False, "doc_len": 0})
+
+
+def save(results):
+    """The running step's results so far, to the file the report reads: a step killed later keeps them."""
+    if _step["path"]:
+        write_json(_step["path"], dict(_step["meta"], results=results))
+
+
+def out_of_time():
+    """Whether the running step should start no more work: it is near its time limit."""
+    return time.perf_counter() > _step["deadline"]
+
+
+def write_json(path, data):
+    with open(path + ".tmp", "w") as f:
+        json.dump(plain(data), f, indent=1, allow_nan=False)
+    os.replace(path + ".tmp", path)  # whole or not at all, for a reader at any moment
+
+
+def plain(x):
+    """x as JSON holds it: NaN and infinities (an error can be NaN) as text, tuples as lists."""
+    if isinstance(x, dict):
+        return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    return str(x) if isinstance(x, float) and not math.isfinite(x) else x
+
+
+# --- what a step's process records besides its results: its warnings, and Triton's compiles
+
+def record_warnings(seen):
+    """Each distinct warning (the chooser's, of a backend skipped or a tile dropped, among them) into the list seen, as
+    well as to stderr (the log)."""
+    show = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        text = f"{category.__name__}: {str(message).strip().splitlines()[0] if str(message).strip() else ''}"[:300]
+        if text not in seen and len(seen) < 30:
+            seen.append(text)
+        show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = record
+
+
+def record_compiles(counts):
+    """Count Triton's compiles in this process (and their seconds), and the kernels it loaded from its cache instead,
+    through triton.knobs.compilation.listener (Triton 3.6 and newer). The interpreter compiles nothing."""
+    knobs = getattr(cog_kernel.triton, "knobs", None)
+    if knobs is None or not hasattr(knobs.compilation, "listener"):
+        return
+
+    def listen(*, times, cache_hit, **rest):
+        if cache_hit:
+            counts["cached"] += 1
+        else:
+            counts["compiled"] += 1
+            counts["compile_s"] += times.total / 1e6  # (microseconds)
+
+    knobs.compilation.listener = listen
+
+
+def step_process(name, run, args, path, log, limit):
+    """The body of a step's process: run(args, results), its status, error, warnings and Triton's compiles saved to
+    path as it goes. Its stderr (warnings, tracebacks, CUDA's messages, a crash's stack) goes to the log."""
+    os.setsid()  # a process group of its own: a kill at the time limit takes whatever it started too
+    os.dup2(os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT), 2)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # (whatever sys.stderr was, e.g. pytest's capture)
+    faulthandler.enable()
+    print(f"\n=== {time.strftime('%H:%M:%S')} step {name} ===", file=sys.stderr, flush=True)
+    if args.device != "cuda":
+        torch.set_num_threads(1)  # the dry run's tiny work: spinning threads on a busy CPU slow it many times over
+        warnings.filterwarnings("ignore", "flex_attention called without torch.compile")  # (the dry run's way)
+    meta = _step["meta"] = dict(warnings=[], triton=dict(compiled=0, compile_s=0.0, cached=0))
+    _step.update(path=path, deadline=time.perf_counter() + limit - min(15.0, max(1.0, limit / 10)))  # to finish a row
+    record_warnings(meta["warnings"])
+    record_compiles(meta["triton"])
+    results = {}
+    try:
+        run(args, results)
+        meta["status"] = "ok"
+    except BaseException as error:  # noqa: BLE001 (whatever it is, the report says so and goes on)
+        traceback.print_exc()
+        meta.update(status="failed", error=one_line(error))
+    save(results)
+    sys.stderr.flush()
+
+
+def kill_group(pid):
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:  # (not yet a group of its own)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def read_progress(step, path):
+    """What the step's process saved so far into step (the report's dict for it)."""
+    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+        with open(path) as f:
+            step.update(json.load(f))
+
+
+def run_step(step, run, args, path, log, refresh):
+    """Run one step in a forked process under its time limit: its results, status (ok, failed, timed out, crashed),
+    error and seconds into step (the report's dict for it); refresh() every REFRESH_S seconds while it runs."""
+    t0 = last = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:  # the step's process, which never returns from here
+        try:
+            step_process(step["name"], run, args, path, log, step["limit_s"])
+        finally:
+            os._exit(0)
+    step["status"], code = "running", None
+    try:
+        while code is None:
+            time.sleep(0.1)
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                code = os.waitstatus_to_exitcode(status)
+            elif time.perf_counter() - t0 > step["limit_s"]:
+                kill_group(pid)
+                os.waitpid(pid, 0)
+                code = "timed out"
+            elif time.perf_counter() - last > REFRESH_S:
+                last = time.perf_counter()
+                read_progress(step, path)
+                step["seconds"] = last - t0
+                refresh()
+    finally:
+        if code is None:  # Ctrl-C: the step goes with the report
+            kill_group(pid)
+            os.waitpid(pid, 0)
+    step["seconds"] = time.perf_counter() - t0
+    read_progress(step, path)
+    if code == "timed out":
+        step.update(status="timed out", error=f"killed at its time limit, {step['limit_s']} s (what it had saved is "
+                                              "kept)")
+    elif step["status"] == "running":  # it ended without saying how
+        how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        step.update(status="crashed", error=f"its process {how}")
+
+
+def report(args):
+    """--report=FILE.md: REPORT_STEPS in order, each in a process of its own under its time limit; FILE.md and
+    FILE.json rewritten after each; the steps' stderr, tracebacks among it, in FILE.log."""
+    base = os.path.splitext(args.report)[0]
+    paths = dict(md=args.report, json=base + ".json", log=base + ".log")
+    args = report_args(args, "cuda" if (cuda_in_a_child() if REPORT_GPU is None else REPORT_GPU) else "cpu")
+    doc = dict(command=" ".join(["python bench.py", f"--report={args.report}", *args.trainer_args]),
+               started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), dry_run=args.device != "cuda", seconds=0.0,
+               json=os.path.basename(paths["json"]), log=os.path.basename(paths["log"]),
+               steps=[dict(name=name, title=title, limit_s=limit, status="not run")
+                      for name, title, _, _, limit in REPORT_STEPS])
+    open(paths["log"], "w").close()
+    t0 = time.perf_counter()
+    progress = tempfile.mkdtemp(prefix="bench-report-")
+    try:
+        for i, (step, (name, title, run, _, limit)) in enumerate(zip(doc["steps"], REPORT_STEPS), 1):
+            print(f"[{i}/{len(REPORT_STEPS)}] {title} (at most {limit} s)", flush=True)
+            try:
+                run_step(step, run, args, os.path.join(progress, name + ".json"), paths["log"],
+                         lambda: write_report(doc, paths, t0))
+            except KeyboardInterrupt:
+                step["status"] = "interrupted"
+                raise
+            finally:
+                write_report(doc, paths, t0)
+            print(f"      {step['status']} in {step['seconds']:.0f} s" + (f": {step['error']}" if step.get("error")
+                                                                          else ""), flush=True)
+    finally:
+        shutil.rmtree(progress, ignore_errors=True)
+    print(f"report: {paths['md']}, the same figures in {paths['json']}, the steps' stderr in {paths['log']}")
+
+
+def write_report(doc, paths, t0):
+    doc["seconds"] = time.perf_counter() - t0
+    write_json(paths["json"], doc)
+    with open(paths["md"] + ".tmp", "w") as f:
+        f.write(render_report(doc))
+    os.replace(paths["md"] + ".tmp", paths["md"])
+
+
+def render_report(doc):
+    """The Markdown report of doc, the dict FILE.json holds: a summary of the steps, then each step's section."""
+    env = doc["steps"][0].get("results") or {}
+    lines = [f"# nanoCog on {env.get('gpu') or ('the CPU: a dry run' if doc['dry_run'] else 'a GPU')}", "",
+             f"`{doc['command']}`, started {doc['started']}, {doc['seconds']:.0f} s. The same figures: "
+             f"`{doc['json']}`; the steps' stderr (tracebacks, warnings): `{doc['log']}`."]
+    if doc["dry_run"]:
+        lines += ["", "**Dry run.** No GPU here: the steps ran end to end on the CPU at tiny sizes (Triton's "
+                  "interpreter, fp32 in place of bf16, the demo models uncompiled, wall-clock timings), to check the "
+                  "command itself. No figure below measures a GPU."]
+    lines += ["", "| step | result | seconds (limit) | first calls, s | Triton: kernels compiled (s), loaded |",
+              "|---|---|---|---|---|"]
+    for i, step in enumerate(doc["steps"], 1):
+        first, triton_ = (step.get("results") or {}).get("first_call_s"), step.get("triton")
+        compiles = f"{triton_['compiled']} ({triton_['compile_s']:.1f}), {triton_['cached']}" if triton_ else "-"
+        lines.append(f"| {i}. {step['title']} | {step['status']} | {step.get('seconds', 0):.0f} ({step['limit_s']}) | "
+                     f"{'-' if first is None else f'{first:.1f}'} | {compiles} |")
+    lines += ["", "*First calls*: the seconds the step's first call of each thing took beyond a later call's: "
+              "compiling, autotuning, the chooser's first-use checks, loading from the caches."]
+    for i, (step, (_, _, _, render, _)) in enumerate(zip(doc["steps"], REPORT_STEPS), 1):
+        lines += ["", f"## {i}. {step['title']}", ""]
+        if step.get("error"):
+            lines += [f"**{step['status']}**: {step['error']} (stderr and traceback: `{doc['log']}`)", ""]
+        if step["status"] == "not run":
+            lines.append("Not run yet.")
+            continue
+        try:
+            lines += render(step.get("results") or {})
+        except Exception as error:  # noqa: BLE001 (a report with a hole beats no report)
+            lines.append(f"(could not show these results: {one_line(error)}; `{doc['json']}` has them)")
+        if step.get("warnings"):
+            lines += ["", "Warnings:", ""] + [f"- {w}" for w in step["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+def label(impl):
+    return LABELS.get(impl, impl)
+
+
+def duration(x):
+    return "-" if x is None else f"{x:.2f} s" if x < 10 else f"{x:.0f} s"
+
+
+# --- 1. the environment
+
+def report_environment(args, results):
+    """The GPU and the versions; which backend cog_attention picks for a training shape, and what its first use costs
+    there: the first forward + backward (first-use check, compiling, autotuning), the check alone once compiled, and a
+    later call."""
+    import triton
+    import cog_attention as chooser
+
+    results.update(device=args.device, torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                   python=platform.python_version(), caches=cache_entries(),
+                   decode_max_heads=DECODE_REFERENCE_MAX_HEADS)
+    if args.device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        smem = getattr(p, "shared_memory_per_block_optin", 0)
+        results.update(gpu=p.name, memory_gib=p.total_memory / 2**30, sm_count=p.multi_processor_count,
+                       capability=f"sm_{p.major}{p.minor}", shared_kb=smem / 1024,
+                       tiles={f"{kind} D {D}": cog_kernel_tuned.candidate_tiles(kind, D, 2, smem)
+                              for kind in ("fwd", "bwd", "dkdv", "dq") for D in args.head_dims})
+    else:
+        results.update(gpu=None, cpu=platform.machine(), threads=torch.get_num_threads())
+    B, H, T, D = args.train_shape
+    dtype = DTYPES[args.dtype]
+    results["shape"] = dict(B=B, H=H, T=T, D=D, dtype=args.dtype, causal=True)
+    save(results)
+    call = attention_call(lambda q, k, v, causal: cog_attention(q, k, v, causal=causal), "fwd_bwd", True, B, H, T, T,
+                          D, dtype, args.device)
+    t0 = time.perf_counter()
+    call()
+    synchronize(args.device)
+    results["first_call_s"] = time.perf_counter() - t0
+    q = torch.empty(B, H, T, D, device=args.device, dtype=dtype)
+    config = chooser._config(q, True, None, False)  # what the chooser's verdicts are keyed on
+    verdicts = {name: chooser._verdicts.get((name, config)) for name in chooser.BACKENDS}
+    results["verdicts"] = {name: "not tried" if v is None else "passed" if v[0] else v[1]
+                           for name, v in verdicts.items()}
+    results["backend"] = next(name for name in chooser._order(q, None) if (verdicts[name] or (False,))[0])
+    results["later_ms"] = time_ms(call, args, args.device)
+    save(results)
+    t0 = time.perf_counter()  # the check again, its kernels compiled now (it clears the autotuner's choices: last)
+    chooser._verify(results["backend"], config, q, True, D ** -0.5, False, None)
+    synchronize(args.device)
+    results["check_s"] = time.perf_counter() - t0
+
+
+def cache_entries():
+    """How many entries Triton's and Inductor's caches on disk hold (cold: none): {cache: count}."""
+    dirs = dict(triton=os.environ.get("TRITON_CACHE_DIR", os.path.expanduser("~/.triton/cache")))
+    with contextlib.suppress(Exception):
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        dirs["inductor"] = cache_dir()
+    return {name: len(os.listdir(d)) if os.path.isdir(d) else 0 for name, d in dirs.items()}
+
+
+def render_environment(r):
+    if r.get("gpu"):
+        lines = [f"- GPU: **{r['gpu']}**, {r['memory_gib']:.1f} GiB, {r['sm_count']} SMs, {r['capability']}, "
+                 f"{r['shared_kb']:.0f} KB of shared memory per block"]
+    else:
+        lines = [f"- No GPU: the CPU ({r.get('cpu')}), {r.get('threads')} threads"]
+    lines.append(f"- torch {r.get('torch')}, Triton {r.get('triton')}, CUDA {r.get('cuda')}, Python {r.get('python')}")
+    caches = r.get("caches") or {}
+    lines.append("- Caches at the start (entries): " + ", ".join(f"{k} {v}" for k, v in caches.items())
+                 + (" (cold)" if not any(caches.values()) else ""))
+    s = r.get("shape")
+    if s:
+        lines.append(f"- `cog_attention` at a training shape, B={s['B']} H={s['H']} T={s['T']} D={s['D']} {s['dtype']} "
+                     f"causal, forward + backward: picks **{r.get('backend', '?')}** ("
+                     + "; ".join(f"{k}: {v}" for k, v in (r.get("verdicts") or {}).items()) + ")")
+        lines.append(f"- Its first call: {duration(r.get('first_call_s'))} (first-use check, compiling, autotuning); "
+                     f"the check alone, compiled: {duration(r.get('check_s'))}; a later call: "
+                     + (f"{r['later_ms']:.2f} ms" if "later_ms" in r else "-"))
+    for kind_d, tiles in (r.get("tiles") or {}).items():
+        lines.append(f"- Autotuning candidates, {kind_d} (BLOCK_M, BLOCK_N, warps, stages): "
+                     + ", ".join(str(tuple(t)) for t in tiles))
+    lines.append(f"- The chooser's decode rule: the reference for Tq = 1 when B*H <= {r.get('decode_max_heads')}")
+    return lines
+
+
+# --- 2. compiling ahead
+
+def warm_jobs(args):
+    """The first calls of the steps after this one, as jobs for warm_job, the longest (the models) first:
+    (kind, what)."""
+    jobs = [("model", (model, attn)) for model in ("lm", "diffusion") for attn in ("cog", "softmax")]
+    jobs += [("check", (tuple(check), impl)) for check in args.checks for impl in CHECK_IMPLS if impl in WARM_IMPLS]
+    jobs += [("call", (impl, mode, mask == "causal", B, H, T, T, D))
+             for mode, mask, D, T, B, H in kernel_shapes(args) for impl in WARM_IMPLS]
+    jobs += [("call", (impl, "fwd", False, B, H, 1, Tk, D))
+             for D, Tk, B, H in decode_shapes(args) for impl in WARM_IMPLS if impl in DECODE_IMPLS]
+    return jobs
+
+
+_worker_functions = {}  # attention_functions, made once per worker process
+
+
+def warm_job(task):
+    """Run one job of warm_jobs once, untimed (in a worker process): (kind, what, seconds, error or None, Triton's
+    compile counts)."""
+    args, (kind, what) = task
+    counts = _step["meta"]["triton"]
+    before, error, t0 = dict(counts), None, time.perf_counter()
+    try:
+        if not _worker_functions:
+            _worker_functions.update(attention_functions(args, args.device))
+        if kind == "model":
+            with dry_models(args):
+                training_step(model_args(args, what[0]), what[1], args.device).step()
+        elif kind == "check":
+            check_config(what[0], [what[1]], _worker_functions, args)
+        else:
+            impl, mode, causal, B, H, Tq, Tk, D = what
+            attention_call(_worker_functions[impl], mode, causal, B, H, Tq, Tk, D, DTYPES[args.dtype], args.device)()
+        synchronize(args.device)
+    except Exception as e:  # noqa: BLE001 (a job that fails leaves its step to compile itself: it is only said)
+        error = one_line(e)
+    gc.collect()  # (a worker runs many jobs: a model's memory goes before the next one)
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return kind, what, time.perf_counter() - t0, error, {k: counts[k] - before[k] for k in counts}
+
+
+def warm_worker_start(device):
+    if device == "cuda":  # a few compile processes of Inductor's per worker, not one per core each
+        import torch._inductor.config
+        torch._inductor.config.compile_threads = 2
+
+
+def report_warmup(args, results):
+    """Compile ahead: run every first call of the steps after this one (warm_jobs) once, in parallel worker processes,
+    so that the steps load their kernels and graphs from Triton's and Inductor's caches on disk instead of compiling
+    them one by one (autotuning, a timing, is left to the steps: the GPU is shared here). The dry run runs one job of
+    each kind: the pool and the jobs' code, not every shape again."""
+    jobs = warm_jobs(args)
+    if args.device != "cuda":
+        jobs = [next(job for job in jobs if job[0] == kind) for kind in ("model", "check", "call")]
+    workers = min(len(jobs), args.warm_workers)
+    results.update(jobs=len(jobs), workers=workers, done=0, failed=[], job_s=0.0)
+    t0 = time.perf_counter()
+    pool = multiprocessing.get_context("fork").Pool(workers, warm_worker_start, (args.device,))
+    try:
+        for kind, what, job_s, error, counts in pool.imap_unordered(warm_job, [(args, job) for job in jobs]):
+            results["done"] += 1
+            results["job_s"] += job_s
+            for key, value in counts.items():
+                _step["meta"]["triton"][key] += value
+            if error:
+                results["failed"].append(f"{kind} {what}: {error}")
+            results["first_call_s"] = time.perf_counter() - t0
+            save(results)
+            if out_of_time():
+                break
+    finally:
+        pool.terminate()
+
+
+def render_warmup(r):
+    lines = [f"{r.get('done', 0)} of {r.get('jobs', '?')} jobs in {r.get('workers', '?')} processes: each kernel, "
+             "FlexAttention graph and model the later steps time, run once so that they load it from the caches "
+             f"instead of compiling it ({r.get('job_s', 0):.0f} s of work). What was left shows in their first-calls "
+             "column above."]
+    if r.get("failed"):
+        lines += ["", f"{len(r['failed'])} failed (the step that times it compiles it itself):", ""]
+        lines += [f"- {text}" for text in r["failed"][:20]]
+    return lines
+
+
+# --- 3. correctness
+
+def rel_l2(x, ref):
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+def check_config(check, impls, fns, args):
+    """One configuration of the correctness step, check = (dtype, causal, D, Tq, Tk, documents): each implementation's
+    output and gradients of q, k, v against the float64 reference of the same rounded inputs (relative L2 errors, within
+    the chooser's tolerance for the dtype), as one row each."""
+    from cog_attention import VERIFY_TOL
+    from cog_kernel import cog_attention_reference_backward
+
+    dtype_name, causal, D, Tq, Tk, docs = check
+    dtype, (B, H) = DTYPES[dtype_name], args.check_batch
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(B, H, T, D, generator=g).to(args.device, dtype) for T in (Tq, Tk, Tk, Tq))
+    doc_ids = packed_documents(B, Tk, max(4, Tk // 5), args.device) if docs else None
+    q64, k64, v64, do64 = (t.double() for t in (q, k, v, do))
+    want = (cog_attention_reference(q64, k64, v64, causal, doc_ids=doc_ids),
+            *cog_attention_reference_backward(do64, q64, k64, v64, causal, doc_ids=doc_ids))
+    rows = []
+    for impl in impls:
+        row = dict(dtype=dtype_name, causal=causal, D=D, Tq=Tq, Tk=Tk, docs=docs, impl=impl, tol=VERIFY_TOL[dtype])
+        rows.append(row)
+        if docs and impl.startswith("flex"):
+            row.update(ok=None, error="n/a: the FlexAttention peer takes no document masks")
+            continue
+        grads = not (impl.startswith("flex") and args.device != "cuda")  # (FlexAttention has no backward on a CPU)
+        try:
+            q_, k_, v_ = (t.detach().requires_grad_(grads) for t in (q, k, v))
+            t0 = time.perf_counter()
+            o = fns[impl](q_, k_, v_, causal, **(dict(doc_ids=doc_ids) if docs else {}))
+            got = (o, *torch.autograd.grad(o, (q_, k_, v_), do)) if grads else (o,)
+            synchronize(args.device)
+            row["seconds"] = time.perf_counter() - t0
+            row["errors"] = {name: rel_l2(x, ref) for name, x, ref in zip(("output", "dq", "dk", "dv"), got, want)}
+            row["ok"] = all(err < row["tol"] for err in row["errors"].values())  # (a NaN fails)
+        except Exception as error:  # noqa: BLE001 (a failing backend is a result)
+            row.update(ok=False, error=one_line(error))
+    return rows
+
+
+def report_correctness(args, results):
+    """Each backend (tuned, compact, Cog through FlexAttention, the reference) against the float64 reference at the
+    configurations of args.checks: bf16 and fp16, causal or not, head dims 64, 128 and an odd one, Tq < Tk, packed
+    documents; the output and all three gradients."""
+    fns = attention_functions(args, args.device)
+    results.update(rows=[], not_run=[], first_call_s=0.0)
+    for check in args.checks:
+        if out_of_time():
+            results["not_run"].append(list(check))
+            continue
+        rows = check_config(check, CHECK_IMPLS, fns, args)
+        results["rows"] += rows
+        results["first_call_s"] += sum(row.get("seconds", 0.0) for row in rows)
+        save(results)
+
+
+def render_correctness(r):
+    rows = r.get("rows") or []
+    judged = [row for row in rows if row.get("ok") is not None]
+    lines = [f"{sum(1 for row in judged if row['ok'])} of {len(judged)} pass: relative L2 error against the float64 "
+             "reference of the same rounded inputs, within the chooser's tolerance for the dtype "
+             "(`cog_attention.VERIFY_TOL`).", "",
+             "| dtype | causal | D | Tq | Tk | docs | backend | output | dq | dk | dv | tolerance | result |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        errors = row.get("errors") or {}
+        cells = [f"{errors[name]:.1e}" if isinstance(errors.get(name), float) else str(errors.get(name, "-"))
+                 for name in ("output", "dq", "dk", "dv")]
+        result = "pass" if row.get("ok") else row.get("error") or "**FAIL**"
+        if row.get("ok") is False and row.get("error"):
+            result = f"**FAIL**: {row['error']}"
+        lines.append(f"| {row['dtype']} | {int(row['causal'])} | {row['D']} | {row['Tq']} | {row['Tk']} | "
+                     f"{int(row['docs'])} | {label(row['impl'])} | " + " | ".join(cells)
+                     + f" | {row['tol']:.0e} | {result.replace('|', '/')} |")
+    if r.get("not_run"):
+        lines += ["", f"Not run (out of time): {r['not_run']}"]
+    return lines
+
+
+# --- 4. kernel speed
+
+def report_kernels(args, results):
+    """The kernel table (kernel_row): T 1k, 4k, 16k; head dims 64 and 128; causal or not; forward + backward, then
+    forward; each implementation's TFLOP/s, its speed against SDPA's, its peak memory; and the tiles autotuning
+    chose."""
+    fns = attention_functions(args, args.device)
+    results.update(dtype=args.dtype, tokens=args.tokens, width=args.width, impls=KERNEL_IMPLS, rows=[], not_run=[],
+                   first_call_s=0.0)
+    failed = {}
+    for shape in kernel_shapes(args):
+        if out_of_time():
+            results["not_run"].append(list(shape))
+            continue
+        row = kernel_row(shape, fns, KERNEL_IMPLS, DTYPES[args.dtype], args, args.device, failed)
+        results["rows"].append(row)
+        results["first_call_s"] += first_calls(row)
+        results["autotuned"] = autotune_picks()
+        save(results)
+
+
+def first_calls(row):
+    """The seconds a row's first calls took beyond a later call's."""
+    return sum(max(0.0, c["first_s"] - c["ms"] / 1e3) for c in row["cells"].values() if "first_s" in c)
+
+
+def autotune_picks():
+    """The tile (BLOCK_M, BLOCK_N, warps, stages) autotuning chose for each tuned kernel at each key so far."""
+    picks = []
+    for kind, kernel in cog_kernel_tuned.kernels().items():
+        for key, config in getattr(kernel, "cache", {}).items():  # key: HEAD_DIM, CAUSAL, LEN_Q, LEN_K, dtypes...
+            picks.append(dict(kernel=kind, key=[str(x) for x in key[:4]], tile=list(cog_kernel_tuned._shape(config))))
+    return picks
+
+
+def render_kernels(r):
+    impls = r.get("impls") or KERNEL_IMPLS
+    lines = [f"{r.get('dtype')}, B*T = {r.get('tokens')} tokens, H*D = {r.get('width')}. TFLOP/s as for softmax "
+             "attention (4*B*H*T*T*D forward, halved when causal, x3.5 with the backward), and in brackets the speed "
+             "against SDPA's (SDPA's time / this one's); MiB: the peak memory of one call beyond its inputs.", "",
+             "| mode | mask | D | T | B x H | " + " | ".join(f"{label(i)} TFLOP/s (x SDPA)" for i in impls) + " | "
+             + " | ".join(f"{label(i)} MiB" for i in impls) + " |", "|---" * (5 + 2 * len(impls)) + "|"]
+    rows = r.get("rows") or []
+    for row in rows:
+        cells = [row["cells"].get(i, {}) for i in impls]
+        speed = [(f"{c['tflops']:.1f}" + (f" ({c['vs_sdpa']:.2f})" if "vs_sdpa" in c else "")) if "tflops" in c
+                 else short_error(c) if c else "-" for c in cells]
+        memory = [mib(c["mib"]) if "mib" in c else short_error(c) if c else "-" for c in cells]
+        lines.append(f"| {row['mode']} | {row['mask']} | {row['D']} | {row['T']} | {row['B']} x {row['H']} | "
+                     + " | ".join(speed + memory) + " |")
+    lines += render_errors(rows)
+    if r.get("not_run"):
+        lines += ["", "Not run (out of time): " + ", ".join(str(tuple(s[:4])) for s in r["not_run"])]
+    picks = r.get("autotuned") or []
+    lines += ["", "Tiles autotuning chose (BLOCK_M, BLOCK_N, warps, stages), by kernel and key "
+              "(head dim, causal, Tq and Tk rounded up to powers of two):" if picks else
+              "Autotuning chose no tile (one candidate each, or none ran).", ""]
+    lines += [f"- {p['kernel']} {', '.join(p['key'])}: {tuple(p['tile'])}" for p in picks]
+    return lines
+
+
+def render_errors(rows):
+    errors = cell_errors(rows)
+    return (["", "Errors:", ""] + [f"- {label(impl)}: {error}" for impl, error in errors]) if errors else []
+
+
+# --- 5. decode
+
+def report_decode(args, results):
+    """Decode steps (decode_row: Tq = 1 against Tk cached keys, B 1 and 8) through each backend, and the rule for the
+    chooser that the numbers imply (decode_rule)."""
+    fns = attention_functions(args, args.device)
+    impls = list(DECODE_IMPLS)
+    results.update(dtype=args.dtype, width=args.width, impls=impls, rows=[], not_run=[], first_call_s=0.0)
+    for shape in decode_shapes(args):
+        if out_of_time():
+            results["not_run"].append(list(shape))
+            continue
+        row = decode_row(shape, fns, impls, DTYPES[args.dtype], args, args.device)
+        results["rows"].append(row)
+        results["first_call_s"] += first_calls(row)
+        results["bound"], results["rule"] = decode_rule(results["rows"])
+        save(results)
+
+
+def render_decode(r):
+    impls = r.get("impls") or list(DECODE_IMPLS)
+    lines = [f"{r.get('dtype')}, H*D = {r.get('width')}, one query against Tk cached keys, forward: microseconds per "
+             "call (GB/s of keys and values read).", "",
+             "| D | Tk | B x H | " + " | ".join(f"{label(i)} us (GB/s)" for i in impls) + " |",
+             "|---" * (3 + len(impls)) + "|"]
+    rows = r.get("rows") or []
+    for row in rows:
+        cells = [row["cells"].get(i, {}) for i in impls]
+        lines.append(f"| {row['D']} | {row['Tk']} | {row['B']} x {row['H']} | " + " | ".join(
+            f"{c['ms'] * 1e3:.0f} ({c['gbs']:.0f})" if "ms" in c else short_error(c) if c else "-" for c in cells)
+            + " |")
+    lines += render_errors(rows)
+    if r.get("not_run"):
+        lines += ["", f"Not run (out of time): {r['not_run']}"]
+    lines += ["", f"**{r.get('rule', 'Decode rule: no rows.')}**"]
+    return lines
+
+
+# --- 6. models
+
+@contextlib.contextmanager
+def dry_models(args):
+    """The dry run's models take the reference (COG_BACKEND): in Triton's interpreter their kernels take minutes."""
+    saved = os.environ.get("COG_BACKEND")
+    if args.device != "cuda":
+        os.environ["COG_BACKEND"] = "reference"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("COG_BACKEND", None)
+        else:
+            os.environ["COG_BACKEND"] = saved
+
+
+def model_args(args, model):
+    """The args of time_models and training_step for one of the report's models."""
+    return argparse.Namespace(**{**vars(args), "model": model, "preset": args.presets[model]})
+
+
+def report_models(args, results):
+    """Cogformer vs Transformer at the paper's size and U-ViC vs U-ViT (U-ViT-S/2), compiled (time_models): the
+    trainers' training steps, tokens or images per second, MFU, peak memory beside the memory estimate."""
+    results.update(models=[], not_run=[], first_call_s=0.0)
+    for model in ("lm", "diffusion"):
+        if out_of_time():
+            results["not_run"].append(model)
+            continue
+        with dry_models(args):
+            run = time_models(model_args(args, model), args.device)
+        results["models"].append(run)
+        results["first_call_s"] += sum(row["first_s"] for row in run["rows"])
+        save(results)
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def render_models(r):
+    lines = []
+    for run in r.get("models") or []:
+        title = "Cogformer vs Transformer" if run["model"] == "lm" else "U-ViC vs U-ViT"
+        lines += [f"**{title}**: preset {run['preset']}, batch {run['batch']}, {run['dtype']}, compiled: "
+                  f"{run['compile']}; {run['warmup_steps']} warm-up steps, then {run['steps']} timed steps each in "
+                  f"rounds of {run['per_round']}, cog and softmax alternating ({run['where']}).", "",
+                  f"| attn | ms/step (median round) | rounds min-max ms | {run['unit']}/s | MFU | peak MiB "
+                  "(max_memory_allocated) | estimate MiB (training.memory_estimate) |", "|---|---|---|---|---|---|---|"]
+        for row in run["rows"]:
+            lines.append(f"| {row['attn']} | {row['ms']:.1f} | {row['min_ms']:.1f}-{row['max_ms']:.1f} | "
+                         f"{row['per_s']:,.0f} | {percent(row['mfu'])} | {mib(row['peak_mib'])} | "
+                         f"{mib(row['estimate_mib'])} |")
+        lines += ["", f"cog/softmax speed: {run['speed']:.3f} (softmax's time per step / cog's).", ""]
+    if not hasattr(__import__("training"), "memory_estimate"):
+        lines.append("The estimate column stays empty until training.py has memory_estimate(model, config).")
+    if r.get("not_run"):
+        lines += ["", f"Not run (out of time): {', '.join(r['not_run'])}"]
+    return lines
+
+
+REPORT_STEPS = [  # (name, title, step, renderer, time limit in seconds on one GPU): the report, in order; 8 minutes
+    ("environment", "Environment", report_environment, render_environment, 45),
+    ("warmup", "Compile ahead", report_warmup, render_warmup, 60),
+    ("correctness", "Correctness", report_correctness, render_correctness, 60),
+    ("kernels", "Kernel speed", report_kernels, render_kernels, 150),
+    ("decode", "Decode", report_decode, render_decode, 30),
+    ("models", "Models", report_models, render_models, 135),
+]
 
 
 # -----------------------------------------------------------------------------
@@ -961,7 +1710,9 @@ def main(argv=None):
         args.head_dims = [64, 128, 72] if args.portability else [64, 128]
     if args.doc_len and "cog_docs" not in args.impls:
         args.impls.append("cog_docs")
-    if args.model:
+    if args.report:
+        report(args)
+    elif args.model:
         model_timings(args)
     elif args.portability:
         portability(args)
