@@ -759,7 +759,7 @@ REPORT_SIZES = {
         decode_lens=[1024, 4096, 16384, 32768], decode_batches=[1, 8],
         warmup=10, rep=40,  # do_bench's milliseconds: a few dozen calls of the shortest kernels
         presets=dict(lm="paper", diffusion="paper"), batch_size=0, vocab_size=CogformerConfig.vocab_size,
-        compile=True, warmup_steps=3, steps=20, warm_workers=8),
+        compile=True, warmup_steps=3, steps=20, warm_workers=12),
     # the dry run: the same steps at sizes the interpreter runs in seconds; fp32 for bf16 (the interpreter computes
     # bf16 dots wrongly), the demo models uncompiled, CPU wall-clock times
     "cpu": dict(
@@ -1033,18 +1033,23 @@ def report_environment(args, results):
     dtype = DTYPES[args.dtype]
     results["shape"] = dict(B=B, H=H, T=T, D=D, dtype=args.dtype, causal=True)
     save(results)
-    call = attention_call(lambda q, k, v, causal: cog_attention(q, k, v, causal=causal), "fwd_bwd", True, B, H, T, T,
-                          D, dtype, args.device)
+    q, k, v, do = (torch.randn(B, H, T, D, device=args.device, dtype=dtype, requires_grad=i < 3) for i in range(4))
     t0 = time.perf_counter()
-    call()
+    o = cog_attention(q, k, v, causal=True)  # the choice, its checks, compiling and autotuning the forward
     synchronize(args.device)
-    results["first_call_s"] = time.perf_counter() - t0
-    q = torch.empty(B, H, T, D, device=args.device, dtype=dtype)
+    results["first_forward_s"] = time.perf_counter() - t0
     config = chooser._config(q, True, None, False)  # what the chooser's verdicts are keyed on
     verdicts = {name: chooser._verdicts.get((name, config)) for name in chooser.BACKENDS}
     results["verdicts"] = {name: "not tried" if v is None else "passed" if v[0] else v[1]
                            for name, v in verdicts.items()}
     results["backend"] = next(name for name in chooser._order(q, None) if (verdicts[name] or (False,))[0])
+    save(results)
+    t0 = time.perf_counter()
+    torch.autograd.grad(o, (q, k, v), do)  # compiling and autotuning the backward
+    synchronize(args.device)
+    results["first_call_s"] = results["first_forward_s"] + time.perf_counter() - t0
+    call = attention_call(lambda q, k, v, causal: cog_attention(q, k, v, causal=causal), "fwd_bwd", True, B, H, T, T,
+                          D, dtype, args.device)
     results["later_ms"] = time_ms(call, args, args.device)
     save(results)
     t0 = time.perf_counter()  # the check again, its kernels compiled now (it clears the autotuner's choices: last)
@@ -1077,8 +1082,10 @@ def render_environment(r):
         lines.append(f"- `cog_attention` at a training shape, B={s['B']} H={s['H']} T={s['T']} D={s['D']} {s['dtype']} "
                      f"causal, forward + backward: picks **{r.get('backend', '?')}** ("
                      + "; ".join(f"{k}: {v}" for k, v in (r.get("verdicts") or {}).items()) + ")")
-        lines.append(f"- Its first call: {duration(r.get('first_call_s'))} (first-use check, compiling, autotuning); "
-                     f"the check alone, compiled: {duration(r.get('check_s'))}; a later call: "
+        lines.append(f"- Its first call: {duration(r.get('first_call_s'))}, of which the forward "
+                     f"{duration(r.get('first_forward_s'))} (first-use check, compiling, autotuning); the check alone, "
+                     "compiled: "
+                     f"{duration(r.get('check_s'))}; a later call: "
                      + (f"{r['later_ms']:.2f} ms" if "later_ms" in r else "-"))
     for kind_d, tiles in (r.get("tiles") or {}).items():
         lines.append(f"- Autotuning candidates, {kind_d} (BLOCK_M, BLOCK_N, warps, stages): "
@@ -1144,12 +1151,17 @@ def report_warmup(args, results):
     jobs = warm_jobs(args)
     if args.device != "cuda":
         jobs = [next(job for job in jobs if job[0] == kind) for kind in ("model", "check", "call")]
-    workers = min(len(jobs), args.warm_workers)
+    workers = min(len(jobs), args.warm_workers, os.cpu_count() or 1)
     results.update(jobs=len(jobs), workers=workers, done=0, failed=[], job_s=0.0)
     t0 = time.perf_counter()
     pool = multiprocessing.get_context("fork").Pool(workers, warm_worker_start, (args.device,))
     try:
-        for kind, what, job_s, error, counts in pool.imap_unordered(warm_job, [(args, job) for job in jobs]):
+        done = pool.imap_unordered(warm_job, [(args, job) for job in jobs])
+        while results["done"] < len(jobs) and not out_of_time():  # (what is left at the limit, the steps compile)
+            try:
+                kind, what, job_s, error, counts = done.next(timeout=1)
+            except multiprocessing.TimeoutError:
+                continue
             results["done"] += 1
             results["job_s"] += job_s
             for key, value in counts.items():
@@ -1158,17 +1170,15 @@ def report_warmup(args, results):
                 results["failed"].append(f"{kind} {what}: {error}")
             results["first_call_s"] = time.perf_counter() - t0
             save(results)
-            if out_of_time():
-                break
     finally:
         pool.terminate()
 
 
 def render_warmup(r):
-    lines = [f"{r.get('done', 0)} of {r.get('jobs', '?')} jobs in {r.get('workers', '?')} processes: each kernel, "
-             "FlexAttention graph and model the later steps time, run once so that they load it from the caches "
-             f"instead of compiling it ({r.get('job_s', 0):.0f} s of work). What was left shows in their first-calls "
-             "column above."]
+    lines = [f"{r.get('done', 0)} of {r.get('jobs', '?')} jobs done in {r.get('workers', '?')} processes "
+             f"({r.get('job_s', 0):.0f} s of work): each kernel, FlexAttention graph and model the later steps time, "
+             "run once so that they load it from the caches instead of compiling it; the jobs not done by the time "
+             "limit, the steps compile themselves. What was left shows in their first-calls column above."]
     if r.get("failed"):
         lines += ["", f"{len(r['failed'])} failed (the step that times it compiles it itself):", ""]
         lines += [f"- {text}" for text in r["failed"][:20]]
@@ -1424,8 +1434,8 @@ def render_models(r):
 
 REPORT_STEPS = [  # (name, title, step, renderer, time limit in seconds on one GPU): the report, in order; 8 minutes
     ("environment", "Environment", report_environment, render_environment, 45),
-    ("warmup", "Compile ahead", report_warmup, render_warmup, 60),
-    ("correctness", "Correctness", report_correctness, render_correctness, 60),
+    ("warmup", "Compile ahead", report_warmup, render_warmup, 75),
+    ("correctness", "Correctness", report_correctness, render_correctness, 45),
     ("kernels", "Kernel speed", report_kernels, render_kernels, 150),
     ("decode", "Decode", report_decode, render_decode, 30),
     ("models", "Models", report_models, render_models, 135),
