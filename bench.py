@@ -517,9 +517,10 @@ def short_error(cell):  # a table cell's word for a failed measurement (cell_err
 DECODE_IMPLS = ("cog", "compact", "flex", "reference", "sdpa")
 
 
-def decode_shapes(args):
-    """The decode rows, (D, Tk, B, H): one query against Tk cached keys, at H * D = args.width."""
-    return [(D, Tk, B, max(1, args.width // D)) for D in args.head_dims for Tk in args.decode_lens
+def decode_shapes(args, head_dims=None):
+    """The decode rows, (D, Tk, B, H): one query against Tk cached keys, at H * D = args.width (head dims: those of
+    args, or these)."""
+    return [(D, Tk, B, max(1, args.width // D)) for D in head_dims or args.head_dims for Tk in args.decode_lens
             for B in args.decode_batches]
 
 
@@ -756,7 +757,7 @@ REPORT_SIZES = {
             ("bf16", True, 72, 1000, 1000, False),  # an odd head dim (padded to 128 inside)
             ("bf16", True, 64, 1000, 1000, True)],  # packed documents
         seqlens=[1024, 4096, 16384], head_dims=[64, 128], tokens=16384, width=2048,  # B * T and H * D
-        decode_lens=[1024, 4096, 16384, 32768], decode_batches=[1, 8],
+        decode_lens=[1024, 4096, 16384, 32768], decode_batches=[1, 8], decode_dims=[64],  # B*H 32 and 256
         warmup=10, rep=40,  # do_bench's milliseconds: a few dozen calls of the shortest kernels
         presets=dict(lm="paper", diffusion="paper"), batch_size=0, vocab_size=CogformerConfig.vocab_size,
         compile=True, warmup_steps=3, steps=20, warm_workers=12),
@@ -765,11 +766,12 @@ REPORT_SIZES = {
     "cpu": dict(
         dtype="fp32", train_shape=(1, 2, 32, 16), check_batch=(1, 2),
         checks=[("fp32", True, 24, 20, 40, False), ("fp16", False, 16, 40, 40, True)],
-        seqlens=[32], head_dims=[16], tokens=32, width=32, decode_lens=[32], decode_batches=[1, 2],
+        seqlens=[32], head_dims=[16], tokens=32, width=32, decode_lens=[32], decode_batches=[1, 2], decode_dims=[16],
         warmup=1, rep=1, presets=dict(lm="demo", diffusion="demo"), batch_size=2, vocab_size=256,
         compile=False, warmup_steps=1, steps=2, warm_workers=2),
 }
 KERNEL_IMPLS = ["cog", "compact", "flex", "sdpa", "flex_softmax", "reference"]  # the kernel table's columns
+DECODE_REPORT_IMPLS = ["cog", "compact", "reference", "sdpa"]  # the chooser's backends, and SDPA as the yardstick
 CHECK_IMPLS = ["cog", "compact", "flex", "reference"]  # the backends the correctness step checks
 WARM_IMPLS = ["cog", "compact", "flex", "flex_softmax"]  # those with something to compile (SDPA and the reference: no)
 LABELS = {"cog": "tuned", "flex": "flex Cog", "flex_softmax": "flex softmax", "sdpa": "SDPA flash"}
@@ -1103,8 +1105,8 @@ def warm_jobs(args):
     jobs += [("check", (tuple(check), impl)) for check in args.checks for impl in CHECK_IMPLS if impl in WARM_IMPLS]
     jobs += [("call", (impl, mode, mask == "causal", B, H, T, T, D))
              for mode, mask, D, T, B, H in kernel_shapes(args) for impl in WARM_IMPLS]
-    jobs += [("call", (impl, "fwd", False, B, H, 1, Tk, D))
-             for D, Tk, B, H in decode_shapes(args) for impl in WARM_IMPLS if impl in DECODE_IMPLS]
+    jobs += [("call", (impl, "fwd", False, B, H, 1, Tk, D)) for D, Tk, B, H in decode_shapes(args, args.decode_dims)
+             for impl in WARM_IMPLS if impl in DECODE_REPORT_IMPLS]
     return jobs
 
 
@@ -1336,12 +1338,13 @@ def render_errors(rows):
 # --- 5. decode
 
 def report_decode(args, results):
-    """Decode steps (decode_row: Tq = 1 against Tk cached keys, B 1 and 8) through each backend, and the rule for the
-    chooser that the numbers imply (decode_rule)."""
+    """Decode steps (decode_row: Tq = 1 against Tk cached keys, B 1 and 8) through each backend the chooser has and
+    SDPA (FlexAttention is in the kernel table: here it would compile a graph per row), and the rule for the chooser
+    that the numbers imply (decode_rule)."""
     fns = attention_functions(args, args.device)
-    impls = list(DECODE_IMPLS)
+    impls = DECODE_REPORT_IMPLS
     results.update(dtype=args.dtype, width=args.width, impls=impls, rows=[], not_run=[], first_call_s=0.0)
-    for shape in decode_shapes(args):
+    for shape in decode_shapes(args, args.decode_dims):
         if out_of_time():
             results["not_run"].append(list(shape))
             continue
@@ -1353,7 +1356,7 @@ def report_decode(args, results):
 
 
 def render_decode(r):
-    impls = r.get("impls") or list(DECODE_IMPLS)
+    impls = r.get("impls") or DECODE_REPORT_IMPLS
     lines = [f"{r.get('dtype')}, H*D = {r.get('width')}, one query against Tk cached keys, forward: microseconds per "
              "call (GB/s of keys and values read).", "",
              "| D | Tk | B x H | " + " | ".join(f"{label(i)} us (GB/s)" for i in impls) + " |",

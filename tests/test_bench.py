@@ -259,8 +259,9 @@ def test_report_plan_on_a_gpu():
     shapes = bench.kernel_shapes(args)
     assert len(shapes) == 2 * 2 * 2 * 3 and shapes[0] == ("fwd_bwd", "causal", 64, 1024, 16, 32)
     assert {(T, B * T, H * D) for _, _, D, T, B, H in shapes} == {(T, 16384, 2048) for T in (1024, 4096, 16384)}
-    assert {(Tk, B) for _, Tk, B, _ in bench.decode_shapes(args)} == {(Tk, B) for Tk in (1024, 4096, 16384, 32768)
-                                                                     for B in (1, 8)}
+    decode = bench.decode_shapes(args, args.decode_dims)
+    assert {(Tk, B * H) for _, Tk, B, H in decode} == {(Tk, heads) for Tk in (1024, 4096, 16384, 32768)
+                                                       for heads in (32, 256)}
     checks = args.checks
     assert {c[0] for c in checks} == {"bf16", "fp16"} and {c[1] for c in checks} == {True, False}
     assert {64, 128} < {c[2] for c in checks} and any(c[2] & (c[2] - 1) for c in checks)  # an odd head dim
@@ -268,7 +269,7 @@ def test_report_plan_on_a_gpu():
     assert all(c[0] in bench.DTYPES and 1 <= c[2] <= 256 and c[3] <= c[4] for c in checks)
     jobs = bench.warm_jobs(args)
     assert [job[0] for job in jobs[:4]] == ["model"] * 4
-    assert len(jobs) == 4 + len(checks) * 3 + len(shapes) * 4 + len(bench.decode_shapes(args)) * 3
+    assert len(jobs) == 4 + len(checks) * 3 + len(shapes) * 4 + len(decode) * 2
     assert sum(limit for *_, limit in bench.REPORT_STEPS) <= 8 * 60
     trainer = bench.parse_args(["--report=r.md", "--n_layer=6", "--depth=4"])
     assert bench.trainer_args(bench.model_args(bench.report_args(trainer, "cuda"), "lm")) == ["--n_layer=6"]
