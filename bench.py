@@ -1286,7 +1286,7 @@ def report_kernels(args, results):
         row = kernel_row(shape, fns, KERNEL_IMPLS, DTYPES[args.dtype], args, args.device, failed)
         results["rows"].append(row)
         results["first_call_s"] += first_calls(row)
-        results["autotuned"] = autotune_picks()
+        results["autotuned"] = autotune_picks(results.get("autotuned", []))
         save(results)
 
 
@@ -1295,13 +1295,16 @@ def first_calls(row):
     return sum(max(0.0, c["first_s"] - c["ms"] / 1e3) for c in row["cells"].values() if "first_s" in c)
 
 
-def autotune_picks():
-    """The tile (BLOCK_M, BLOCK_N, warps, stages) autotuning chose for each tuned kernel at each key so far."""
-    picks = []
+def autotune_picks(picks):
+    """picks, and the tile (BLOCK_M, BLOCK_N, warps, stages) autotuning chose for each tuned kernel at each key since:
+    a list of {kernel, key, tile}. (Kept as they come: the chooser's check of a new configuration empties the
+    autotuners' choices.)"""
+    known = {(p["kernel"], tuple(p["key"])): p for p in picks}
     for kind, kernel in cog_kernel_tuned.kernels().items():
         for key, config in getattr(kernel, "cache", {}).items():  # key: HEAD_DIM, CAUSAL, LEN_Q, LEN_K, dtypes...
-            picks.append(dict(kernel=kind, key=[str(x) for x in key[:4]], tile=list(cog_kernel_tuned._shape(config))))
-    return picks
+            key = tuple(str(x) for x in key[:4])
+            known[(kind, key)] = dict(kernel=kind, key=list(key), tile=list(cog_kernel_tuned._shape(config)))
+    return list(known.values())
 
 
 def render_kernels(r):

@@ -252,6 +252,21 @@ def test_decode_rule():
     assert bench.decode_rule([])[0] is None
 
 
+def test_autotune_picks_outlive_the_checks_that_clear_them(monkeypatch):
+    """The kernel table lists every tile autotuning chose, though the chooser's check of each new configuration empties
+    the autotuners' choices."""
+    fwd, bwd = cog_kernel_tuned.kernels()["fwd"], cog_kernel_tuned.kernels()["bwd"]
+    config = fwd.configs[0]
+    monkeypatch.setattr(fwd, "cache", {(64, True, 1024, 1024, "torch.bfloat16"): config})
+    monkeypatch.setattr(bwd, "cache", {})
+    picks = bench.autotune_picks([])
+    fwd.cache.clear()  # (as check_tiles does)
+    bwd.cache[(128, False, 4096, 4096)] = config
+    tile = list(cog_kernel_tuned._shape(config))
+    assert bench.autotune_picks(picks) == [dict(kernel="fwd", key=["64", "True", "1024", "1024"], tile=tile),
+                                           dict(kernel="bwd", key=["128", "False", "4096", "4096"], tile=tile)]
+
+
 def test_report_plan_on_a_gpu():
     """What only a GPU runs, checked without one: the report's shapes on a GPU, its correctness configurations, the
     warm-up's jobs, and the steps' time limits (8 minutes in all)."""
