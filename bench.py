@@ -1258,9 +1258,10 @@ def render_correctness(r):
         errors = row.get("errors") or {}
         cells = [f"{errors[name]:.1e}" if isinstance(errors.get(name), float) else str(errors.get(name, "-"))
                  for name in ("output", "dq", "dk", "dv")]
-        result = "pass" if row.get("ok") else row.get("error") or "**FAIL**"
-        if row.get("ok") is False and row.get("error"):
-            result = f"**FAIL**: {row['error']}"
+        if row.get("ok") is None:  # not judged: not applicable
+            result = row.get("error", "-")
+        else:
+            result = "pass" if row["ok"] else "**FAIL**" + (f": {row['error']}" if row.get("error") else "")
         lines.append(f"| {row['dtype']} | {int(row['causal'])} | {row['D']} | {row['Tq']} | {row['Tk']} | "
                      f"{int(row['docs'])} | {label(row['impl'])} | " + " | ".join(cells)
                      + f" | {row['tol']:.0e} | {result.replace('|', '/')} |")
