@@ -504,7 +504,7 @@ def test_bench_times_both_models_in_one_run(capsys):
     bench.main(["--model=lm", "--preset=demo", "--vocab_size=256", "--batch_size=2", "--steps=2",
                 "--warmup_steps=1"])
     out = capsys.readouterr().out
-    rows = re.findall(r"^\| (cog|softmax) \| ([\d.]+) \| [\d.]+-[\d.]+ \| ([\d,]+) \| - \| - \|$", out, re.M)
+    rows = re.findall(r"^\| (cog|softmax) \| ([\d.]+) \| [\d.]+-[\d.]+ \| ([\d,]+) \| - \| - \| - \|$", out, re.M)
     assert [r[0] for r in rows] == ["cog", "softmax"], out
     assert all(float(ms) > 0 and int(work.replace(",", "")) > 0 for _, ms, work in rows)
     assert re.search(r"^cog/softmax speed: \d+\.\d{3}", out, re.M)
@@ -519,6 +519,21 @@ def test_bench_refuses_bad_values_before_building_anything(capsys, arg, message)
     with pytest.raises(SystemExit) as err:
         bench.main(["--model=lm", "--preset=demo", "--vocab_size=256", "--batch_size=1", "--steps=1", arg])
     assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_passes_other_options_to_the_trainer(capsys):
+    """--model=lm --n_layer=2: a --key=value bench.py does not know goes to the trainer's TrainConfig (as the trainers'
+    later options will, e.g. for FSDP); a key the trainer lacks is named, and without --model none is taken."""
+    import bench
+    args = bench.parse_args(["--model=lm", "--preset=demo", "--vocab_size=256", "--batch_size=2", "--n_layer=2"])
+    run = bench.training_step(args, "cog", "cpu")
+    assert run.config.n_layer == 2 and len(run.model.blocks) == 2
+    args = bench.parse_args(["--model=lm", "--preset=demo", "--n_lyer=2"])
+    with pytest.raises(SystemExit, match="unknown config key --n_lyer; did you mean --n_layer"):
+        bench.training_step(args, "cog", "cpu")
+    with pytest.raises(SystemExit) as err:
+        bench.parse_args(["--n_layer=2"])
+    assert err.value.code == 2 and "--n_layer=2 (trainer options go with --model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model,preset", [("lm", "demo"), ("diffusion", "demo"), ("diffusion", "demo_t2i")])
