@@ -38,7 +38,7 @@ softmax in one run, interleaved in rounds so that drift hits both alike:
 
 Each model is built and warmed up in turn; its "peak MiB" is max_memory_allocated over its warm-up steps, less what
 the other model holds: its own weights, gradients, optimizer state and activations. "estimate MiB" is the trainers'
-memory estimate (training.memory_estimate), where it exists.
+memory estimate (memory.estimate_memory) for one process.
 
 TFLOP/s count FLOPs as for softmax attention: 4 * B * H * Tq * Tk * D for the forward (its two matmuls), halved when
 causal, and 3.5 times that for forward + backward. "MiB" is the peak memory allocated during one call beyond the inputs
@@ -697,19 +697,11 @@ def time_models(args, device):
 
 
 def memory_estimate_mib(run):
-    """The trainers' memory estimate for this model and config, in MiB, where training.py has one:
-    training.memory_estimate(model, config), bytes or a dict of bytes by part (weights, gradients, optimizer,
-    activations; or with a "total"). None where it does not exist yet; its error, as text, where it fails."""
-    import training
-    estimate = getattr(training, "memory_estimate", None)
-    if estimate is None:
-        return None
+    """The trainers' memory estimate (memory.estimate_memory) for this model and config on one process, in MiB; its
+    error, as text, where it fails."""
+    from memory import blocks_of, estimate_memory, plan_of
     try:
-        value = estimate(run.model, run.config)
-        if isinstance(value, dict):
-            parts = [v for v in value.values() if isinstance(v, (int, float))]
-            value = value["total"] if "total" in value else sum(parts)
-        return float(value) / 2**20
+        return estimate_memory(run.model, blocks_of(run.model), plan_of(run.model, run.config)).total / 2**20
     except Exception as error:  # noqa: BLE001 (say why, in the table, and go on)
         return "error: " + one_line(error)
 
@@ -1426,14 +1418,12 @@ def render_models(r):
                   f"{run['compile']}; {run['warmup_steps']} warm-up steps, then {run['steps']} timed steps each in "
                   f"rounds of {run['per_round']}, cog and softmax alternating ({run['where']}).", "",
                   f"| attn | ms/step (median round) | rounds min-max ms | {run['unit']}/s | MFU | peak MiB "
-                  "(max_memory_allocated) | estimate MiB (training.memory_estimate) |", "|---|---|---|---|---|---|---|"]
+                  "(max_memory_allocated) | estimate MiB (memory.estimate_memory) |", "|---|---|---|---|---|---|---|"]
         for row in run["rows"]:
             lines.append(f"| {row['attn']} | {row['ms']:.1f} | {row['min_ms']:.1f}-{row['max_ms']:.1f} | "
                          f"{row['per_s']:,.0f} | {percent(row['mfu'])} | {mib(row['peak_mib'])} | "
                          f"{mib(row['estimate_mib'])} |")
         lines += ["", f"cog/softmax speed: {run['speed']:.3f} (softmax's time per step / cog's).", ""]
-    if not hasattr(__import__("training"), "memory_estimate"):
-        lines.append("The estimate column stays empty until training.py has memory_estimate(model, config).")
     if r.get("not_run"):
         lines += ["", f"Not run (out of time): {', '.join(r['not_run'])}"]
     return lines

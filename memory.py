@@ -54,6 +54,24 @@ class Estimate:
         return f"about {size(self.total)} ({', '.join(parts)}, activations ~{size(self.activations)})"
 
 
+def blocks_of(model):
+    """A model's transformer blocks, each an FSDP unit: a Cogformer's blocks; a U-ViC's in-blocks, mid-block and
+    out-blocks."""
+    if hasattr(model, "blocks"):
+        return list(model.blocks)
+    return [*model.in_blocks, model.mid_block, *model.out_blocks]
+
+
+def plan_of(model, config, world_size=1, fsdp=False):
+    """The Plan of a trainer's run: config (its TrainConfig) training model (a Cogformer or a U-ViC)."""
+    c, common = model.config, dict(dtype=config.dtype, world_size=world_size, fsdp=fsdp, grad_accum=config.grad_accum,
+                                   activation_checkpointing=config.activation_checkpointing)
+    if hasattr(model, "blocks"):  # an LM: block_size tokens per sequence, and its logits
+        return Plan(config.batch_size, c.block_size, c.n_layer, c.n_embd, c.vocab_size, **common)
+    tokens = (c.img_size // c.patch_size) ** 2 + 1 + c.num_clip_token  # the patches, the time token, the caption's
+    return Plan(config.batch_size, tokens, c.depth, c.embed_dim, **common, ema=True)
+
+
 def size(n):
     return f"{n / GiB:.1f} GiB" if n >= GiB / 10 else f"{n / 2 ** 20:.1f} MiB"
 

@@ -37,7 +37,7 @@ from diffusion import (check_prediction, checkpoint_prediction, diffusion_loss, 
                        get_schedule, load_cifar10, noise_predictor, save_captioned_grid, save_grid)
 from distributed import agree_on_step, fsdp_applies, micro_steps_per_process, setup_distributed, shard_model
 from logs import MetricsLog, SlowRun, plot_loss_curve
-from memory import Plan, check_fits, estimate_memory
+from memory import blocks_of, check_fits, estimate_memory, plan_of
 from model import UViC, UViCConfig
 from stopping import StopNow, StopRequest, run_trainer
 from training import (RunOptions, autocast_context, check_finite, configure_adamw, learning_rate,
@@ -261,11 +261,6 @@ def draw_grid(ema, config, val_data, schedule, ctx, empty_context, decode, grid_
     return {"match": share_matching(samples), "match_unguided": share_matching(draw(0.0))}
 
 
-def blocks_of(model):
-    """A U-ViC's transformer blocks, each an FSDP unit: the in-blocks, the mid-block and the out-blocks."""
-    return [*model.in_blocks, model.mid_block, *model.out_blocks]
-
-
 def check_resumed(config, checkpoint, ckpt_path):
     """A resumed run samples as it was trained: the same prediction and noise schedule."""
     for key, trained_on in (("prediction", checkpoint_prediction(checkpoint)),
@@ -323,8 +318,7 @@ def main(argv=None):
     if checkpoint is not None:
         check_checkpoint_fits(checkpoint, shapes, ckpt_path)
     tokens = (model_config.img_size // model_config.patch_size) ** 2 + 1  # the patches and the time token
-    plan = Plan(config.batch_size, tokens + model_config.num_clip_token, model_config.depth, model_config.embed_dim,
-                0, config.dtype, world_size, fsdp, config.grad_accum, config.activation_checkpointing, ema=True)
+    plan = plan_of(shapes, config, world_size, fsdp)  # what the memory estimate needs of this run
     if master:
         print_config(config, f"training a U-ViC on {config.dataset}: {world_size} process(es), {grad_accum} "
                              f"micro-batches each, {images_per_iter} images per iteration")

@@ -37,7 +37,7 @@ from cli import check_at_least, option, print_config
 from data.prepare_lm import prepare_pystdlib
 from distributed import agree_on_step, fsdp_applies, micro_steps_per_process, setup_distributed, shard_model
 from logs import MetricsLog, SlowRun, plot_loss_curve
-from memory import Plan, check_fits, estimate_memory
+from memory import check_fits, estimate_memory, plan_of
 from model import Cogformer, CogformerConfig, document_ids
 from stopping import StopNow, StopRequest, run_trainer
 from training import (RunOptions, autocast_context, check_finite, configure_adamw, learning_rate,
@@ -220,9 +220,7 @@ def main(argv=None):
         shapes = Cogformer(model_config)
     if checkpoint is not None:
         check_checkpoint_fits(checkpoint, shapes, ckpt_path)
-    plan = Plan(config.batch_size, config.block_size, model_config.n_layer, model_config.n_embd,
-                model_config.vocab_size, config.dtype, world_size, fsdp, config.grad_accum,
-                config.activation_checkpointing)
+    plan = plan_of(shapes, config, world_size, fsdp)  # what the memory estimate needs of this run
     if master:
         print_config(config, f"training a Cogformer on {config.data_dir} ({meta['tokenizer']} tokens): {world_size} "
                              f"process(es), {grad_accum} micro-batches each, {tokens_per_iter:,} tokens per iteration")

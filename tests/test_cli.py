@@ -504,9 +504,10 @@ def test_bench_times_both_models_in_one_run(capsys):
     bench.main(["--model=lm", "--preset=demo", "--vocab_size=256", "--batch_size=2", "--steps=2",
                 "--warmup_steps=1"])
     out = capsys.readouterr().out
-    rows = re.findall(r"^\| (cog|softmax) \| ([\d.]+) \| [\d.]+-[\d.]+ \| ([\d,]+) \| - \| - \| - \|$", out, re.M)
+    rows = re.findall(r"^\| (cog|softmax) \| ([\d.]+) \| [\d.]+-[\d.]+ \| ([\d,]+) \| - \| - \| (\d+) \|$", out, re.M)
     assert [r[0] for r in rows] == ["cog", "softmax"], out
-    assert all(float(ms) > 0 and int(work.replace(",", "")) > 0 for _, ms, work in rows)
+    assert all(float(ms) > 0 and int(work.replace(",", "")) > 0 for _, ms, work, _ in rows)
+    assert rows[0][3] == rows[1][3] and int(rows[0][3]) > 0  # the memory estimate, the same for both kinds
     assert re.search(r"^cog/softmax speed: \d+\.\d{3}", out, re.M)
 
 

@@ -623,10 +623,14 @@ def test_the_tuned_tier_drops_a_bad_tile_and_stays(fresh_chooser, monkeypatch, d
         if tile == bad:
             args[4 if deterministic else 3].mul_(-1)  # DQ or O
     monkeypatch.setattr(tuner.fn, "run", run_kernel)
+    chose = {tile: Config({"BLOCK_M": tile[0], "BLOCK_N": tile[1], "DOC_MASK": False}, num_warps=tile[2],
+                          num_stages=tile[3]) for tile in (good, bad)}
+    monkeypatch.setattr(tuner, "cache", {("earlier", "good"): chose[good], ("earlier", "bad"): chose[bad]})
     q, k, v, do = make_inputs(1, 2, 19, 23, 16, torch.float32)
     with pytest.warns(RuntimeWarning, match=rf"tuned backend, .*: dropped {kind} tile \(32, 16, 1, 1\): RuntimeError: wrong"):
         got = run(cog_attention, q, k, v, do, causal=True, deterministic=deterministic)
     assert set(launched) == {good, bad}  # the check ran both
+    assert ("earlier", "good") in tuner.cache and ("earlier", "bad") not in tuner.cache  # only the bad choice goes
     key = cog_kernel_tuned._checked_key(kind, q, 16, True, False)
     assert cog_kernel_tuned.checked_tiles[key] == [good]
     assert chooser._verdicts[("tuned", chooser._config(q, True, None, deterministic))][0]  # the tier stays
