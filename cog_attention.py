@@ -90,7 +90,8 @@ def _check(name, tile, q, causal, scale, deterministic, doc_ids, judged=("output
         docs = None if doc_ids is None else (torch.arange(Tk, device=q.device) * 3 // Tk)[None].to(doc_ids.dtype)
         o, lse = _FORWARD[name](q_, k_, v_, causal, scale, docs, tile)
         grads = judged != ("output",)
-        got = (o, *_BACKWARD[name](do_, q_, k_, v_, o, lse, causal, scale, deterministic, docs, tile)) if grads else (o,)
+        got = (o, *(_BACKWARD[name](do_, q_, k_, v_, o, lse, causal, scale, deterministic, docs, tile)
+                    if grads else ()))
         q64, k64, v64, do64 = (t.double() for t in (q_, k_, v_, do_))
         want = (cog_attention_reference(q64, k64, v64, causal, scale, docs, check=False),
                 *(cog_attention_reference_backward(do64, q64, k64, v64, causal, scale, docs) if grads else ()))
