@@ -42,6 +42,7 @@ from tqdm import tqdm
 from analyze import attention_figure, attention_maps, pyplot
 from cli import check_at_least, option, parse_config, print_config, require, run_script
 from model import Cogformer, CogformerConfig
+from training import set_cpu_threads
 
 
 @dataclass
@@ -375,7 +376,9 @@ def main(argv=None):
     for png in pngs.values():  # before any training: refuse rather than overwrite an earlier picture
         require(not os.path.exists(png), f"{png} exists: pass a fresh --out_dir")
     print_config(cfg)
-    torch.set_num_threads(1)  # tiny matrices: more threads only wait on each other (10x slower on a busy machine)
+    biggest = max((make_model(a, h, l, cfg, t) for t, m in models.items() for a, h, l in m),
+                  key=lambda model: model.num_params()["total"])
+    set_cpu_threads("cpu", biggest, cfg.batch_size * biggest.config.block_size)  # tiny models: one thread
     os.makedirs(cfg.out_dir, exist_ok=True)
     t0 = time.time()
     rows = []

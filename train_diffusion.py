@@ -40,7 +40,7 @@ from logs import MetricsLog, SlowRun, plot_loss_curve
 from model import UViC, UViCConfig
 from stopping import StopNow, StopRequest, run_trainer
 from training import (RunOptions, autocast_context, check_finite, configure_adamw, learning_rate,
-                      make_grad_scaler, optimizer_step, peak_flops, pick_fields, set_up_torch,
+                      make_grad_scaler, optimizer_step, peak_flops, pick_fields, set_cpu_threads, set_up_torch,
                       start_run)
 
 
@@ -317,6 +317,7 @@ def main(argv=None):
         make_out_dir(config.out_dir, move_aside=config.overwrite)
     set_up_torch(config.seed, config.deterministic)  # every rank alike: the same initial weights everywhere
     model = UViC(model_config).to(device)
+    set_cpu_threads(device, model, config.batch_size * model.pos_embed.shape[1], announce=master)  # one if small
     if config.init_from and checkpoint is None:  # the authors' released weights; the EMA starts from them too
         model.load_state_dict(authors_weights(config.init_from, model_config))
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # float32 always; this is the model that samples

@@ -39,7 +39,7 @@ from logs import MetricsLog, SlowRun, plot_loss_curve
 from model import Cogformer, CogformerConfig, document_ids
 from stopping import StopNow, StopRequest, run_trainer
 from training import (RunOptions, autocast_context, check_finite, configure_adamw, learning_rate,
-                      make_grad_scaler, optimizer_step, peak_flops, pick_fields, set_up_torch,
+                      make_grad_scaler, optimizer_step, peak_flops, pick_fields, set_cpu_threads, set_up_torch,
                       start_run)
 
 
@@ -214,6 +214,7 @@ def main(argv=None):
         model.load_state_dict(released)
         released = None  # free the memory
     model = model.to(device)
+    set_cpu_threads(device, model, config.batch_size * config.block_size, announce=master)  # one for a small model
     if master:
         counts = model.num_params()
         print(f"parameters: {counts['total']:,} total, {counts['non_embedding']:,} non-embedding; "
