@@ -38,7 +38,7 @@ from diffusion import (check_prediction, checkpoint_prediction, diffusion_loss, 
 from distributed import agree_on_step, micro_steps_per_process, setup_distributed
 from logs import MetricsLog, SlowRun, plot_loss_curve
 from model import UViC, UViCConfig
-from stopping import StopNow, StopRequest, run_trainer
+from stopping import StopNow, StopRequest, Stopped, run_trainer
 from training import (RunOptions, autocast_context, check_finite, configure_adamw, learning_rate,
                       make_grad_scaler, optimizer_step, peak_flops, pick_fields, set_cpu_threads, set_up_torch,
                       start_run)
@@ -399,13 +399,13 @@ def main(argv=None):
                         loss = diffusion_loss(model, x0, gen, config.prediction, schedule, context)
                     scaler.scale(loss / grad_accum).backward()
                 loss_sum += loss.detach()
-            loss, stop_now = agree_on_step(loss_sum / grad_accum, stop.requested, ddp)
+            loss, stop_now = agree_on_step(loss_sum / grad_accum, stop.signum, ddp)
             check_finite(loss, iter_num, ckpt_path)  # before the update: the checkpoint on disk stays the last good one
             optimizer_step(model, optimizer, scaler, config.grad_clip)
             ema_update(ema, raw_model, config.ema_decay)
         except StopNow:  # inside the evaluation or the step: nothing of this iteration is kept, --resume redoes it
             gen.set_state(gen_state)
-            stop_now = True
+            stop_now = stop.signum
         else:
             slow_run.first_step(time.time() - t_step, config.max_iters - iter_num - 1)
             iters_timed += 1
@@ -422,7 +422,7 @@ def main(argv=None):
             save(iter_num)
             if master:
                 print(f"stopped: saved {ckpt_path} at iteration {iter_num}; continue with --resume")
-            return
+            raise Stopped(stop_now)  # exit status 130 after Ctrl-C, 143 after SIGTERM
     if master:
         print(f"done: checkpoint {ckpt_path}, samples, log and loss.png in {config.out_dir}; "
               f"sample with: python sample.py --out_dir={config.out_dir}")

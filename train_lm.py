@@ -37,7 +37,7 @@ from data.prepare_lm import prepare_pystdlib
 from distributed import agree_on_step, micro_steps_per_process, setup_distributed
 from logs import MetricsLog, SlowRun, plot_loss_curve
 from model import Cogformer, CogformerConfig, document_ids
-from stopping import StopNow, StopRequest, run_trainer
+from stopping import StopNow, StopRequest, Stopped, run_trainer
 from training import (RunOptions, autocast_context, check_finite, configure_adamw, learning_rate,
                       make_grad_scaler, optimizer_step, peak_flops, pick_fields, set_cpu_threads, set_up_torch,
                       start_run)
@@ -286,12 +286,12 @@ def main(argv=None):
                                          device)
                     scaler.scale(loss / grad_accum).backward()
                 loss_sum += loss.detach()
-            loss, stop_now = agree_on_step(loss_sum / grad_accum, stop.requested, ddp)
+            loss, stop_now = agree_on_step(loss_sum / grad_accum, stop.signum, ddp)
             check_finite(loss, iter_num, ckpt_path)  # before the update: the checkpoint on disk stays the last good one
             optimizer_step(model, optimizer, scaler, config.grad_clip)
         except StopNow:  # inside the evaluation or the step: nothing of this iteration is kept, --resume redoes it
             data_gen.set_state(data_state)
-            stop_now = True
+            stop_now = stop.signum
         else:
             slow_run.first_step(time.time() - t_step, config.max_iters - iter_num - 1)
             iters_timed += 1
@@ -308,7 +308,7 @@ def main(argv=None):
             save(iter_num)
             if master:
                 print(f"stopped: saved {ckpt_path} at iteration {iter_num}; continue with --resume")
-            return
+            raise Stopped(stop_now)  # exit status 130 after Ctrl-C, 143 after SIGTERM
     if master:
         print(f"done: best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}, log and loss.png in {config.out_dir}")
 

@@ -26,9 +26,10 @@ import train_lm
 from checkpoint import load_checkpoint
 from cli import help_value, parse_config
 from data import prepare_lm
+from distributed import agree_on_step
 from logs import SlowRun, read_log
-from stopping import StopNow, StopRequest, run_trainer
-from training import pick_fields
+from stopping import StopNow, StopRequest, Stopped, run_trainer
+from training import pick_fields, set_cpu_threads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's folder
 ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": "1"}
@@ -164,7 +165,9 @@ def test_a_stop_inside_an_evaluation_ends_it_at_once_and_resume_redoes_it(tmp_pa
     train_lm.main(args + [f"--out_dir={tmp_path / 'full'}"])
     # get_batch calls: 12 for the evaluation at 0 (6 per split), 1 per step, so the evaluation at 2 starts at call 15
     calls = signal_on_calls(monkeypatch, train_lm, "get_batch", {17})
-    train_lm.main(args + [f"--out_dir={tmp_path / 'split'}"])
+    with pytest.raises(Stopped) as stopped:
+        train_lm.main(args + [f"--out_dir={tmp_path / 'split'}"])
+    assert stopped.value.code == 130  # saved, and the exit status a shell expects after Ctrl-C
     assert calls[0] == 17  # not one batch more
     assert "SIGINT received" in capsys.readouterr().out
     stopped = load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
@@ -181,7 +184,9 @@ def test_a_stop_between_micro_batches_drops_the_step_and_resume_is_exact(tmp_pat
     train_diffusion.main(args + [f"--out_dir={tmp_path / 'full'}"])
     # get_batch calls: 1 for the evaluation at 0, then 4 per step: call 7 is iteration 1's second micro-batch
     calls = signal_on_calls(monkeypatch, train_diffusion, "get_batch", {7}, signal.SIGTERM)
-    train_diffusion.main(args + [f"--out_dir={tmp_path / 'split'}"])
+    with pytest.raises(Stopped) as stopped:
+        train_diffusion.main(args + [f"--out_dir={tmp_path / 'split'}"])
+    assert stopped.value.code == 143  # after SIGTERM
     assert calls[0] == 7
     assert load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))["iter"] == 1
     train_diffusion.main(args + [f"--out_dir={tmp_path / 'split'}", "--resume"])
@@ -230,10 +235,51 @@ def test_stop_request_flags_then_quits():
     os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM changes nothing: the save is under way
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
+    assert stop.signum == signal.SIGTERM  # the first signal decides the exit status
     ddp = StopRequest(ddp=True)  # ranks stop together at the end of the step: poll() never raises
     os.kill(os.getpid(), signal.SIGINT)
-    assert ddp.requested
+    assert ddp.requested and ddp.signum == signal.SIGINT
     ddp.poll()
+
+
+def test_a_stopped_run_exits_with_the_status_of_its_signal():
+    """130 after Ctrl-C, 143 after SIGTERM, as shells expect: `train ... && sample ...` samples no unfinished model.
+    The ranks agree on the signal (one process here: agree_on_step passes on its own)."""
+    assert Stopped(signal.SIGINT).code == 130 and Stopped(signal.SIGTERM).code == 143
+    loss = torch.tensor(2.5)
+    assert agree_on_step(loss, 0, False) == (2.5, 0)
+    assert agree_on_step(loss, signal.SIGINT, False) == (2.5, signal.SIGINT)
+    assert agree_on_step(loss, signal.SIGTERM, False) == (2.5, signal.SIGTERM)
+    with pytest.raises(SystemExit) as err:
+        run_trainer(lambda: (_ for _ in ()).throw(Stopped(signal.SIGTERM)))
+    assert err.value.code == 143
+
+
+AGREE = """
+import os, signal, sys, torch, torch.distributed as dist
+from distributed import agree_on_step
+dist.init_process_group("gloo")
+got = [int(s) for s in sys.argv[1].split(",")][dist.get_rank()]
+loss, agreed = agree_on_step(torch.tensor(float(dist.get_rank())), got, True)
+print(loss, agreed)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("received, agreed", [("15,0", 15), ("0,2", 2), ("15,2", 2), ("0,0", 0)])
+def test_every_rank_stops_with_the_same_signal(received, agreed):
+    """Under torchrun a signal may reach one rank only: every rank learns of it at the end of the step and exits with
+    the same status (SIGINT's, 130, if any rank got Ctrl-C). Two CPU processes on gloo."""
+    import socket
+    with socket.socket() as sock:  # a free port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**ENV, "PYTHONPATH": REPO, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen([sys.executable, "-c", AGREE, received], cwd=REPO, env={**env, "RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), outputs
+    assert [out.split() for out, _ in outputs] == [["0.5", str(agreed)]] * 2  # the mean loss, the agreed signal
 
 
 # -----------------------------------------------------------------------------
