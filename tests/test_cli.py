@@ -479,7 +479,7 @@ def test_resume_continues_the_run_it_names(tmp_path, lm_data, capsys):
     assert checkpoint["config"]["block_size"] == 8 and checkpoint["model_config"]["block_size"] == 8
 
 
-def test_resuming_a_finished_run_changes_nothing_and_says_where_it_resumes(tmp_path, lm_data, capsys):
+def test_resuming_a_finished_run_says_nothing_is_left_and_how_to_train_further(tmp_path, lm_data, capsys):
     args = LM + [f"--data_dir={lm_data}", f"--out_dir={tmp_path}", "--max_iters=2", "--eval_interval=2"]
     train_lm.main(args)
     log_before = (tmp_path / "log.jsonl").read_text()
