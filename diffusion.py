@@ -21,7 +21,8 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from logs import progress as progress_bar
 
 BETA_0, BETA_1 = 0.1, 20.0
 T_MIN = 1e-5  # training t ~ U(T_MIN, 1): at t = 0 there is no noise to predict (sigma_0 = 0)
@@ -203,7 +204,7 @@ def sample_em(eps_fn, x, steps, generator, progress=False):
     """Euler-Maruyama on the reverse SDE dx = [-1/2 beta x - beta * score] dt + sqrt(beta) dw_bar, integrated
     backwards from t = 1: steps - 1 uniform steps down to T_END, then one noiseless step to t = 0."""
     ts = torch.cat([torch.linspace(1.0, T_END, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
-    for i in tqdm(range(steps), desc="em", disable=not progress, leave=False):
+    for i in progress_bar(range(steps), desc="em", disable=not progress, leave=False):
         t, h = ts[i], ts[i] - ts[i + 1]  # h > 0: the step backwards in time
         b, (_, sigma) = beta(t).item(), alpha_sigma(t)
         eps = eps_fn(x, t.item())
@@ -232,7 +233,7 @@ def sample_dpm(eps_fn, x, steps, skip="logSNR", progress=False):
         raise ValueError(f"skip must be 'logSNR' or 'time', got {skip!r}")
     lams = log_snr(ts)
     (alphas, sigmas), eps_prev, h_prev = alpha_sigma(ts), None, None
-    for i in tqdm(range(steps), desc="dpm", disable=not progress, leave=False):
+    for i in progress_bar(range(steps), desc="dpm", disable=not progress, leave=False):
         eps = eps_fn(x, ts[i].item())
         h = (lams[i + 1] - lams[i]).item()
         phi = math.expm1(h)
@@ -256,7 +257,7 @@ def sample_dpm_pp(eps_fn, x, steps, schedule, order=2, progress=False):
     alphas, sigmas = schedule.alpha_sigma(ts)
     lams = torch.log(alphas / sigmas)
     x0_prev, h_prev = None, None
-    for i in tqdm(range(steps), desc="dpm++", disable=not progress, leave=False):
+    for i in progress_bar(range(steps), desc="dpm++", disable=not progress, leave=False):
         x0 = (x - sigmas[i].item() * eps_fn(x, ts[i].item())) / alphas[i].item()
         h = (lams[i + 1] - lams[i]).item()
         d = x0 if order == 1 or x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)
@@ -288,7 +289,7 @@ def generate(eps_fn, num_samples, shape, sampler, steps, seed, device, batch_siz
     generator = torch.Generator(device).manual_seed(seed)
     out = []
     batches = range(0, num_samples, batch_size)
-    for start in tqdm(batches, desc=f"{sampler} batches", disable=not progress or len(batches) == 1):
+    for start in progress_bar(batches, desc=f"{sampler} batches", disable=not progress or len(batches) == 1):
         n = min(batch_size, num_samples - start)
         x = torch.randn((n, *shape), generator=generator, device=device)
         inner = progress and len(batches) == 1

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 from checkpoint import fresh_path, load_checkpoint
 from cli import check_at_least, cli_keys, option, parse_config, require, run_script
+from logs import progress
 from training import Dtype, autocast_context, resolve_device, resolve_dtype, set_cpu_threads
 
 
@@ -341,7 +341,7 @@ def sample_text_to_image(model, recipe, config, given, prompts):
                                         schedule, recipe.get("prediction", "eps"),
                                         autocast_context(config.device, config.dtype), progress=n <= config.batch_size)
     kept, fid_features = [], []  # with --fid, only the first 64 images are kept (for the grid)
-    for x in tqdm(samples, total=-(-n // config.batch_size), desc="batches", disable=n <= config.batch_size):
+    for x in progress(samples, total=-(-n // config.batch_size), desc="batches", disable=n <= config.batch_size):
         images = decode(x).cpu()
         if not config.fid or sum(map(len, kept)) < 64:
             kept.append(images)

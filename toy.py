@@ -28,7 +28,7 @@ shape for both kinds; the table gives accuracy at each distractor count.
 
 The models are the project's Cogformer with attention-only blocks (ffn_hidden=0): all layers Cog (softmax_layers="")
 or all softmax, trained with Adam on the prediction at the last position, read out over the task's answers only.
-Progress goes to stderr (tqdm).
+Progress goes to stderr: a bar on a terminal, a plain line at each tenth of the way elsewhere.
 """
 import os
 import statistics
@@ -37,10 +37,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from analyze import attention_figure, attention_maps, pyplot
 from cli import check_at_least, option, parse_config, print_config, require, run_script
+from logs import progress as progress_bar
 from model import Cogformer, CogformerConfig
 from training import set_cpu_threads
 
@@ -383,7 +383,7 @@ def main(argv=None):
     t0 = time.time()
     rows = []
     total = sum(len(m) * task_steps(t, cfg)[0] for t, m in models.items()) * cfg.seeds
-    with tqdm(total=total, desc="training", unit="step", leave=False) as progress:
+    with progress_bar(total=total, desc="training", unit="steps", leave=False) as progress:
         for task in tasks:
             task_rows, first = run_task(task, cfg, progress)
             rows += task_rows

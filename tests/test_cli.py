@@ -495,8 +495,34 @@ def test_tokenising_progress_counts_the_bytes_of_the_sources(tmp_path, capsys):
     (tmp_path / "b.txt").write_text("y = 2\n" * 300)
     prepare_lm.main([f"--files={tmp_path}/*.txt", f"--out_dir={tmp_path / 'out'}", "--tokenizer=bytes",
                      "--val_fraction=0.5", "--num_proc=1"])
-    bar = capsys.readouterr().err.split("\r")[-1]
-    assert "100%" in bar and "3.60k/3.60k" in bar and "3,602 tokens" in bar, bar  # not "/1.00G", the token budget
+    err = capsys.readouterr().err
+    assert "\r" not in err  # not a terminal: plain lines
+    last = err.splitlines()[-1]
+    assert "100%" in last and "3.60k/3.60k" in last and "3,602 tokens" in last, last  # not "/1.00G", the token budget
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere(tmp_path):
+    """Redirected output (a log file, a pipe) holds no carriage returns: a line at each tenth of the way, whose time
+    left reads as a duration, not as a clock."""
+    script = tmp_path / "loop.py"
+    script.write_text("import time\nfrom logs import progress\nfor _ in progress(range(40), desc='work', unit='steps'):"
+                      "\n    time.sleep(0.001)\n")
+    result = subprocess.run([sys.executable, str(script)], cwd=REPO, env={**ENV, "PYTHONPATH": REPO},
+                            capture_output=True, text=True, timeout=60)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 0 and "\r" not in result.stderr and len(lines) == 10, result.stderr
+    assert lines[3].startswith("work: 16/40 steps (40%), ") and "so far, about " in lines[3] and "left" in lines[3]
+    assert lines[-1].startswith("work: 40/40 steps (100%)") and "left" not in lines[-1]
+    assert not re.search(r"\d+:\d\d", result.stderr)  # no 00:03 or 13:17:27
+
+
+def test_a_redirected_script_prints_no_carriage_returns(tmp_path):
+    """toy.py with its output in a file, as a newcomer runs it in the background: plain progress lines."""
+    result = run_cli("toy.py", "--tasks=majority", "--seeds=1", "--steps=30", "--eval_size=20", "--catch_up=",
+                     f"--out_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stdout + result.stderr
+    assert "training: 60/60 steps (100%)" in result.stderr
 
 
 def test_analyze_prints_no_preset_and_labels_heads_and_tokens_readably(tmp_path, capsys):
