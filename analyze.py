@@ -115,7 +115,7 @@ def load_run(run, device, cfg):
 
 
 def run_label(run, model):
-    return f"{os.path.basename(os.path.normpath(run_folder(run)))} ({model.config.attn})"
+    return f"{os.path.basename(os.path.normpath(run_folder(run)))} ({model.config.model_name()})"
 
 
 def pyplot():

@@ -312,8 +312,8 @@ def main(argv=None):
     if checkpoint is not None:
         model_config = UViCConfig(**checkpoint["model_config"])
     if master:
-        print_config(config, f"training a U-ViC on {config.dataset}: {world_size} process(es), {grad_accum} "
-                             f"micro-batches each, {images_per_iter} images per iteration")
+        print_config(config, f"training a {model_config.model_name()} on {config.dataset}: {world_size} "
+                             f"process(es), {grad_accum} micro-batches each, {images_per_iter} images per iteration")
         make_out_dir(config.out_dir, move_aside=config.overwrite)
     set_up_torch(config.seed, config.deterministic)  # every rank alike: the same initial weights everywhere
     model = UViC(model_config).to(device)
@@ -363,7 +363,7 @@ def main(argv=None):
                  eval_done=evaluated == it, ema=ema.state_dict())
         if master:
             plot_loss_curve(log.path, os.path.join(config.out_dir, "loss.png"),
-                            f"U-ViC (attn={model_config.attn}) on {config.dataset}", log_y=True)
+                            f"{model_config.model_name()} (attn={model_config.attn}) on {config.dataset}", log_y=True)
 
     stop = StopRequest(ddp)
     peak = peak_flops(device)  # for MFU; None on a CPU or a GPU without a figure

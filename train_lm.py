@@ -205,8 +205,9 @@ def main(argv=None):
     elif config.init_from:
         model_config, released = released_model(config, meta, master)
     if master:
-        print_config(config, f"training a Cogformer on {config.data_dir} ({meta['tokenizer']} tokens): {world_size} "
-                             f"process(es), {grad_accum} micro-batches each, {tokens_per_iter:,} tokens per iteration")
+        print_config(config, f"training a {model_config.model_name()} on {config.data_dir} ({meta['tokenizer']} "
+                             f"tokens): {world_size} process(es), {grad_accum} micro-batches each, "
+                             f"{tokens_per_iter:,} tokens per iteration")
         make_out_dir(config.out_dir, move_aside=config.overwrite)
     set_up_torch(config.seed, config.deterministic)  # every rank alike: the same initial weights everywhere
     model = Cogformer(model_config)
@@ -249,7 +250,7 @@ def main(argv=None):
                  eval_done=evaluated == it, best_val_loss=best_val_loss, meta=meta)
         if master:
             plot_loss_curve(log.path, os.path.join(config.out_dir, "loss.png"),
-                            f"Cogformer (attn={model_config.attn}) on {os.path.basename(config.data_dir)}")
+                            f"{model_config.model_name()} (attn={model_config.attn}) on {os.path.basename(config.data_dir)}")
 
     stop = StopRequest(ddp)
     peak = peak_flops(device)  # for MFU; None on a CPU or a GPU without a figure

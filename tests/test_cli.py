@@ -484,10 +484,21 @@ def test_resuming_a_finished_run_says_nothing_is_left_and_how_to_train_further(t
     train_lm.main(args)
     log_before = (tmp_path / "log.jsonl").read_text()
     capsys.readouterr()
-    train_lm.main(args + ["--resume"])
+    with pytest.raises(SystemExit) as err:
+        train_lm.main(args + ["--resume"])
+    assert err.value.code == 0  # nothing failed
     assert (tmp_path / "log.jsonl").read_text() == log_before  # no second evaluation at iteration 2
     out = capsys.readouterr().out
-    assert f"resuming from {tmp_path / 'ckpt.pt'} at iteration 2" in out and "eval at iter" not in out
+    assert out.startswith(f"nothing left to train: the run in {tmp_path} finished at iteration 2 (max_iters=2)")
+    assert "a larger --max_iters, e.g. --resume --max_iters=4" in out
+    assert "config:" not in out and "eval at iter" not in out and out.count("\n") == 1  # one line, no config
+    train_lm.main(args + ["--resume", "--max_iters=3"])  # what it says works
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["iter"] == 3
+    train_diffusion.main(DIFFUSION + [f"--out_dir={tmp_path / 'd'}", "--max_iters=1"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        train_diffusion.main(DIFFUSION + [f"--out_dir={tmp_path / 'd'}", "--max_iters=1", "--resume"])
+    assert err.value.code == 0 and capsys.readouterr().out.startswith("nothing left to train")
 
 
 def test_tokenising_progress_counts_the_bytes_of_the_sources(tmp_path, capsys):
@@ -607,3 +618,39 @@ def test_bench_steps_are_the_trainers_training_steps(model, preset):
     assert all(not torch.equal(a, p) for a, p in zip(before, run.model.parameters()) if p.requires_grad)
     if model == "lm":
         assert losses[-1] < 0.7 * losses[0]
+
+
+# -----------------------------------------------------------------------------
+# CPU threads from the size of the work; the baselines named for what they are
+
+
+def test_a_small_model_runs_on_one_cpu_thread_and_omp_num_threads_wins(monkeypatch):
+    from model import Cogformer, CogformerConfig
+    model = Cogformer(CogformerConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16, ffn_hidden=32))
+    threads = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("training.CPU_THREADS_DEFAULT", 4)
+    try:
+        assert set_cpu_threads("cpu", model, 16) == 1 and torch.get_num_threads() == 1
+        assert set_cpu_threads("cpu", model, 10 ** 9) == 4  # (torch may run fewer where there are fewer cores)
+        torch.set_num_threads(1)
+        assert set_cpu_threads("cuda", model, 16) == 1  # a GPU run: left alone
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(3)
+        assert set_cpu_threads("cpu", model, 16) == 3  # the user's choice
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_baselines_are_named_for_what_they_are(tmp_path, lm_data, capsys):
+    from model import CogformerConfig, UViCConfig
+    assert CogformerConfig().model_name() == "Cogformer" and UViCConfig().model_name() == "U-ViC"
+    assert CogformerConfig(attn="softmax").model_name() == "Transformer"
+    assert UViCConfig(attn="softmax").model_name() == "U-ViT"
+    assert CogformerConfig(n_layer=2, softmax_layers="0,1").model_name() == "Transformer"  # no Cog layer left
+    train_lm.main(LM + [f"--data_dir={lm_data}", f"--out_dir={tmp_path / 'lm'}", "--max_iters=1", "--attn=softmax"])
+    assert "training a Transformer on" in capsys.readouterr().out
+    train_diffusion.main(DIFFUSION + [f"--out_dir={tmp_path / 'd'}", "--max_iters=1", "--attn=softmax"])
+    assert "training a U-ViT on shapes" in capsys.readouterr().out
+    analyze.main(["attention", f"--out_dir={tmp_path / 'lm'}"])
+    assert "lm (Transformer): last token" in capsys.readouterr().out
