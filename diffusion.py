@@ -316,26 +316,52 @@ def save_grid(images, path, min_size=64):
     save_image(make_grid((images + 1) / 2, nrow=math.ceil(math.sqrt(images.size(0))), padding=2), path)
 
 
-def save_captioned_grid(images, captions, path, min_size=128, lines=3):
-    """A grid PNG of images in [-1, 1], each with its caption written underneath (wrapped, at most `lines` lines);
-    small images are scaled up (nearest) to at least min_size pixels."""
-    import textwrap
+def save_captioned_grid(images, captions, path, min_size=128, lines=3, font_size=16):
+    """A grid PNG of images in [-1, 1], each with its caption written underneath in a font_size-pixel font (wrapped at
+    word boundaries to the image's width, at most `lines` lines); small images are scaled up (nearest) to at least
+    min_size pixels."""
     from PIL import Image, ImageDraw, ImageFont
     scale = max(1, min_size // images.size(-1))
     pixels = to_uint8(images).repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
     pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (N, S, S, 3)
-    size, pad, line_height, char_width = pixels.shape[1], 4, 12, 6  # the default bitmap font: ~6 x 11 pixels
+    try:  # Pillow 10.1 and later: a scalable font (FreeType), so the size and spacing are what we ask
+        font = ImageFont.load_default(size=font_size)
+    except TypeError:  # older Pillow: its small bitmap font
+        font, font_size = ImageFont.load_default(), 11
+    size, pad, gap = pixels.shape[1], 8, 3
+    line_height = font_size + gap
     cols = math.ceil(math.sqrt(len(pixels)))
     rows = math.ceil(len(pixels) / cols)
-    cell_w, cell_h = size + pad, size + lines * line_height + pad
+    cell_w, cell_h = size + pad, size + gap + lines * line_height + pad
     canvas = Image.new("RGB", (cols * cell_w + pad, rows * cell_h + pad), "white")
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    draw = ImageDraw.Draw(canvas)
+    space = max(4, round(0.35 * font_size))  # pixels between words
+
+    def measure(text):
+        return draw.textlength(text, font=font)
     for i, (image, caption) in enumerate(zip(pixels, captions)):
         x, y = pad + (i % cols) * cell_w, pad + (i // cols) * cell_h
         canvas.paste(Image.fromarray(image), (x, y))
-        for j, line in enumerate(textwrap.wrap(caption, max(8, size // char_width))[:lines]):
-            draw.text((x, y + size + 1 + j * line_height), line, fill="black", font=font)
+        for j, line in enumerate(wrap_to_width(caption.split(), size, measure, space)[:lines]):
+            left = x
+            for word in line:  # word by word, with a wide space: the default font's own is narrow ("a yellowsquare")
+                draw.text((left, y + size + gap + j * line_height), word, fill="black", font=font)
+                left += measure(word) + space
     canvas.save(path)
+
+
+def wrap_to_width(words, width, measure, space):
+    """words in lines (lists of words) no wider than width, as measure(word) and a space between words say; a word
+    wider than that has a line of its own."""
+    lines, used = [], 0
+    for word in words:
+        if lines and used + space + measure(word) <= width:
+            lines[-1].append(word)
+            used += space + measure(word)
+        else:
+            lines.append([word])
+            used = measure(word)
+    return lines
 
 
 # -----------------------------------------------------------------------------
