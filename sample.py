@@ -248,6 +248,12 @@ def sample_images(checkpoint, config, given, ckpt_path):
     output = fresh_path(config.output or os.path.join(config.out_dir, name))  # (an earlier grid stays)
     diffusion.save_grid(images[:256], output)
     print(f"wrote {output}")
+    if checkpoint["config"].get("dataset") == "shapes":  # the shapes demo, scored by code: how shape-like is each?
+        from data.shapes import score_shapes
+        no_prompt = torch.zeros(len(images), dtype=torch.long)
+        iou = score_shapes(images.clamp(-1, 1).cpu(), no_prompt, no_prompt)[1]  # (the best shape whatever its kind)
+        print(f"mean IoU of each sample with its best-fitting shape {iou.mean().item():.3f}; "
+              f"{(iou > 0.9).float().mean().item():.0%} of samples above 0.9")
     if config.fid:
         features = diffusion.inception_features(inception, diffusion.to_uint8(images), config.device)
         fid = diffusion.frechet_distance(*diffusion.feature_stats(features), ref_mu, ref_sigma)
