@@ -352,7 +352,8 @@ def test_scorer_reads_text_after_bos(llama_dir):
 
 
 def test_eval_table_sets_our_numbers_beside_their_logs():
-    table = {"cog_ckpt_100.00_Bi (Cogformer)": {"arc_easy": 44.0, "piqa": 58.59}, "mine (Transformer)": {"arc_easy": 30.0}}
+    table = {"cog_ckpt_100.00_Bi (Cogformer)": {"arc_easy": 44.0, "piqa": 58.59},
+             "mine (Transformer)": {"arc_easy": 30.0}}
     text = analyze.eval_table(table, ["arc_easy", "piqa", "sst2"],
                               {"cog_ckpt_100.00_Bi (Cogformer)": analyze.AUTHORS_LOGGED["cog"]})
     lines = text.splitlines()
