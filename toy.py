@@ -250,6 +250,9 @@ def parse_shapes(text, key):
     return shapes
 
 
+SOLVED = 0.95  # an accuracy that counts a seed as having learnt the task (the plateaus sit far below it)
+
+
 def spread(values):
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f} " \
            f"({min(values):.3f}-{max(values):.3f})"
@@ -392,10 +395,12 @@ def main(argv=None):
                     runs = attention_runs([(f"{a}, 1 head", first[a]) for a in ("cog", "softmax")],
                                           EXAMPLES[task](cfg), VOCABS[task])
                 write_picture(pngs[task], runs, "the last token's weights")
-    print(f"\n| task | attention | heads | layers | metric | mean ± std (min-max) over {cfg.seeds} seeds |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| task | attention | heads | layers | metric | mean ± std (min-max) over {cfg.seeds} seeds | "
+          f"seeds at {SOLVED:.2f} or more |")
+    print("|---|---|---|---|---|---|---|")
     for task, attn, heads, layers, metric, values in rows:
-        print(f"| {task} | {attn} | {heads} | {layers} | {metric} | {spread(values)} |")
+        solved = f"{sum(v >= SOLVED for v in values)} of {len(values)}" if metric.startswith("accuracy") else "-"
+        print(f"| {task} | {attn} | {heads} | {layers} | {metric} | {spread(values)} | {solved} |")
     steps = ", ".join(f"{t} {task_steps(t, cfg)[0]}" for t in tasks)
     print(f"\nsteps per model: {steps}; {time.time() - t0:.0f} s in all")
     return rows
