@@ -329,20 +329,23 @@ def save_captioned_grid(images, captions, path, min_size=128, lines=3, font_size
     except TypeError:  # older Pillow: its small bitmap font
         font, font_size = ImageFont.load_default(), 11
     size, pad, gap = pixels.shape[1], 8, 3
-    line_height = font_size + gap
+    line_height, space = font_size + gap, max(4, round(0.35 * font_size))  # (space: pixels between words)
+
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def measure(text):
+        return scratch.textlength(text, font=font)
+    wrapped = [wrap_to_width(caption.split(), size, measure, space)[:lines] for caption in captions[:len(pixels)]]
+    lines = max(map(len, wrapped), default=1)  # room for the longest caption only
     cols = math.ceil(math.sqrt(len(pixels)))
     rows = math.ceil(len(pixels) / cols)
     cell_w, cell_h = size + pad, size + gap + lines * line_height + pad
     canvas = Image.new("RGB", (cols * cell_w + pad, rows * cell_h + pad), "white")
     draw = ImageDraw.Draw(canvas)
-    space = max(4, round(0.35 * font_size))  # pixels between words
-
-    def measure(text):
-        return draw.textlength(text, font=font)
-    for i, (image, caption) in enumerate(zip(pixels, captions)):
+    for i, (image, caption_lines) in enumerate(zip(pixels, wrapped)):
         x, y = pad + (i % cols) * cell_w, pad + (i // cols) * cell_h
         canvas.paste(Image.fromarray(image), (x, y))
-        for j, line in enumerate(wrap_to_width(caption.split(), size, measure, space)[:lines]):
+        for j, line in enumerate(caption_lines):
             left = x
             for word in line:  # word by word, with a wide space: the default font's own is narrow ("a yellowsquare")
                 draw.text((left, y + size + gap + j * line_height), word, fill="black", font=font)
