@@ -3,7 +3,7 @@ Train a U-ViC (U-ViT with Cog attention, arXiv 2411.07176) as U-ViT trains its C
 
     python train_diffusion.py --compile                        # the paper's 44M U-ViC on CIFAR-10, one GPU
     torchrun --standalone --nproc_per_node=4 train_diffusion.py --compile --batch_size=32 --grad_accum=4
-    python train_diffusion.py --preset=demo                    # a small U-ViC on coloured shapes, CPU, 6.5-10.5 min
+    python train_diffusion.py --preset=demo                    # a small U-ViC on coloured shapes, CPU, ~15 min
     python train_diffusion.py --preset=demo --attn=softmax --out_dir=out/demo_softmax_diffusion   # U-ViT
     python train_diffusion.py --preset=demo --resume           # continue from out_dir/ckpt.pt, bit for bit
     python train_diffusion.py --preset=demo_t2i                # text-to-image on captioned shapes, CPU, ~6 min
@@ -93,7 +93,7 @@ PRESETS = {
     "paper": {},  # the fields' defaults
     # 0.6M parameters; 16x16 shapes in 4x4 patches (17 tokens); v-prediction (see diffusion.PREDICTIONS); batch 64.
     # Each mattered: in single-seed runs of the same CPU time, eps-prediction, 2x2 patches or batch 32 drew ragged or
-    # off-colour blobs instead of shapes. 2 CPU cores: ~44 ms/iter, 9000 iterations in ~6.5 min (README.md's demo).
+    # off-colour blobs instead of shapes. One CPU thread: ~100 ms/iter, 9000 iterations in ~15 min.
     "demo": dict(dataset="shapes", img_size=16, patch_size=4, embed_dim=96, depth=5, num_heads=4, prediction="v",
                  batch_size=64, max_iters=9000, learning_rate=2e-3, min_lr=1e-4, warmup_iters=100, beta1=0.9,
                  beta2=0.99, weight_decay=0.0, ema_decay=0.99, out_dir="out/demo_diffusion", eval_interval=1000,
