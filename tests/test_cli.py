@@ -527,6 +527,36 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere(tmp_path):
     assert not re.search(r"\d+:\d\d", result.stderr)  # no 00:03 or 13:17:27
 
 
+def test_on_a_terminal_progress_is_a_bar_whose_time_left_reads_as_a_duration(tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+    script = tmp_path / "loop.py"
+    script.write_text("import time\nfrom logs import progress\nfor _ in progress(range(30), desc='work', unit='steps'):"
+                      "\n    time.sleep(0.02)\n")
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env={**ENV, "PYTHONPATH": REPO},
+                            stderr=terminal, stdout=subprocess.DEVNULL)
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the other end closed
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(main)
+    assert proc.wait(timeout=60) == 0
+    text = output.decode(errors="replace")
+    assert "\r" in text and "work:" in text and "30/30 steps" in text, text  # a bar, redrawn in place
+    assert " left]" in text and "about " in text, text
+    assert not re.search(r"\d+:\d\d", text), text  # no 00:03 or 13:17:27
+
+
 def test_a_redirected_script_prints_no_carriage_returns(tmp_path):
     """toy.py with its output in a file, as a newcomer runs it in the background: plain progress lines."""
     result = run_cli("toy.py", "--tasks=majority", "--seeds=1", "--steps=30", "--eval_size=20", "--catch_up=",
