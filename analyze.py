@@ -31,7 +31,7 @@ from cog_kernel import causal_mask, cog_attention_weights
 from data.prepare_lm import Tokenizer
 from logs import read_log
 from model import Cogformer, CogformerConfig
-from training import resolve_device
+from training import resolve_device, set_cpu_threads
 
 # -----------------------------------------------------------------------------
 # command line: one config per subcommand, parsed by cli.parse_config
@@ -110,11 +110,12 @@ def load_run(run, device, cfg):
     if tok.vocab_size > model.config.vocab_size:
         raise SystemExit(f"error: the {tok.name} tokenizer has {tok.vocab_size} tokens, the model of {path} only "
                          f"{model.config.vocab_size}: --tokenizer names the wrong one")
+    set_cpu_threads(device, model, model.config.block_size * getattr(cfg, "batch_size", 1))  # one for a small model
     return model.to(device).eval(), tok, ckpt
 
 
 def run_label(run, model):
-    return f"{os.path.basename(os.path.normpath(run_folder(run)))} ({model.config.attn})"
+    return f"{os.path.basename(os.path.normpath(run_folder(run)))} ({model.config.model_name()})"
 
 
 def pyplot():

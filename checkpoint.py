@@ -101,7 +101,20 @@ def start_or_resume(config, kind, what, argv=None):
     checkpoint = load_checkpoint(ckpt_path, mmap=True)  # every process of a node reads it: one copy in memory
     if checkpoint.get("kind") != kind:
         raise SystemExit(f"error: {ckpt_path} is a {checkpoint.get('kind')!r} checkpoint, not {what}")
-    return resume_config(config, checkpoint, ckpt_path, argv), ckpt_path, checkpoint
+    config = resume_config(config, checkpoint, ckpt_path, argv)
+    exit_if_finished(config, checkpoint)
+    return config, ckpt_path, checkpoint
+
+
+def exit_if_finished(config, checkpoint):
+    """--resume of a run that has reached max_iters (and evaluated there): say so, and how to train further; exit 0."""
+    it = checkpoint["iter"]
+    if it >= config.max_iters and checkpoint.get("eval_done", True):
+        if int(os.environ.get("RANK", 0)) == 0:  # (under torchrun: once)
+            print(f"nothing left to train: the run in {config.out_dir} finished at iteration {it} (max_iters="
+                  f"{config.max_iters}). To train it further, resume with a larger --max_iters, e.g. --resume "
+                  f"--max_iters={2 * max(it, 1)} (the learning-rate schedule stretches to the new end)")
+        raise SystemExit(0)
 
 
 def resume_config(config, checkpoint, ckpt_path, argv=None):

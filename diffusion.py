@@ -21,7 +21,8 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from logs import progress as progress_bar
 
 BETA_0, BETA_1 = 0.1, 20.0
 T_MIN = 1e-5  # training t ~ U(T_MIN, 1): at t = 0 there is no noise to predict (sigma_0 = 0)
@@ -206,7 +207,7 @@ def sample_em(eps_fn, x, steps, generator, progress=False):
     """Euler-Maruyama on the reverse SDE dx = [-1/2 beta x - beta * score] dt + sqrt(beta) dw_bar, integrated
     backwards from t = 1: steps - 1 uniform steps down to T_END, then one noiseless step to t = 0."""
     ts = torch.cat([torch.linspace(1.0, T_END, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
-    for i in tqdm(range(steps), desc="em", disable=not progress, leave=False):
+    for i in progress_bar(range(steps), desc="em", disable=not progress, leave=False):
         t, h = ts[i], ts[i] - ts[i + 1]  # h > 0: the step backwards in time
         b, (_, sigma) = beta(t).item(), alpha_sigma(t)
         eps = eps_fn(x, t.item())
@@ -235,7 +236,7 @@ def sample_dpm(eps_fn, x, steps, skip="logSNR", progress=False):
         raise ValueError(f"skip must be 'logSNR' or 'time', got {skip!r}")
     lams = log_snr(ts)
     (alphas, sigmas), eps_prev, h_prev = alpha_sigma(ts), None, None
-    for i in tqdm(range(steps), desc="dpm", disable=not progress, leave=False):
+    for i in progress_bar(range(steps), desc="dpm", disable=not progress, leave=False):
         eps = eps_fn(x, ts[i].item())
         h = (lams[i + 1] - lams[i]).item()
         phi = math.expm1(h)
@@ -259,7 +260,7 @@ def sample_dpm_pp(eps_fn, x, steps, schedule, order=2, progress=False):
     alphas, sigmas = schedule.alpha_sigma(ts)
     lams = torch.log(alphas / sigmas)
     x0_prev, h_prev = None, None
-    for i in tqdm(range(steps), desc="dpm++", disable=not progress, leave=False):
+    for i in progress_bar(range(steps), desc="dpm++", disable=not progress, leave=False):
         x0 = (x - sigmas[i].item() * eps_fn(x, ts[i].item())) / alphas[i].item()
         h = (lams[i + 1] - lams[i]).item()
         d = x0 if order == 1 or x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)
@@ -291,7 +292,7 @@ def generate(eps_fn, num_samples, shape, sampler, steps, seed, device, batch_siz
     generator = torch.Generator(device).manual_seed(seed)
     out = []
     batches = range(0, num_samples, batch_size)
-    for start in tqdm(batches, desc=f"{sampler} batches", disable=not progress or len(batches) == 1):
+    for start in progress_bar(batches, desc=f"{sampler} batches", disable=not progress or len(batches) == 1):
         n = min(batch_size, num_samples - start)
         x = torch.randn((n, *shape), generator=generator, device=device)
         inner = progress and len(batches) == 1
@@ -318,26 +319,55 @@ def save_grid(images, path, min_size=64):
     save_image(make_grid((images + 1) / 2, nrow=math.ceil(math.sqrt(images.size(0))), padding=2), path)
 
 
-def save_captioned_grid(images, captions, path, min_size=128, lines=3):
-    """A grid PNG of images in [-1, 1], each with its caption written underneath (wrapped, at most `lines` lines);
-    small images are scaled up (nearest) to at least min_size pixels."""
-    import textwrap
+def save_captioned_grid(images, captions, path, min_size=128, lines=3, font_size=16):
+    """A grid PNG of images in [-1, 1], each with its caption written underneath in a font_size-pixel font (wrapped at
+    word boundaries to the image's width, at most `lines` lines); small images are scaled up (nearest) to at least
+    min_size pixels."""
     from PIL import Image, ImageDraw, ImageFont
     scale = max(1, min_size // images.size(-1))
     pixels = to_uint8(images).repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
     pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (N, S, S, 3)
-    size, pad, line_height, char_width = pixels.shape[1], 4, 12, 6  # the default bitmap font: ~6 x 11 pixels
+    try:  # Pillow 10.1 and later: a scalable font (FreeType), so the size and spacing are what we ask
+        font = ImageFont.load_default(size=font_size)
+    except TypeError:  # older Pillow: its small bitmap font
+        font, font_size = ImageFont.load_default(), 11
+    size, pad, gap = pixels.shape[1], 8, 3
+    line_height, space = font_size + gap, max(4, round(0.35 * font_size))  # (space: pixels between words)
+
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def measure(text):
+        return scratch.textlength(text, font=font)
+    wrapped = [wrap_to_width(caption.split(), size, measure, space)[:lines] for caption in captions[:len(pixels)]]
+    lines = max(map(len, wrapped), default=1)  # room for the longest caption only
     cols = math.ceil(math.sqrt(len(pixels)))
     rows = math.ceil(len(pixels) / cols)
-    cell_w, cell_h = size + pad, size + lines * line_height + pad
+    cell_w, cell_h = size + pad, size + gap + lines * line_height + pad
     canvas = Image.new("RGB", (cols * cell_w + pad, rows * cell_h + pad), "white")
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
-    for i, (image, caption) in enumerate(zip(pixels, captions)):
+    draw = ImageDraw.Draw(canvas)
+    for i, (image, caption_lines) in enumerate(zip(pixels, wrapped)):
         x, y = pad + (i % cols) * cell_w, pad + (i // cols) * cell_h
         canvas.paste(Image.fromarray(image), (x, y))
-        for j, line in enumerate(textwrap.wrap(caption, max(8, size // char_width))[:lines]):
-            draw.text((x, y + size + 1 + j * line_height), line, fill="black", font=font)
+        for j, line in enumerate(caption_lines):
+            left = x
+            for word in line:  # word by word, with a wide space: the default font's own is narrow ("a yellowsquare")
+                draw.text((left, y + size + gap + j * line_height), word, fill="black", font=font)
+                left += measure(word) + space
     canvas.save(path)
+
+
+def wrap_to_width(words, width, measure, space):
+    """words in lines (lists of words) no wider than width, as measure(word) and a space between words say; a word
+    wider than that has a line of its own."""
+    lines, used = [], 0
+    for word in words:
+        if lines and used + space + measure(word) <= width:
+            lines[-1].append(word)
+            used += space + measure(word)
+        else:
+            lines.append([word])
+            used = measure(word)
+    return lines
 
 
 # -----------------------------------------------------------------------------

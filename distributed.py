@@ -5,6 +5,7 @@ state for the checkpoint). One process without torchrun is the same code with wo
 """
 
 import os
+import signal
 
 import torch
 
@@ -86,10 +87,14 @@ def restore_generator_state(generator, states, rank, world_size, master, it, sha
                   "batches from a fresh stream")
 
 
-def agree_on_step(loss, stop_requested, ddp):
-    """The step's loss averaged over all ranks, and whether any rank was asked to stop (so that all stop together)."""
-    shared = torch.stack([loss, torch.tensor(float(stop_requested), device=loss.device)])
+def agree_on_step(loss, stop_signal, ddp):
+    """The step's loss averaged over all ranks, and whether any rank was asked to stop, so that all stop together:
+    stop_signal is the signal this rank received (0: none); returns the one every rank stops with, SIGINT if any rank
+    got it, else SIGTERM if any did, else 0 (so that every rank exits with the same status)."""
+    flags = [float(stop_signal == signal.SIGINT), float(bool(stop_signal) and stop_signal != signal.SIGINT)]
+    shared = torch.stack([loss, *(torch.tensor(f, device=loss.device, dtype=loss.dtype) for f in flags)])
     if ddp:
         torch.distributed.all_reduce(shared)
         shared[0] /= torch.distributed.get_world_size()
-    return shared[0].item(), shared[1].item() > 0
+    interrupted, other = shared[1].item() > 0, shared[2].item() > 0
+    return shared[0].item(), int(signal.SIGINT if interrupted else signal.SIGTERM if other else 0)

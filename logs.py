@@ -1,10 +1,13 @@
 """
-What a run reports: the JSONL metrics log in out_dir (one consistent history across resumes), its loss-curve PNG, and
-for a GPU-sized run started on a CPU, what it is about to do and how long it would take.
+What a run reports: the JSONL metrics log in out_dir (one consistent history across resumes), its loss-curve PNG,
+for a GPU-sized run started on a CPU, what it is about to do and how long it would take, and progress: a bar on a
+terminal, plain lines in a redirected log.
 """
 
 import json
 import os
+import sys
+import time
 
 
 class MetricsLog:
@@ -87,3 +90,89 @@ def duration(seconds):
         if seconds >= 2 * size:
             return f"{seconds / size:,.0f} {unit}"
     return f"{seconds:.0f} s"
+
+
+def progress(iterable=None, total=None, desc="", unit="it", unit_scale=False, disable=False, leave=True,
+             file=None):
+    """Progress of a long loop, to stderr: on a terminal a tqdm bar whose time left reads "about 3 minutes left"
+    (not tqdm's 13:17:27, which looks like a clock); elsewhere (a log file, a pipe) a plain line at each tenth of the
+    way and at the end, so a redirected log holds no carriage returns. Used as tqdm is: iterate it, or update(n)."""
+    file = file or sys.stderr
+    if disable or not file.isatty():
+        return PlainProgress(iterable, total, desc, unit, unit_scale, file, silent=disable)
+    from tqdm import tqdm
+
+    class Bar(tqdm):
+        @property
+        def format_dict(self):
+            d = super().format_dict
+            spent, done, whole = d["elapsed"], d["n"], d["total"]
+            left = f", about {duration((whole - done) * spent / done)} left" if whole and 0 < done < whole else ""
+            return {**d, "spent": duration(spent), "left": left}
+    known = total or hasattr(iterable, "__len__")
+    bar_format = ("{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {unit} [{spent} so far{left}{postfix}]"
+                  if known else "{desc}: {n_fmt} {unit} [{spent} so far{postfix}]")
+    return Bar(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale, leave=leave, file=file,
+               bar_format=bar_format, dynamic_ncols=True)
+
+
+class PlainProgress:
+    """progress() where there is no terminal: the same calls as a tqdm bar, plain lines."""
+
+    def __init__(self, iterable, total, desc, unit, unit_scale, file, silent=False):
+        self.iterable, self.desc, self.unit, self.unit_scale, self.file, self.silent = \
+            iterable, desc, unit, unit_scale, file, silent
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.n, self.postfix, self.start, self.next_tenth, self.last_line = 0, "", time.time(), 1, time.time()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.close()
+
+    def amount(self, n):
+        if not self.unit_scale:
+            return f"{n:,}"
+        from tqdm import tqdm
+        return tqdm.format_sizeof(n)
+
+    def line(self):
+        spent = time.time() - self.start
+        text = f"{self.desc}: {self.amount(self.n)}"
+        if self.total:
+            share = 100 * self.n / self.total
+            text += f"/{self.amount(self.total)} {self.unit} ({share:.0f}%), {duration(spent)} so far"
+            if 0 < self.n < self.total:
+                text += f", about {duration((self.total - self.n) * spent / self.n)} left"
+        else:
+            text += f" {self.unit}, {duration(spent)} so far"
+        print(text + (f", {self.postfix}" if self.postfix else ""), file=self.file, flush=True)
+        self.last_line = time.time()
+
+    def update(self, n=1):
+        self.n += n
+        if self.silent:
+            return
+        if self.total:  # a line at each tenth of the way
+            tenth = int(10 * self.n / self.total)
+            if self.next_tenth <= tenth < 10:
+                self.next_tenth = tenth + 1
+                self.line()
+        elif time.time() - self.last_line >= 60:
+            self.line()
+
+    def set_postfix_str(self, text="", refresh=True):
+        self.postfix = text
+
+    def close(self):
+        if not self.silent and self.n and self.next_tenth <= 10:
+            self.next_tenth = 11
+            self.line()

@@ -131,6 +131,10 @@ class CogformerConfig:
         """The attention kind of each layer: the paper keeps softmax in the boundary layers (for fast convergence)."""
         return layer_pattern(self.attn, self.softmax_layers, self.n_layer)
 
+    def model_name(self):
+        """What the model is: a Cogformer if any layer is Cog, else a Transformer (the baseline, attn=softmax)."""
+        return "Cogformer" if "cog" in self.layer_kinds() else "Transformer"
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32 (or float64 for float64 inputs), whatever the input dtype (bf16
@@ -340,6 +344,10 @@ class UViCConfig:
     def block_kinds(self):
         """The attention kind of each block in order: in-blocks, mid-block, out-blocks."""
         return layer_pattern(self.attn, self.softmax_layers, self.depth)
+
+    def model_name(self):
+        """What the model is: a U-ViC if any block is Cog, else a U-ViT (the baseline, attn=softmax)."""
+        return "U-ViC" if "cog" in self.block_kinds() else "U-ViT"
 
 
 def timestep_embedding(t, dim, max_period=10000):

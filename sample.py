@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 from checkpoint import fresh_path, load_checkpoint
 from cli import check_at_least, cli_keys, option, parse_config, require, run_script
-from training import Dtype, autocast_context, resolve_device, resolve_dtype
+from logs import progress
+from training import Dtype, autocast_context, resolve_device, resolve_dtype, set_cpu_threads
 
 
 @dataclass
@@ -70,6 +70,7 @@ def sample_text(model, tokenizer_name, config):
     """Print num_samples continuations of the prompt, generated with the model's KV cache."""
     from data.prepare_lm import Tokenizer
     model.eval().to(config.device)
+    set_cpu_threads(config.device, model, 1)  # one token at a time
     tokenizer = Tokenizer(tokenizer_name, config.tokenizer_path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise SystemExit(f"error: the {tokenizer.name} tokenizer has {tokenizer.vocab_size} tokens, the model only "
@@ -225,6 +226,7 @@ def sample_images(checkpoint, config, given, ckpt_path):
     model.load_state_dict(checkpoint["ema" if config.use_ema else "model"])
     model.eval().to(config.device)
     num_samples = config.num_samples or 64
+    set_cpu_threads(config.device, model, min(num_samples, config.batch_size) * model.pos_embed.shape[1])
     schedule_name = diffusion.checkpoint_schedule(checkpoint)
     sampler, steps = pick_sampler(config, SAMPLERS_OF_SCHEDULE[schedule_name],
                                   f"{ckpt_path} was trained with noise_schedule={schedule_name}")
@@ -246,6 +248,12 @@ def sample_images(checkpoint, config, given, ckpt_path):
     output = fresh_path(config.output or os.path.join(config.out_dir, name))  # (an earlier grid stays)
     diffusion.save_grid(images[:256], output)
     print(f"wrote {output}")
+    if checkpoint["config"].get("dataset") == "shapes":  # the shapes demo, scored by code: how shape-like is each?
+        from data.shapes import score_shapes
+        no_prompt = torch.zeros(len(images), dtype=torch.long)
+        iou = score_shapes(images.clamp(-1, 1).cpu(), no_prompt, no_prompt)[1]  # (the best shape whatever its kind)
+        print(f"mean IoU of each sample with its best-fitting shape {iou.mean().item():.3f}; "
+              f"{(iou > 0.9).float().mean().item():.0%} of samples above 0.9")
     if config.fid:
         features = diffusion.inception_features(inception, diffusion.to_uint8(images), config.device)
         fid = diffusion.frechet_distance(*diffusion.feature_stats(features), ref_mu, ref_sigma)
@@ -330,6 +338,7 @@ def sample_text_to_image(model, recipe, config, given, prompts):
         ref_mu, ref_sigma = read_fid_stats(config.fid_stats) if config.fid_stats else \
             val_fid_stats(data_dir, inception, config.device)
     n, size = len(texts), model.config.img_size
+    set_cpu_threads(config.device, model, 2 * min(n, config.batch_size) * model.pos_embed.shape[1])  # (guided: 2x)
     print(f"drawing {n} images for {len(set(texts))} captions: DPM-Solver++, {steps} steps, guidance scale "
           f"{config.cfg_scale}, seed {config.seed}")
     batches = (features(start, min(config.batch_size, n - start)) for start in range(0, n, config.batch_size))
@@ -338,7 +347,7 @@ def sample_text_to_image(model, recipe, config, given, prompts):
                                         schedule, recipe.get("prediction", "eps"),
                                         autocast_context(config.device, config.dtype), progress=n <= config.batch_size)
     kept, fid_features = [], []  # with --fid, only the first 64 images are kept (for the grid)
-    for x in tqdm(samples, total=-(-n // config.batch_size), desc="batches", disable=n <= config.batch_size):
+    for x in progress(samples, total=-(-n // config.batch_size), desc="batches", disable=n <= config.batch_size):
         images = decode(x).cpu()
         if not config.fid or sum(map(len, kept)) < 64:
             kept.append(images)

@@ -1,7 +1,9 @@
 """
 Stopping a run without losing it: the first Ctrl-C or SIGTERM asks the trainer to save a checkpoint and stop (within
 one micro-batch on one process; at the end of the step under DDP, where every rank must stop together), a second
-Ctrl-C quits at once without saving, and run_trainer turns what ends a run into a message and an exit code.
+Ctrl-C quits at once without saving, and run_trainer turns what ends a run into a message and an exit code. A run
+that stopped and saved exits as shells expect of a signal: 130 after Ctrl-C (SIGINT), 143 after SIGTERM (Stopped), so
+`python train_lm.py ... && python sample.py ...` samples only a finished model.
 """
 
 import os
@@ -19,6 +21,14 @@ class StopNow(Exception):
     iteration (a half-done step or evaluation is dropped, and redone on --resume) and exits."""
 
 
+class Stopped(SystemExit):
+    """Raised by a trainer once it has saved after a stop request: the exit status 128 + the signal's number."""
+
+    def __init__(self, signum):
+        super().__init__(128 + int(signum))
+        self.signum = int(signum)
+
+
 class StopRequest:
     """The first Ctrl-C or SIGTERM sets a flag; poll(), called before each micro-batch and each evaluation batch, then
     raises StopNow, so the trainer stops within one micro-batch wherever it is. Under DDP the ranks must stop together:
@@ -28,6 +38,7 @@ class StopRequest:
 
     def __init__(self, ddp=False):
         self.requested, self.immediate = False, not ddp
+        self.signum = 0  # the first signal received (the exit status is 128 + it), 0 until one is
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
@@ -38,7 +49,7 @@ class StopRequest:
             when = "at the next micro-batch" if self.immediate else "after this step"
             say(f"\n{signal.Signals(signum).name} received: saving a checkpoint and stopping {when} "
                 "(Ctrl-C again to quit without saving)\n")
-        self.requested = True
+        self.requested, self.signum = True, self.signum or signum
 
     def poll(self):
         if self.requested and self.immediate:

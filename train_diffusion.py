@@ -3,7 +3,7 @@ Train a U-ViC (U-ViT with Cog attention, arXiv 2411.07176) as U-ViT trains its C
 
     python train_diffusion.py --compile                        # the paper's 44M U-ViC on CIFAR-10, one GPU
     torchrun --standalone --nproc_per_node=4 train_diffusion.py --compile --batch_size=32 --grad_accum=4
-    python train_diffusion.py --preset=demo                    # a small U-ViC on coloured shapes, CPU, 6.5-10.5 min
+    python train_diffusion.py --preset=demo                    # a small U-ViC on coloured shapes, CPU, ~15 min
     python train_diffusion.py --preset=demo --attn=softmax --out_dir=out/demo_softmax_diffusion   # U-ViT
     python train_diffusion.py --preset=demo --resume           # continue from out_dir/ckpt.pt, bit for bit
     python train_diffusion.py --preset=demo_t2i                # text-to-image on captioned shapes, CPU, ~6 min
@@ -39,9 +39,9 @@ from distributed import agree_on_step, fsdp_applies, micro_steps_per_process, se
 from logs import MetricsLog, SlowRun, plot_loss_curve
 from memory import blocks_of, check_fits, estimate_memory, plan_of
 from model import UViC, UViCConfig
-from stopping import StopNow, StopRequest, run_trainer
+from stopping import StopNow, StopRequest, Stopped, run_trainer
 from training import (RunOptions, autocast_context, check_finite, configure_adamw, learning_rate,
-                      make_grad_scaler, optimizer_step, peak_flops, pick_fields, set_up_torch,
+                      make_grad_scaler, optimizer_step, peak_flops, pick_fields, set_cpu_threads, set_up_torch,
                       start_run)
 
 
@@ -94,7 +94,7 @@ PRESETS = {
     "paper": {},  # the fields' defaults
     # 0.6M parameters; 16x16 shapes in 4x4 patches (17 tokens); v-prediction (see diffusion.PREDICTIONS); batch 64.
     # Each mattered: in single-seed runs of the same CPU time, eps-prediction, 2x2 patches or batch 32 drew ragged or
-    # off-colour blobs instead of shapes. 2 CPU cores: ~44 ms/iter, 9000 iterations in ~6.5 min (README.md's demo).
+    # off-colour blobs instead of shapes. One CPU thread: ~100 ms/iter, 9000 iterations in ~15 min.
     "demo": dict(dataset="shapes", img_size=16, patch_size=4, embed_dim=96, depth=5, num_heads=4, prediction="v",
                  batch_size=64, max_iters=9000, learning_rate=2e-3, min_lr=1e-4, warmup_iters=100, beta1=0.9,
                  beta2=0.99, weight_decay=0.0, ema_decay=0.99, out_dir="out/demo_diffusion", eval_interval=1000,
@@ -320,8 +320,8 @@ def main(argv=None):
     tokens = (model_config.img_size // model_config.patch_size) ** 2 + 1  # the patches and the time token
     plan = plan_of(shapes, config, world_size, fsdp)  # what the memory estimate needs of this run
     if master:
-        print_config(config, f"training a U-ViC on {config.dataset}: {world_size} process(es), {grad_accum} "
-                             f"micro-batches each, {images_per_iter} images per iteration")
+        print_config(config, f"training a {model_config.model_name()} on {config.dataset}: {world_size} "
+                             f"process(es), {grad_accum} micro-batches each, {images_per_iter} images per iteration")
         print(f"memory per GPU, estimated (docs/lm.md): {estimate_memory(shapes, blocks_of(shapes), plan).describe()}")
     if config.memory_check:  # on a GPU, a run that would not fit stops here, every rank alike
         check_fits(shapes, blocks_of(shapes), plan, device, resuming=checkpoint is not None)
@@ -329,6 +329,7 @@ def main(argv=None):
         make_out_dir(config.out_dir, move_aside=config.overwrite)
     set_up_torch(config.seed, config.deterministic)  # every rank alike: the same initial weights everywhere
     model = UViC(model_config)  # on the CPU
+    set_cpu_threads(device, model, config.batch_size * model.pos_embed.shape[1], announce=master)  # one if small
     if config.init_from and checkpoint is None:  # the authors' released weights; the EMA starts from them too
         model.load_state_dict(authors_weights(config.init_from, model_config))
     if checkpoint is not None:  # the run's weights, from the CPU, before the model is placed and sharded
@@ -385,7 +386,7 @@ def main(argv=None):
                  eval_done=evaluated == it, ema=ema.state_dict())
         if master:
             plot_loss_curve(log.path, os.path.join(config.out_dir, "loss.png"),
-                            f"U-ViC (attn={model_config.attn}) on {config.dataset}", log_y=True)
+                            f"{model_config.model_name()} on {config.dataset}", log_y=True)
 
     stop = StopRequest(ddp)
     peak = peak_flops(device)  # for MFU; None on a CPU or a GPU without a figure
@@ -424,13 +425,13 @@ def main(argv=None):
                         loss = diffusion_loss(model, x0, gen, config.prediction, schedule, context)
                     scaler.scale(loss / grad_accum).backward()
                 loss_sum += loss.detach()
-            loss, stop_now = agree_on_step(loss_sum / grad_accum, stop.requested, ddp)
+            loss, stop_now = agree_on_step(loss_sum / grad_accum, stop.signum, ddp)
             check_finite(loss, iter_num, ckpt_path)  # before the update: the checkpoint on disk stays the last good one
             optimizer_step(model, optimizer, scaler, config.grad_clip)
             ema_update(ema, raw_model, config.ema_decay)  # (under FSDP every rank gathers the new weights)
         except StopNow:  # inside the evaluation or the step: nothing of this iteration is kept, --resume redoes it
             gen.set_state(gen_state)
-            stop_now = True
+            stop_now = stop.signum
         else:
             slow_run.first_step(time.time() - t_step, config.max_iters - iter_num - 1)
             iters_timed += 1
@@ -447,7 +448,7 @@ def main(argv=None):
             save(iter_num)
             if master:
                 print(f"stopped: saved {ckpt_path} at iteration {iter_num}; continue with --resume")
-            return
+            raise Stopped(stop_now)  # exit status 130 after Ctrl-C, 143 after SIGTERM
     if master:
         print(f"done: checkpoint {ckpt_path}, samples, log and loss.png in {config.out_dir}; "
               f"sample with: python sample.py --out_dir={config.out_dir}")

@@ -39,9 +39,9 @@ from distributed import agree_on_step, fsdp_applies, micro_steps_per_process, se
 from logs import MetricsLog, SlowRun, plot_loss_curve
 from memory import check_fits, estimate_memory, plan_of
 from model import Cogformer, CogformerConfig, document_ids
-from stopping import StopNow, StopRequest, run_trainer
+from stopping import StopNow, StopRequest, Stopped, run_trainer
 from training import (RunOptions, autocast_context, check_finite, configure_adamw, learning_rate,
-                      make_grad_scaler, optimizer_step, peak_flops, pick_fields, set_up_torch,
+                      make_grad_scaler, optimizer_step, peak_flops, pick_fields, set_cpu_threads, set_up_torch,
                       start_run)
 
 
@@ -222,8 +222,9 @@ def main(argv=None):
         check_checkpoint_fits(checkpoint, shapes, ckpt_path)
     plan = plan_of(shapes, config, world_size, fsdp)  # what the memory estimate needs of this run
     if master:
-        print_config(config, f"training a Cogformer on {config.data_dir} ({meta['tokenizer']} tokens): {world_size} "
-                             f"process(es), {grad_accum} micro-batches each, {tokens_per_iter:,} tokens per iteration")
+        print_config(config, f"training a {model_config.model_name()} on {config.data_dir} ({meta['tokenizer']} "
+                             f"tokens): {world_size} process(es), {grad_accum} micro-batches each, "
+                             f"{tokens_per_iter:,} tokens per iteration")
         print(f"memory per GPU, estimated (docs/lm.md): {estimate_memory(shapes, shapes.blocks, plan).describe()}")
     if config.memory_check:  # on a GPU, a run that would not fit stops here, every rank alike
         check_fits(shapes, shapes.blocks, plan, device, resuming=checkpoint is not None)
@@ -238,6 +239,7 @@ def main(argv=None):
         model.load_state_dict(checkpoint["model"])
     model.activation_checkpointing = config.activation_checkpointing  # recompute each block in the backward
     flops_per_iter = model.flops_per_token() * tokens_per_iter
+    set_cpu_threads(device, model, config.batch_size * config.block_size, announce=master)  # one for a small model
     if master:
         counts = model.num_params()
         print(f"parameters: {counts['total']:,} total, {counts['non_embedding']:,} non-embedding; "
@@ -282,7 +284,7 @@ def main(argv=None):
                  eval_done=evaluated == it, best_val_loss=best_val_loss, meta=meta)
         if master:
             plot_loss_curve(log.path, os.path.join(config.out_dir, "loss.png"),
-                            f"Cogformer (attn={model_config.attn}) on {os.path.basename(config.data_dir)}")
+                            f"{model_config.model_name()} on {os.path.basename(config.data_dir)}")
 
     stop = StopRequest(ddp)
     peak = peak_flops(device)  # for MFU; None on a CPU or a GPU without a figure
@@ -326,12 +328,12 @@ def main(argv=None):
                                          windows[micro + 1])
                     scaler.scale(loss / grad_accum).backward()
                 loss_sum += loss.detach()
-            loss, stop_now = agree_on_step(loss_sum / grad_accum, stop.requested, ddp)
+            loss, stop_now = agree_on_step(loss_sum / grad_accum, stop.signum, ddp)
             check_finite(loss, iter_num, ckpt_path)  # before the update: the checkpoint on disk stays the last good one
             optimizer_step(model, optimizer, scaler, config.grad_clip)
         except StopNow:  # inside the evaluation or the step: nothing of this iteration is kept, --resume redoes it
             data_gen.set_state(data_state)
-            stop_now = True
+            stop_now = stop.signum
         else:
             slow_run.first_step(time.time() - t_step, config.max_iters - iter_num - 1)
             iters_timed += 1
@@ -348,7 +350,7 @@ def main(argv=None):
             save(iter_num)
             if master:
                 print(f"stopped: saved {ckpt_path} at iteration {iter_num}; continue with --resume")
-            return
+            raise Stopped(stop_now)  # exit status 130 after Ctrl-C, 143 after SIGTERM
     if master:
         print(f"done: best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}, log and loss.png in {config.out_dir}")
 

@@ -108,6 +108,30 @@ def resolve_dtype(dtype, device):
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
+# The CPU threads: below this many multiply-adds in one forward pass (parameters x tokens), a model runs on one thread.
+# Measured (BENCHMARKS.md, "CPU threads"): beside another busy process the diffusion demos (0.6M parameters x 1,088
+# tokens = 6.6e8) ran 2.5-11x slower on two threads than on one, as each small operation waits for the thread that
+# the OS put to sleep; the LM demo (0.9M x 4,096 = 3.8e9) on two threads kept within 2x of its speed without the
+# other, and alone ran 1.5x faster than on one thread.
+CPU_THREADS_MIN_WORK = 1.5e9
+CPU_THREADS_DEFAULT = torch.get_num_threads()  # torch's choice at start-up: the cores, or OMP_NUM_THREADS
+
+
+def set_cpu_threads(device, model, tokens, announce=False):
+    """On the CPU: one thread for a small model (fewer than CPU_THREADS_MIN_WORK multiply-adds in one forward pass of
+    `tokens` tokens, counted as parameters x tokens), torch's default (one per core) for a larger one. OMP_NUM_THREADS,
+    when set, wins. GPU runs are left alone. Returns the number of threads; announce prints it when it is one."""
+    if not str(device).startswith("cpu") or os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    work = sum(p.numel() for p in model.parameters()) * tokens
+    threads = 1 if work < CPU_THREADS_MIN_WORK else CPU_THREADS_DEFAULT
+    torch.set_num_threads(threads)
+    if announce and threads == 1 and CPU_THREADS_DEFAULT > 1:
+        print(f"CPU threads: 1 of {CPU_THREADS_DEFAULT} (a small model: {work:.1e} multiply-adds per forward pass; "
+              "more threads wait on each other when the machine is busy; OMP_NUM_THREADS=N overrides)")
+    return threads
+
+
 def autocast_context(device, dtype):
     if dtype == "float32":
         return nullcontext()

@@ -29,11 +29,17 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+try:
+    from logs import progress
+except ImportError:  # run as python data/prepare_coco.py: the project's modules are one folder up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from logs import progress
 
 DEFAULT_VAE = "CompVis/stable-diffusion-v1-4/vae"
 DEFAULT_TEXT_ENCODER = "openai/clip-vit-large-patch14"
@@ -261,7 +267,7 @@ def prepare(config):
         for split in SPLITS:
             os.makedirs(os.path.join(config.out_dir, split), exist_ok=True)
             images_dir = os.path.join(config.coco_dir, f"{split}2014")
-            with tqdm(total=len(entries[split]), unit="img", desc=f"encoding {split}") as bar:
+            with progress(total=len(entries[split]), unit="img", desc=f"encoding {split}") as bar:
                 for index in range(recipe["splits"][split]["shards"]):
                     shard = entries[split][index * config.shard_size:(index + 1) * config.shard_size]
                     folder = shard_folder(config.out_dir, split, index)
@@ -378,7 +384,7 @@ def val_fid_stats(data_dir, inception, device, batch_size=200):
         print(f"computing the FID statistics of {len(entries):,} val2014 images into {path} (once)")
         features = []
         with ThreadPoolExecutor(8) as pool:
-            for i in tqdm(range(0, len(entries), batch_size), desc="val2014 features"):
+            for i in progress(range(0, len(entries), batch_size), desc="val2014 features"):
                 paths = [os.path.join(folder, e["file_name"]) for e in entries[i:i + batch_size]]
                 images = load_images(paths, meta["image_size"], pool)
                 features.append(diffusion.inception_features(inception, images, device, batch_size))

@@ -38,7 +38,12 @@ from itertools import islice
 from types import SimpleNamespace
 
 import numpy as np
-from tqdm import tqdm
+
+try:
+    from logs import progress
+except ImportError:  # run as python data/prepare_lm.py: the project's modules are one folder up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from logs import progress
 
 REDPAJAMA_SAMPLE = "hf://datasets/togethercomputer/RedPajama-Data-1T-Sample/*.jsonl"
 RECIPE_KEYS = ("source", "tokenizer", "max_tokens", "val_fraction")  # equal recipes make equal datasets
@@ -272,7 +277,7 @@ def write_tokens(sources, tokenizer, paths, max_tokens, val_fraction, num_proc):
                                                   initargs=(tokenizer.name, tokenizer.path)))
         files = {split: stack.enter_context(open(paths[split], "wb")) for split in ("train", "val")}
         # progress in bytes of the sources (a token budget is often far more than the files hold)
-        bar = stack.enter_context(tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenising"))
+        bar = stack.enter_context(progress(total=total_bytes, unit="B", unit_scale=True, desc="tokenising"))
         sources_done = 0  # bytes
         for _, size, texts in sources:
             quota = None if max_tokens is None else int(max_tokens * size / total_bytes)  # a share by size

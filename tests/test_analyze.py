@@ -244,8 +244,8 @@ def test_eval_end_to_end_on_a_local_task(tmp_path):
     scorer = analyze.Scorer(model, BYTES)
     right = [max(range(len(d["choices"])), key=lambda c: scorer.loglikelihood([(d["q"], d["choices"][c])])[0][0])
              == d["label"] for d in docs]
-    assert table == {"run (cog)": {"toy_nanocog": pytest.approx(100 * sum(right) / len(docs))}}
-    assert json.load(open(tmp_path / "run" / "eval.json"))["tasks"] == table["run (cog)"]
+    assert table == {"run (Cogformer)": {"toy_nanocog": pytest.approx(100 * sum(right) / len(docs))}}
+    assert json.load(open(tmp_path / "run" / "eval.json"))["tasks"] == table["run (Cogformer)"]
 
 
 # -----------------------------------------------------------------------------

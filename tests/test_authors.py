@@ -323,7 +323,7 @@ def test_analyze_the_authors_checkpoints(tmp_path, llama_dir, monkeypatch):
     args = [f"--init_from={cog}", f"--init_from={soft}", f"--tokenizer_path={llama_dir}"]
     runs = analyze.main(["attention"] + args)
     tok = prepare_lm.Tokenizer("llama2", llama_dir)
-    assert [r["label"] for r in runs] == ["cog_ckpt_100.00_Bi (cog)", "vanilla_ckpt_100.00_Bi (softmax)"]
+    assert [r["label"] for r in runs] == ["cog_ckpt_100.00_Bi (Cogformer)", "vanilla_ckpt_100.00_Bi (Transformer)"]
     assert len(runs[0]["tokens"]) == 128  # their paragraph (no BOS, as in their figure), cut to the context
     assert runs[0]["tokens"][-1] == analyze.token_label(tok, tok.encode(analyze.AUTHORS_PARAGRAPH)[-1])
     assert runs[1]["layers"][1]["neg_share"] == 0.0 and runs[0]["layers"][1]["neg_share"] > 0.0
@@ -352,11 +352,12 @@ def test_scorer_reads_text_after_bos(llama_dir):
 
 
 def test_eval_table_sets_our_numbers_beside_their_logs():
-    table = {"cog_ckpt_100.00_Bi (cog)": {"arc_easy": 44.0, "piqa": 58.59}, "mine (softmax)": {"arc_easy": 30.0}}
+    table = {"cog_ckpt_100.00_Bi (Cogformer)": {"arc_easy": 44.0, "piqa": 58.59},
+             "mine (Transformer)": {"arc_easy": 30.0}}
     text = analyze.eval_table(table, ["arc_easy", "piqa", "sst2"],
-                              {"cog_ckpt_100.00_Bi (cog)": analyze.AUTHORS_LOGGED["cog"]})
+                              {"cog_ckpt_100.00_Bi (Cogformer)": analyze.AUTHORS_LOGGED["cog"]})
     lines = text.splitlines()
-    assert lines[0] == "| task | cog_ckpt_100.00_Bi (cog) | authors' log | difference | mine (softmax) |"
+    assert lines[0] == "| task | cog_ckpt_100.00_Bi (Cogformer) | authors' log | difference | mine (Transformer) |"
     assert lines[2] == "| arc_easy | 44.00 | 43.90 | +0.10 | 30.00 |"
     assert lines[3] == "| piqa | 58.59 | 59.09 | -0.50 | - |"
     assert lines[4] == "| sst2 | - | - | - | - |"
@@ -382,9 +383,9 @@ def test_eval_end_to_end_on_a_local_task(tmp_path, llama_dir, monkeypatch, capsy
     scorer = analyze.Scorer(load_cogformer(path), prepare_lm.Tokenizer("llama2", llama_dir))
     right = [max(range(2), key=lambda c: scorer.loglikelihood([(d["q"], d["choices"][c])])[0][0]) == d["label"]
              for d in docs]
-    assert table == {"cog_ckpt_100.00_Bi (cog)": {"toy_authors": pytest.approx(100 * sum(right) / 3)}}
-    assert "| task | cog_ckpt_100.00_Bi (cog) | authors' log | difference |" in capsys.readouterr().out
-    assert json.load(open("out/cog_ckpt_100.00_Bi/eval.json"))["tasks"] == table["cog_ckpt_100.00_Bi (cog)"]
+    assert table == {"cog_ckpt_100.00_Bi (Cogformer)": {"toy_authors": pytest.approx(100 * sum(right) / 3)}}
+    assert "| task | cog_ckpt_100.00_Bi (Cogformer) | authors' log | difference |" in capsys.readouterr().out
+    assert json.load(open("out/cog_ckpt_100.00_Bi/eval.json"))["tasks"] == table["cog_ckpt_100.00_Bi (Cogformer)"]
 
 
 def test_finetune_the_authors_checkpoint(tmp_path, llama_dir):

@@ -26,9 +26,10 @@ import train_lm
 from checkpoint import load_checkpoint
 from cli import help_value, parse_config
 from data import prepare_lm
+from distributed import agree_on_step
 from logs import SlowRun, read_log
-from stopping import StopNow, StopRequest, run_trainer
-from training import pick_fields
+from stopping import StopNow, StopRequest, Stopped, run_trainer
+from training import pick_fields, set_cpu_threads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's folder
 ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": "1"}
@@ -164,7 +165,9 @@ def test_a_stop_inside_an_evaluation_ends_it_at_once_and_resume_redoes_it(tmp_pa
     train_lm.main(args + [f"--out_dir={tmp_path / 'full'}"])
     # get_batch calls: 12 for the evaluation at 0 (6 per split), 1 per step, so the evaluation at 2 starts at call 15
     calls = signal_on_calls(monkeypatch, train_lm, "get_batch", {17})
-    train_lm.main(args + [f"--out_dir={tmp_path / 'split'}"])
+    with pytest.raises(Stopped) as stopped:
+        train_lm.main(args + [f"--out_dir={tmp_path / 'split'}"])
+    assert stopped.value.code == 130  # saved, and the exit status a shell expects after Ctrl-C
     assert calls[0] == 17  # not one batch more
     assert "SIGINT received" in capsys.readouterr().out
     stopped = load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
@@ -181,7 +184,9 @@ def test_a_stop_between_micro_batches_drops_the_step_and_resume_is_exact(tmp_pat
     train_diffusion.main(args + [f"--out_dir={tmp_path / 'full'}"])
     # get_batch calls: 1 for the evaluation at 0, then 4 per step: call 7 is iteration 1's second micro-batch
     calls = signal_on_calls(monkeypatch, train_diffusion, "get_batch", {7}, signal.SIGTERM)
-    train_diffusion.main(args + [f"--out_dir={tmp_path / 'split'}"])
+    with pytest.raises(Stopped) as stopped:
+        train_diffusion.main(args + [f"--out_dir={tmp_path / 'split'}"])
+    assert stopped.value.code == 143  # after SIGTERM
     assert calls[0] == 7
     assert load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))["iter"] == 1
     train_diffusion.main(args + [f"--out_dir={tmp_path / 'split'}", "--resume"])
@@ -230,10 +235,51 @@ def test_stop_request_flags_then_quits():
     os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM changes nothing: the save is under way
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
+    assert stop.signum == signal.SIGTERM  # the first signal decides the exit status
     ddp = StopRequest(ddp=True)  # ranks stop together at the end of the step: poll() never raises
     os.kill(os.getpid(), signal.SIGINT)
-    assert ddp.requested
+    assert ddp.requested and ddp.signum == signal.SIGINT
     ddp.poll()
+
+
+def test_a_stopped_run_exits_with_the_status_of_its_signal():
+    """130 after Ctrl-C, 143 after SIGTERM, as shells expect: `train ... && sample ...` samples no unfinished model.
+    The ranks agree on the signal (one process here: agree_on_step passes on its own)."""
+    assert Stopped(signal.SIGINT).code == 130 and Stopped(signal.SIGTERM).code == 143
+    loss = torch.tensor(2.5)
+    assert agree_on_step(loss, 0, False) == (2.5, 0)
+    assert agree_on_step(loss, signal.SIGINT, False) == (2.5, signal.SIGINT)
+    assert agree_on_step(loss, signal.SIGTERM, False) == (2.5, signal.SIGTERM)
+    with pytest.raises(SystemExit) as err:
+        run_trainer(lambda: (_ for _ in ()).throw(Stopped(signal.SIGTERM)))
+    assert err.value.code == 143
+
+
+AGREE = """
+import os, signal, sys, torch, torch.distributed as dist
+from distributed import agree_on_step
+dist.init_process_group("gloo")
+got = [int(s) for s in sys.argv[1].split(",")][dist.get_rank()]
+loss, agreed = agree_on_step(torch.tensor(float(dist.get_rank())), got, True)
+print(loss, agreed)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("received, agreed", [("15,0", 15), ("0,2", 2), ("15,2", 2), ("0,0", 0)])
+def test_every_rank_stops_with_the_same_signal(received, agreed):
+    """Under torchrun a signal may reach one rank only: every rank learns of it at the end of the step and exits with
+    the same status (SIGINT's, 130, if any rank got Ctrl-C). Two CPU processes on gloo."""
+    import socket
+    with socket.socket() as sock:  # a free port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**ENV, "PYTHONPATH": REPO, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen([sys.executable, "-c", AGREE, received], cwd=REPO, env={**env, "RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), outputs
+    assert [out.split() for out, _ in outputs] == [["0.5", str(agreed)]] * 2  # the mean loss, the agreed signal
 
 
 # -----------------------------------------------------------------------------
@@ -433,15 +479,26 @@ def test_resume_continues_the_run_it_names(tmp_path, lm_data, capsys):
     assert checkpoint["config"]["block_size"] == 8 and checkpoint["model_config"]["block_size"] == 8
 
 
-def test_resuming_a_finished_run_changes_nothing_and_says_where_it_resumes(tmp_path, lm_data, capsys):
+def test_resuming_a_finished_run_says_nothing_is_left_and_how_to_train_further(tmp_path, lm_data, capsys):
     args = LM + [f"--data_dir={lm_data}", f"--out_dir={tmp_path}", "--max_iters=2", "--eval_interval=2"]
     train_lm.main(args)
     log_before = (tmp_path / "log.jsonl").read_text()
     capsys.readouterr()
-    train_lm.main(args + ["--resume"])
+    with pytest.raises(SystemExit) as err:
+        train_lm.main(args + ["--resume"])
+    assert err.value.code == 0  # nothing failed
     assert (tmp_path / "log.jsonl").read_text() == log_before  # no second evaluation at iteration 2
     out = capsys.readouterr().out
-    assert f"resuming from {tmp_path / 'ckpt.pt'} at iteration 2" in out and "eval at iter" not in out
+    assert out.startswith(f"nothing left to train: the run in {tmp_path} finished at iteration 2 (max_iters=2)")
+    assert "a larger --max_iters, e.g. --resume --max_iters=4" in out
+    assert "config:" not in out and "eval at iter" not in out and out.count("\n") == 1  # one line, no config
+    train_lm.main(args + ["--resume", "--max_iters=3"])  # what it says works
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["iter"] == 3
+    train_diffusion.main(DIFFUSION + [f"--out_dir={tmp_path / 'd'}", "--max_iters=1"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        train_diffusion.main(DIFFUSION + [f"--out_dir={tmp_path / 'd'}", "--max_iters=1", "--resume"])
+    assert err.value.code == 0 and capsys.readouterr().out.startswith("nothing left to train")
 
 
 def test_tokenising_progress_counts_the_bytes_of_the_sources(tmp_path, capsys):
@@ -449,8 +506,64 @@ def test_tokenising_progress_counts_the_bytes_of_the_sources(tmp_path, capsys):
     (tmp_path / "b.txt").write_text("y = 2\n" * 300)
     prepare_lm.main([f"--files={tmp_path}/*.txt", f"--out_dir={tmp_path / 'out'}", "--tokenizer=bytes",
                      "--val_fraction=0.5", "--num_proc=1"])
-    bar = capsys.readouterr().err.split("\r")[-1]
-    assert "100%" in bar and "3.60k/3.60k" in bar and "3,602 tokens" in bar, bar  # not "/1.00G", the token budget
+    err = capsys.readouterr().err
+    assert "\r" not in err  # not a terminal: plain lines
+    last = err.splitlines()[-1]
+    assert "100%" in last and "3.60k/3.60k" in last and "3,602 tokens" in last, last  # not "/1.00G", the token budget
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere(tmp_path):
+    """Redirected output (a log file, a pipe) holds no carriage returns: a line at each tenth of the way, whose time
+    left reads as a duration, not as a clock."""
+    script = tmp_path / "loop.py"
+    script.write_text("import time\nfrom logs import progress\nfor _ in progress(range(40), desc='work', unit='steps'):"
+                      "\n    time.sleep(0.001)\n")
+    result = subprocess.run([sys.executable, str(script)], cwd=REPO, env={**ENV, "PYTHONPATH": REPO},
+                            capture_output=True, text=True, timeout=60)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 0 and "\r" not in result.stderr and len(lines) == 10, result.stderr
+    assert lines[3].startswith("work: 16/40 steps (40%), ") and "so far, about " in lines[3] and "left" in lines[3]
+    assert lines[-1].startswith("work: 40/40 steps (100%)") and "left" not in lines[-1]
+    assert not re.search(r"\d+:\d\d", result.stderr)  # no 00:03 or 13:17:27
+
+
+def test_on_a_terminal_progress_is_a_bar_whose_time_left_reads_as_a_duration(tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+    script = tmp_path / "loop.py"
+    script.write_text("import time\nfrom logs import progress\nfor _ in progress(range(30), desc='work', unit='steps'):"
+                      "\n    time.sleep(0.02)\n")
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env={**ENV, "PYTHONPATH": REPO},
+                            stderr=terminal, stdout=subprocess.DEVNULL)
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the other end closed
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(main)
+    assert proc.wait(timeout=60) == 0
+    text = output.decode(errors="replace")
+    assert "\r" in text and "work:" in text and "30/30 steps" in text, text  # a bar, redrawn in place
+    assert " left]" in text and "about " in text, text
+    assert not re.search(r"\d+:\d\d", text), text  # no 00:03 or 13:17:27
+
+
+def test_a_redirected_script_prints_no_carriage_returns(tmp_path):
+    """toy.py with its output in a file, as a newcomer runs it in the background: plain progress lines."""
+    result = run_cli("toy.py", "--tasks=majority", "--seeds=1", "--steps=30", "--eval_size=20", "--catch_up=",
+                     f"--out_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stdout + result.stderr
+    assert "training: 60/60 steps (100%)" in result.stderr
 
 
 def test_analyze_prints_no_preset_and_labels_heads_and_tokens_readably(tmp_path, capsys):
@@ -551,3 +664,39 @@ def test_bench_steps_are_the_trainers_training_steps(model, preset):
     assert all(not torch.equal(a, p) for a, p in zip(before, run.model.parameters()) if p.requires_grad)
     if model == "lm":
         assert losses[-1] < 0.7 * losses[0]
+
+
+# -----------------------------------------------------------------------------
+# CPU threads from the size of the work; the baselines named for what they are
+
+
+def test_a_small_model_runs_on_one_cpu_thread_and_omp_num_threads_wins(monkeypatch):
+    from model import Cogformer, CogformerConfig
+    model = Cogformer(CogformerConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16, ffn_hidden=32))
+    threads = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("training.CPU_THREADS_DEFAULT", 4)
+    try:
+        assert set_cpu_threads("cpu", model, 16) == 1 and torch.get_num_threads() == 1
+        assert set_cpu_threads("cpu", model, 10 ** 9) == 4  # (torch may run fewer where there are fewer cores)
+        torch.set_num_threads(1)
+        assert set_cpu_threads("cuda", model, 16) == 1  # a GPU run: left alone
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(3)
+        assert set_cpu_threads("cpu", model, 16) == 3  # the user's choice
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_baselines_are_named_for_what_they_are(tmp_path, lm_data, capsys):
+    from model import CogformerConfig, UViCConfig
+    assert CogformerConfig().model_name() == "Cogformer" and UViCConfig().model_name() == "U-ViC"
+    assert CogformerConfig(attn="softmax").model_name() == "Transformer"
+    assert UViCConfig(attn="softmax").model_name() == "U-ViT"
+    assert CogformerConfig(n_layer=2, softmax_layers="0,1").model_name() == "Transformer"  # no Cog layer left
+    train_lm.main(LM + [f"--data_dir={lm_data}", f"--out_dir={tmp_path / 'lm'}", "--max_iters=1", "--attn=softmax"])
+    assert "training a Transformer on" in capsys.readouterr().out
+    train_diffusion.main(DIFFUSION + [f"--out_dir={tmp_path / 'd'}", "--max_iters=1", "--attn=softmax"])
+    assert "training a U-ViT on shapes" in capsys.readouterr().out
+    analyze.main(["attention", f"--out_dir={tmp_path / 'lm'}"])
+    assert "lm (Transformer): last token" in capsys.readouterr().out

@@ -403,3 +403,16 @@ def test_deterministic_flag(tmp_path, monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # the flag sets it too: restored after the test
     train_diffusion.main(["--preset=demo", *TINY, "--max_iters=1", "--deterministic", f"--out_dir={tmp_path}"])
     assert calls == [(True, {"warn_only": True})]
+
+
+def test_captions_wrap_between_words_and_the_grid_leaves_room_for_them(tmp_path):
+    measure = lambda text: 10 * len(text)  # noqa: E731 (10 pixels a character)
+    assert diffusion.wrap_to_width("a yellow square".split(), 130, measure, 6) == [["a", "yellow"], ["square"]]
+    assert diffusion.wrap_to_width(["enormously"], 50, measure, 6) == [["enormously"]]  # too wide: a line of its own
+    from PIL import Image
+    images = torch.zeros(2, 3, 16, 16)
+    diffusion.save_captioned_grid(images, ["a red circle", "a green square"], tmp_path / "one.png")
+    diffusion.save_captioned_grid(images, ["a red circle", "a rather long caption that needs more lines"],
+                                  tmp_path / "three.png")
+    one, three = Image.open(tmp_path / "one.png"), Image.open(tmp_path / "three.png")
+    assert one.width == three.width and three.height > one.height  # a line of text per row: no more, no less
