@@ -373,7 +373,7 @@ def one_line(error):
 
 
 def synchronize(device):
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
@@ -593,9 +593,13 @@ def training_step(args, attn, device):
     """The trainer's model for --model and --preset with attention attn, and its training step on random data as the
     trainer takes it: a namespace of step (a function, which returns the loss), model, config, work per step (tokens
     or images) and FLOPs per step (None where not counted)."""
-    from diffusion import diffusion_loss, ema_update, get_schedule
-    from model import Cogformer, UViC, UViCConfig
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
     from cli import parse_config
+    from diffusion import diffusion_loss, ema_update, get_schedule
+    from distributed import shard_model
+    from memory import blocks_of, estimate_memory, plan_of
+    from model import Cogformer, UViC, UViCConfig
     from training import autocast_context, configure_adamw, make_grad_scaler, optimizer_step, pick_fields, resolve_dtype
 
     trainer = trainer_module(args.model)
@@ -603,17 +607,19 @@ def training_step(args, attn, device):
                                                                  *trainer_args(args)])
     config.batch_size = args.batch_size or config.batch_size
     config.dtype = dtype = resolve_dtype(config.dtype, device)
+    ddp, world_size = torch.distributed.is_initialized(), getattr(args, "world_size", 1)
+    fsdp = config.fsdp and ddp
     torch.manual_seed(0)
     if args.model == "lm":
         model_config = pick_fields(config, CogformerConfig)
         model_config.vocab_size = args.vocab_size
-        model = Cogformer(model_config).to(device)
+        model = Cogformer(model_config)
         tokens = torch.randint(model_config.vocab_size, (config.batch_size, model_config.block_size + 1), device=device)
         x, y = tokens[:, :-1], tokens[:, 1:]
         work, flops = x.numel(), model.flops_per_token() * x.numel()
     else:
         model_config = pick_fields(config, UViCConfig)
-        model = UViC(model_config).to(device)
+        model = UViC(model_config)
         ema = UViC(model_config).to(device).requires_grad_(False)
         size = model_config.img_size
         x0 = torch.rand(config.batch_size, model_config.in_chans, size, size, device=device) * 2 - 1
@@ -621,10 +627,21 @@ def training_step(args, attn, device):
             torch.randn(config.batch_size, model_config.num_clip_token, model_config.clip_dim, device=device)
         generator, schedule = torch.Generator(device).manual_seed(0), get_schedule(config.noise_schedule)
         work, flops = config.batch_size, None
+    # as the trainers place it: under torchrun with --fsdp each block compiled and sharded, else compiled whole and DDP
+    estimate = estimate_memory(model, blocks_of(model), plan_of(model, config, world_size, fsdp)).total
+    model.activation_checkpointing = config.activation_checkpointing
+    if fsdp:
+        for block in blocks_of(model) if args.compile else []:
+            block.compile()
+        model = compiled = shard_model(model, blocks_of(model), device, dtype)
+    else:
+        model = model.to(device)
+        compiled = torch.compile(model) if args.compile else model
+        if ddp:
+            compiled = DDP(compiled, device_ids=[device] if device.startswith("cuda") else None)
     optimizer = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
                                 device.split(":")[0])
     scaler, ctx = make_grad_scaler(device, dtype), autocast_context(device, dtype)
-    compiled = torch.compile(model) if args.compile else model
 
     def step():  # returns the loss, unsynchronised
         with ctx:
@@ -638,7 +655,8 @@ def training_step(args, attn, device):
             ema_update(ema, model, config.ema_decay)
         return loss.detach()
 
-    return types.SimpleNamespace(step=step, model=model, config=config, work=work, flops=flops)
+    return types.SimpleNamespace(step=step, model=model, config=config, work=work * world_size, flops=flops,
+                                 estimate=estimate, mode="FSDP" if fsdp else "DDP" if ddp else "")
 
 
 def trainer_args(args):
@@ -661,8 +679,8 @@ def time_models(args, device):
     use_deterministic_algorithms(args.deterministic)  # as the trainers' --deterministic
     runs, warmup_s, peak = {}, {}, {}
     for attn in ("cog", "softmax"):
-        held = torch.cuda.memory_allocated() if device == "cuda" else 0  # the model before it: weights, optimizer
-        if device == "cuda":
+        held = torch.cuda.memory_allocated() if device.startswith("cuda") else 0  # the model before it: weights, optimizer
+        if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         run = runs[attn] = training_step(args, attn, device)
@@ -670,7 +688,7 @@ def time_models(args, device):
             run.step()
         synchronize(device)
         warmup_s[attn] = time.perf_counter() - t0
-        peak[attn] = (torch.cuda.max_memory_allocated() - held) / 2**20 if device == "cuda" else None
+        peak[attn] = (torch.cuda.max_memory_allocated() - held) / 2**20 if device.startswith("cuda") else None
     rounds, per_round = {attn: [] for attn in runs}, max(1, args.steps // 5)
     for _ in range(-(-args.steps // per_round)):
         for attn, run in runs.items():
@@ -692,24 +710,25 @@ def time_models(args, device):
     return dict(model=args.model, preset=args.preset, batch=config.batch_size, dtype=config.dtype,
                 compile=args.compile, deterministic=args.deterministic, warmup_steps=args.warmup_steps,
                 steps=args.steps, per_round=per_round, unit="tokens" if args.model == "lm" else "images",
-                where=torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
-                rows=rows, speed=rows[1]["ms"] / rows[0]["ms"])
+                where=torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)",
+                rows=rows, speed=rows[1]["ms"] / rows[0]["ms"], mode=runs["cog"].mode)
 
 
 def memory_estimate_mib(run):
-    """The trainers' memory estimate (memory.estimate_memory) for this model and config on one process, in MiB; its
-    error, as text, where it fails."""
-    from memory import blocks_of, estimate_memory, plan_of
-    try:
-        return estimate_memory(run.model, blocks_of(run.model), plan_of(run.model, run.config)).total / 2**20
-    except Exception as error:  # noqa: BLE001 (say why, in the table, and go on)
-        return "error: " + one_line(error)
+    """The trainers' memory estimate per GPU (memory.estimate_memory) for this model and run, in MiB."""
+    return run.estimate / 2**20
 
 
 def model_timings(args):
-    """--model: time_models, printed."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    """--model: time_models, printed. Under torchrun every process trains (with --fsdp sharded, else under DDP), and the
+    first prints the figures: per second for all processes together, memory per GPU."""
+    from distributed import setup_distributed
+    _, rank, args.world_size, device = setup_distributed("cuda" if torch.cuda.is_available() else "cpu")
     r = time_models(args, device)
+    if rank > 0:
+        return
+    if r["mode"]:
+        print(f"# {args.world_size} processes, {r['mode']}")
     print(f"# {r['where']}, torch {torch.__version__}, --model={r['model']} --preset={r['preset']}, "
           f"batch {r['batch']}, dtype {r['dtype']}, compile {r['compile']}, deterministic {r['deterministic']}: "
           f"{r['warmup_steps']} warm-up "

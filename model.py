@@ -27,10 +27,8 @@ from cog_kernel import causal_mask, document_mask
 
 
 def cog_attn(q, k, v, causal, doc_ids=None):
-    """Cog attention. With scores s = q k^T / sqrt(hs) (masked keys left out of the row), the weights are
-        w = sign(s) * softmax(|s|)
-    so a key can add its value or subtract it, and each row's |w| sums to one; y = w v. cog_attention.cog_attention
-    runs a fused Triton kernel (forward and backward) on a GPU and its PyTorch reference elsewhere."""
+    """Cog attention, w = sign(s) * softmax(|s|) with s = q k^T / sqrt(hs): a key can add its value or subtract it;
+    y = w v. cog_attention runs a fused Triton kernel on a GPU and the PyTorch reference elsewhere."""
     return cog_attention(q, k, v, causal=causal, doc_ids=doc_ids)
 
 
@@ -81,10 +79,8 @@ def layer_pattern(attn, softmax_layers, n_layer):
 
 
 def run_block(model, block, *args):
-    """block(*args); with model.activation_checkpointing set (the trainers' --activation_checkpointing) and gradients
-    on, the block's activations are not kept for the backward but recomputed there from its input
-    (torch.utils.checkpoint): the same gradients for about a third more compute. The module tree and state_dict keys
-    do not change."""
+    """block(*args); with model.activation_checkpointing (--activation_checkpointing) while training, its activations
+    are recomputed in the backward instead of kept: the same gradients for about a third more compute."""
     if model.activation_checkpointing and torch.is_grad_enabled():
         return checkpoint(block, *args, use_reentrant=False)
     return block(*args)
@@ -406,8 +402,7 @@ class UViC(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        c = config
+        self.config = c = config
         num_patches = (c.img_size // c.patch_size) ** 2
         kinds = c.block_kinds()
         n_in = c.depth // 2
@@ -421,7 +416,8 @@ class UViC(nn.Module):
         self.norm = nn.LayerNorm(c.embed_dim)
         self.decoder_pred = nn.Linear(c.embed_dim, c.patch_size ** 2 * c.in_chans)
         self.final_conv = nn.Conv2d(c.in_chans, c.in_chans, 3, padding=1)
-        # U-ViT's init: truncated N(0, 0.02) for the position embedding and the Linear weights, zero biases
+        # U-ViT's init: truncated N(0, 0.02) for the position embedding and the Linear weights, zero biases (LayerNorm's
+        # default, ones and zeros, is U-ViT's too)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(self._init_weights)
 
@@ -430,9 +426,6 @@ class UViC(nn.Module):
             nn.init.trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
 
     def num_params(self):
         """Parameter counts: total, and without the position embedding."""

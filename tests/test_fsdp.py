@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -141,7 +142,8 @@ def runs(tmp_path_factory, data):
     one:       its checkpoint resumed on one process without torchrun (--fsdp, kept from the run, does nothing)
     two_nodes: a fresh FSDP run to the same end, as 2 "nodes" of one process (c10d rendezvous on loopback)
     kernel:    a fresh FSDP run of 2 iterations with activation checkpointing, Cog attention in the fused kernel
-    single:    a fresh run to the same end on one process.
+    single:    a fresh run to the same end on one process
+    bench:     bench.py --model timing the demo's training steps with FSDP and activation checkpointing.
     Returns {name: out_dir}, stop, end, the outputs and the spy's records."""
     root = tmp_path_factory.mktemp("runs")
     out = {name: str(root / name) for name in ("stopped", "fsdp", "ddp", "one", "two_nodes", "kernel", "single")}
@@ -172,12 +174,20 @@ def runs(tmp_path_factory, data):
                 *[torchrun("train_lm.py", *args, "--fsdp", f"--max_iters={end}", f"--out_dir={out['two_nodes']}",
                            launch=two_nodes) for _node in range(2)],
                 torchrun("train_lm.py", *args, "--fsdp", "--activation_checkpointing", "--max_iters=2",
-                         f"--out_dir={out['kernel']}", env={**ENV, "TRITON_INTERPRET": "1", "COG_BACKEND": "tuned"})]
+                         f"--out_dir={out['kernel']}", env={**ENV, "TRITON_INTERPRET": "1", "COG_BACKEND": "tuned"}),
+                torchrun("bench.py", "--model=lm", "--preset=demo", "--vocab_size=256", "--batch_size=2", "--steps=2",
+                         "--warmup_steps=1", "--fsdp", "--activation_checkpointing")]
     printed["one"] = quietly(train_lm.main, resume + [f"--out_dir={out['one']}"])
     printed["single"] = quietly(train_lm.main, args + [f"--max_iters={end}", f"--out_dir={out['single']}"])
-    printed["fsdp"], printed["ddp"], *printed["two_nodes"], printed["kernel"] = finish(*launches)
+    printed["fsdp"], printed["ddp"], *printed["two_nodes"], printed["kernel"], printed["bench"] = finish(*launches)
     spied = [json.loads((root / f"spy.{rank}").read_text()) for rank in (0, 1)]
     return {"out": out, "stop": stop, "end": end, "printed": printed, "spied": spied}
+
+
+def test_bench_times_the_training_steps_under_fsdp(runs):
+    printed = runs["printed"]["bench"]
+    assert printed.count("# 2 processes, FSDP") == 1, printed  # the first process prints, once
+    assert re.search(r"^\| cog \| [\d.]+ \|.*\| \d+ \|$", printed, re.M) and "cog/softmax speed" in printed, printed
 
 
 def test_a_sigterm_stops_every_fsdp_process_together_and_saves(runs):
