@@ -29,6 +29,7 @@ from data import prepare_lm
 from distributed import micro_steps_per_process, restore_generator_state
 from logs import read_log
 from memory import FIT, GiB, Plan, check_fits, estimate_memory, shard_numel
+from test_lm import first_step_gradients
 from training import pick_fields
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's folder
@@ -295,19 +296,6 @@ def test_diffusion_under_fsdp_trains_as_under_ddp_and_resumes_on_one_process(tmp
 
 # -----------------------------------------------------------------------------
 # activation checkpointing: the same gradients
-
-
-def first_step_gradients(monkeypatch, module):
-    """The gradients the trainer hands to its first optimizer step."""
-    grads = {}
-    real_step = module.optimizer_step
-
-    def spy(model, optimizer, scaler, grad_clip):
-        if not grads:
-            grads.update({name: p.grad.clone() for name, p in model.named_parameters()})
-        real_step(model, optimizer, scaler, grad_clip)
-    monkeypatch.setattr(module, "optimizer_step", spy)
-    return grads
 
 
 @pytest.mark.parametrize("trainer", ["lm", "diffusion"])
