@@ -94,7 +94,7 @@ PRESETS = {
     "paper": {},  # the fields' defaults
     # 0.6M parameters; 16x16 shapes in 4x4 patches (17 tokens); v-prediction (see diffusion.PREDICTIONS); batch 64.
     # Each mattered: in single-seed runs of the same CPU time, eps-prediction, 2x2 patches or batch 32 drew ragged or
-    # off-colour blobs instead of shapes. One CPU thread: ~100 ms/iter, 9000 iterations in ~15 min.
+    # off-colour blobs instead of shapes. Its time on a CPU: docs/diffusion.md.
     "demo": dict(dataset="shapes", img_size=16, patch_size=4, embed_dim=96, depth=5, num_heads=4, prediction="v",
                  batch_size=64, max_iters=9000, learning_rate=2e-3, min_lr=1e-4, warmup_iters=100, beta1=0.9,
                  beta2=0.99, weight_decay=0.0, ema_decay=0.99, out_dir="out/demo_diffusion", eval_interval=1000,

@@ -109,10 +109,10 @@ def resolve_dtype(dtype, device):
 
 
 # The CPU threads: below this many multiply-adds in one forward pass (parameters x tokens), a model runs on one thread.
-# Measured (BENCHMARKS.md, "CPU threads"): beside another busy process the diffusion demos (0.6M parameters x 1,088
-# tokens = 6.6e8) ran 2.5-11x slower on two threads than on one, as each small operation waits for the thread that
-# the OS put to sleep; the LM demo (0.9M x 4,096 = 3.8e9) on two threads kept within 2x of its speed without the
-# other, and alone ran 1.5x faster than on one thread.
+# A small operation split over threads waits for the slowest of them, and on a busy machine that is a thread the OS has
+# put to sleep; a large one gains more from the second core than it loses. The bound lies between the diffusion demos
+# (6.6e8), which a second thread slows down beside a busy process, and the LM demo (3.8e9), which it speeds up
+# (BENCHMARKS.md, "CPU threads").
 CPU_THREADS_MIN_WORK = 1.5e9
 CPU_THREADS_DEFAULT = torch.get_num_threads()  # torch's choice at start-up: the cores, or OMP_NUM_THREADS
 
