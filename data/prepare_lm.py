@@ -141,8 +141,13 @@ def unreachable(what, err):
 
 def hub_sources(data_files):
     """Files named by patterns or URLs (hf://, https://, local), each streamed by datasets' generic json builder."""
-    import datasets  # only here: the GPU machines do not have it
-    import fsspec
+    try:
+        import datasets  # only here: the GPU machines do not have it
+        import fsspec
+    except ImportError as err:
+        raise SystemExit(f"error: --dataset=redpajama reads its files with Hugging Face's datasets, which is not "
+                         f"installed here ({err}): pip install datasets, or tokenise local files with "
+                         "--files='corpus/*.jsonl' --out_dir=data/mine") from None
     try:
         fs, _, paths = fsspec.get_fs_token_paths(data_files)  # expands globs, on the hub through huggingface_hub
     except Exception as err:  # whatever the hub client raises (no network, offline mode, a wrong name)

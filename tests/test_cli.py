@@ -602,6 +602,7 @@ def test_a_jsonl_row_without_text_is_named_on_the_redpajama_path_too(tmp_path):
 
 
 def test_redpajama_without_network_says_what_to_do_instead(tmp_path):
+    pytest.importorskip("datasets")  # (without it: the next test)
     out = tmp_path / "redpajama"
     result = subprocess.run([sys.executable, "data/prepare_lm.py", "--dataset=redpajama", f"--out_dir={out}"],
                             cwd=REPO, env={**ENV, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)
@@ -610,6 +611,15 @@ def test_redpajama_without_network_says_what_to_do_instead(tmp_path):
     assert error.startswith("error: cannot read hf://datasets/togethercomputer/RedPajama-Data-1T-Sample")
     assert "--source=" in error and "--files=" in error and "\n" not in error
     assert not out.exists()
+
+
+def test_redpajama_without_the_datasets_package_says_what_to_do_instead(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as on a machine without it: import datasets fails
+    with pytest.raises(SystemExit) as err:
+        prepare_lm.main(["--dataset=redpajama", f"--out_dir={tmp_path / 'redpajama'}"])
+    assert str(err.value).startswith("error: --dataset=redpajama reads its files with Hugging Face's datasets")
+    assert "pip install datasets" in str(err.value) and "--files=" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "redpajama").exists()
 
 
 def test_bench_times_both_models_in_one_run(capsys):
