@@ -499,7 +499,7 @@ def test_chooser_skips_a_failing_and_a_wrong_backend(fresh_chooser, monkeypatch)
     q, k, v, do = make_inputs(1, 2, 19, 23, 16, torch.float32)
     with pytest.warns(RuntimeWarning) as record:
         got = run(cog_attention, q, k, v, do, causal=True)
-    messages = [str(w.message) for w in record]
+    messages = [str(w.message) for w in record if w.category is RuntimeWarning]  # (not an interpreter's own warnings)
     assert len(messages) == 2, messages
     assert f"skipping the tuned backend for {q.device} float32 head dim 16 causal: fwd tile (" in messages[0]
     assert "RuntimeError: out of resources" in messages[0]
@@ -513,8 +513,8 @@ def test_chooser_skips_a_failing_and_a_wrong_backend(fresh_chooser, monkeypatch)
         run(cog_attention, q, k, v, do, causal=True)
     with pytest.warns(RuntimeWarning) as record:
         run(cog_attention, q, k, v, do)  # another configuration: checked and warned of on its own
-    assert [str(w.message).split(":")[1] for w in record] == [" skipping the tuned backend for cpu float32 head dim 16",
-                                                             " skipping the compact backend for cpu float32 head dim 16"]
+    assert [str(w.message).split(":")[1] for w in record if w.category is RuntimeWarning] == [
+        " skipping the tuned backend for cpu float32 head dim 16", " skipping the compact backend for cpu float32 head dim 16"]
 
 
 def test_backend_asked_for_by_name_raises(fresh_chooser, monkeypatch):
@@ -623,6 +623,8 @@ def test_the_tuned_tier_drops_a_bad_tile_and_stays(fresh_chooser, monkeypatch, d
         if tile == bad:
             args[4 if deterministic else 3].mul_(-1)  # DQ or O
     monkeypatch.setattr(tuner.fn, "run", run_kernel)
+    # (Triton 3.6's autotuner times even a single config that is left after pruning, which the interpreter cannot)
+    monkeypatch.setitem(vars(tuner), "do_bench", lambda kernel_call, quantiles: [0.0] * len(quantiles))
     chose = {tile: Config({"BLOCK_M": tile[0], "BLOCK_N": tile[1], "DOC_MASK": False}, num_warps=tile[2],
                           num_stages=tile[3]) for tile in (good, bad)}
     monkeypatch.setattr(tuner, "cache", {("earlier", "good"): chose[good], ("earlier", "bad"): chose[bad]})
