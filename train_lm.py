@@ -39,10 +39,9 @@ from distributed import agree_on_step, fsdp_applies, micro_steps_per_process, se
 from logs import MetricsLog, SlowRun, plot_loss_curve
 from memory import check_fits, estimate_memory, plan_of
 from model import Cogformer, CogformerConfig, document_ids
-from stopping import StopNow, StopRequest, Stopped, run_trainer
-from training import (RunOptions, autocast_context, check_finite, configure_adamw, learning_rate,
-                      make_grad_scaler, optimizer_step, peak_flops, pick_fields, set_cpu_threads, set_up_torch,
-                      start_run)
+from training import (RunOptions, StopNow, StopRequest, Stopped, autocast_context, check_finite,
+                      configure_adamw, learning_rate, make_grad_scaler, optimizer_step, peak_flops, pick_fields,
+                      run_trainer, set_cpu_threads, set_up_torch, start_run)
 
 
 @dataclass

@@ -43,7 +43,7 @@ def interpreter_only_in_kernel_tests(request, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def restore_signal_handlers():
-    """The trainers install SIGINT/SIGTERM handlers (stopping.StopRequest) that only set a flag: give pytest its own
+    """The trainers install SIGINT/SIGTERM handlers (training.StopRequest) that only set a flag: give pytest its own
     back, so that no later test runs (or starts a worker process) under a handler that ignores SIGTERM."""
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     yield

@@ -28,8 +28,7 @@ from cli import help_value, parse_config
 from data import prepare_lm
 from distributed import agree_on_step
 from logs import SlowRun, read_log
-from stopping import StopNow, StopRequest, Stopped, run_trainer
-from training import pick_fields, set_cpu_threads
+from training import StopNow, StopRequest, Stopped, pick_fields, run_trainer, set_cpu_threads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's folder
 ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": "1"}

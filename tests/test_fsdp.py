@@ -95,7 +95,7 @@ import json, os, sys
 sys.path.insert(0, os.getcwd())  # the project's folder
 import torch
 import train_lm
-from stopping import run_trainer
+from training import run_trainer
 
 seen = {"reduced": []}
 shard_model, configure_adamw, backward = train_lm.shard_model, train_lm.configure_adamw, torch.Tensor.backward
