@@ -40,11 +40,9 @@ def softmax_attn(q, k, v, causal, doc_ids=None):
         if causal:
             mask = mask & causal_mask(Tq, Tk, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if not causal or Tq == 1:  # one new query at the end of the cache sees every key
-        return F.scaled_dot_product_attention(q, k, v)
-    if Tq == Tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    # SDPA's is_causal aligns the mask to the top-left corner; we want it aligned to the end
+    # SDPA's is_causal aligns the mask top-left: the end only when Tq == Tk (one query at the end sees every key)
+    if not causal or Tq == 1 or Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Tq == Tk)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(Tq, Tk, q.device))
 
 
@@ -133,8 +131,7 @@ class CogformerConfig:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32 (or float64 for float64 inputs), whatever the input dtype (bf16
-    squares lose too much)."""
+    """RMS norm computed in float32 (float64 for float64 inputs) whatever the input dtype: bf16 squares lose too much."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -212,9 +209,8 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.attn = CausalSelfAttention(config, kind)
-        # ffn_hidden=0: attention-only blocks, for studies of the mechanism alone
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps) if config.ffn_hidden else None
-        self.mlp = SwiGLU(config) if config.ffn_hidden else None
+        self.mlp = SwiGLU(config) if config.ffn_hidden else None  # ffn_hidden=0: attention-only blocks
 
     def forward(self, x, cos, sin, cache=None, doc_ids=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, doc_ids)
@@ -237,15 +233,13 @@ class Cogformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         # nanoGPT's init: N(0, 0.02), residual projections scaled down by sqrt(their number): two per block
-        self.apply(self._init_weights)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
         residuals = config.n_layer * (2 if config.ffn_hidden else 1)
         for name, p in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(residuals))
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self):
         """Parameter counts: total, and without the input embedding and output head (Kaplan's "non-embedding")."""
@@ -300,8 +294,7 @@ class Cogformer(nn.Module):
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat([idx, idx_next], dim=1)
-            new = idx_next
+            idx, new = torch.cat([idx, idx_next], dim=1), idx_next
         return idx
 
 
@@ -393,8 +386,7 @@ class ViTBlock(nn.Module):
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
         x = x + self.attn(self.norm1(x))
-        x = x + self.mlp(self.norm2(x))
-        return x
+        return x + self.mlp(self.norm2(x))
 
 
 class UViC(nn.Module):
@@ -419,13 +411,11 @@ class UViC(nn.Module):
         # U-ViT's init: truncated N(0, 0.02) for the position embedding and the Linear weights, zero biases (LayerNorm's
         # default, ones and zeros, is U-ViT's too)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            nn.init.trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def num_params(self):
         """Parameter counts: total, and without the position embedding."""
