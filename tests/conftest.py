@@ -11,6 +11,7 @@ TEST_TIMEOUT seconds makes pytest print every thread's stack (the main thread's 
 The slowest test takes ~20 s on 2 idle cores and ~40 s beside other work: the limit leaves room for a busier machine.
 """
 
+import json
 import os
 import signal
 import sys
@@ -49,3 +50,16 @@ def restore_signal_handlers():
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
+
+
+def write_eval_task(folder, name, docs):
+    """A local lm-evaluation-harness multiple-choice task over docs ({"q", "choices", "label"}) in folder/tasks, for
+    analyze.py eval --include_path=folder/tasks --tasks=name; returns that path."""
+    with open(folder / f"{name}.jsonl", "w") as f:
+        f.writelines(json.dumps(d) + "\n" for d in docs)
+    task = {"task": name, "dataset_path": "json", "test_split": "test", "output_type": "multiple_choice",
+            "dataset_kwargs": {"data_files": {"test": str(folder / f"{name}.jsonl")}}, "doc_to_text": "{{q}}",
+            "doc_to_choice": "{{choices}}", "doc_to_target": "{{label}}", "metric_list": [{"metric": "acc"}]}
+    (folder / "tasks").mkdir()
+    (folder / "tasks" / f"{name}.yaml").write_text(json.dumps(task))  # JSON is YAML
+    return folder / "tasks"

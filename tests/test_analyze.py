@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import analyze
 from checkpoint import save_checkpoint
+from conftest import write_eval_task
 from data.prepare_lm import Tokenizer
 from model import Cogformer, CogformerConfig
 
@@ -231,16 +232,10 @@ def test_eval_end_to_end_on_a_local_task(tmp_path):
     docs = [{"q": "def f(x):\n    return", "choices": [" x", " y"], "label": 0},
             {"q": "import", "choices": [" os", " sys", " re"], "label": 1},
             {"q": "for i in", "choices": [" range(3):", " x:"], "label": 0}]
-    with open(tmp_path / "toy.jsonl", "w") as f:
-        f.writelines(json.dumps(d) + "\n" for d in docs)
-    task = {"task": "toy_nanocog", "dataset_path": "json", "test_split": "test", "output_type": "multiple_choice",
-            "dataset_kwargs": {"data_files": {"test": str(tmp_path / "toy.jsonl")}}, "doc_to_text": "{{q}}",
-            "doc_to_choice": "{{choices}}", "doc_to_target": "{{label}}", "metric_list": [{"metric": "acc"}]}
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "toy.yaml").write_text(json.dumps(task))  # JSON is YAML
+    tasks = write_eval_task(tmp_path, "toy_nanocog", docs)
     model = tiny_model(block_size=32, seed=4)
     run = save_run(tmp_path / "run", model)
-    table = analyze.main(["eval", f"--out_dir={run}", "--tasks=toy_nanocog", f"--include_path={tmp_path / 'tasks'}"])
+    table = analyze.main(["eval", f"--out_dir={run}", "--tasks=toy_nanocog", f"--include_path={tasks}"])
     scorer = analyze.Scorer(model, BYTES)
     right = [max(range(len(d["choices"])), key=lambda c: scorer.loglikelihood([(d["q"], d["choices"][c])])[0][0])
              == d["label"] for d in docs]

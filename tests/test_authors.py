@@ -18,6 +18,7 @@ import analyze
 import train_lm
 from authors import authors_to_nanocog, load_cogformer
 from checkpoint import load_checkpoint
+from conftest import write_eval_task
 from data import prepare_lm
 from logs import read_log
 from model import document_ids
@@ -370,16 +371,10 @@ def test_eval_end_to_end_on_a_local_task(tmp_path, llama_dir, monkeypatch, capsy
     docs = [{"q": "The lighthouse keeper", "choices": [" climbed", " dusk"], "label": 0},
             {"q": "How many ones are in the", "choices": [" following", " zero"], "label": 0},
             {"q": "print(", "choices": ["0123)", "lighthouse)"], "label": 1}]
-    with open(tmp_path / "toy.jsonl", "w") as f:
-        f.writelines(json.dumps(d) + "\n" for d in docs)
-    task = {"task": "toy_authors", "dataset_path": "json", "test_split": "test", "output_type": "multiple_choice",
-            "dataset_kwargs": {"data_files": {"test": str(tmp_path / "toy.jsonl")}}, "doc_to_text": "{{q}}",
-            "doc_to_choice": "{{choices}}", "doc_to_target": "{{label}}", "metric_list": [{"metric": "acc"}]}
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "toy.yaml").write_text(json.dumps(task))
+    tasks = write_eval_task(tmp_path, "toy_authors", docs)
     path = save(tmp_path, authors_checkpoint(), "cog_ckpt_100.00_Bi.pt")
     table = analyze.main(["eval", f"--init_from={path}", f"--tokenizer_path={llama_dir}", "--tasks=toy_authors",
-                          f"--include_path={tmp_path / 'tasks'}"])
+                          f"--include_path={tasks}"])
     scorer = analyze.Scorer(load_cogformer(path), prepare_lm.Tokenizer("llama2", llama_dir))
     right = [max(range(2), key=lambda c: scorer.loglikelihood([(d["q"], d["choices"][c])])[0][0]) == d["label"]
              for d in docs]
