@@ -98,7 +98,7 @@ def load_run(run, device, cfg):
             raise SystemExit(f"error: --init_from={path}: {err}") from None
         ckpt = {"authors": True, "meta": {"tokenizer": "llama2", "source": "the authors' RedPajama run"}}
     else:
-        ckpt = load_checkpoint(os.path.join(path, "ckpt.pt"), map_location="cpu")
+        ckpt = load_checkpoint(os.path.join(path, "ckpt.pt"), mmap=True)  # the optimizer state stays unread
         if ckpt.get("kind", "lm") != "lm":
             raise SystemExit(f"error: {path}/ckpt.pt is a {ckpt['kind']!r} checkpoint; analyze.py reads LM checkpoints")
         model = Cogformer(CogformerConfig(**ckpt["model_config"]))
@@ -405,7 +405,7 @@ def cmd_compare(cfg):
             raise SystemExit(f"error: no training log at {log_path}")
         rows = read_log(log_path)
         ckpt_path = os.path.join(out_dir, "ckpt.pt")
-        attn = load_checkpoint(ckpt_path)["model_config"]["attn"] if os.path.exists(ckpt_path) else "?"
+        attn = load_checkpoint(ckpt_path, mmap=True)["model_config"]["attn"] if os.path.exists(ckpt_path) else "?"
         val = [(r["iter"], r["val_loss"]) for r in rows if "val_loss" in r]
         runs.append({"out_dir": out_dir, "attn": attn, "final_val_loss": val[-1][1] if val else None,
                      "iters": max((r["iter"] for r in rows), default=0), "val": val,

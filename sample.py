@@ -157,7 +157,9 @@ def main(argv=None):
     if config.init_from:
         return sample_released(config, given, prompts)
     ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
-    checkpoint = load_checkpoint(ckpt_path, map_location=config.device)
+    # on the CPU and mapped from the file: the optimizer state it also holds is never read, and the model goes to the
+    # device once built
+    checkpoint = load_checkpoint(ckpt_path, map_location="cpu", mmap=True)
     kind = checkpoint.get("kind")
     require(kind in ("lm", "diffusion"), f"{ckpt_path} is not a checkpoint of train_lm.py or train_diffusion.py "
             f"(kind {kind!r})")

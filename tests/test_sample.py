@@ -84,6 +84,18 @@ def test_the_tokenizer_comes_from_the_checkpoint(tmp_path, capsys):
         analyze.main(["attention", f"--out_dir={run}", "--tokenizer=gpt2", f"--png={tmp_path / 'a.png'}"])
 
 
+def test_a_checkpoint_is_mapped_on_the_cpu_whatever_the_device(tmp_path, monkeypatch):
+    """A large run's optimizer state (twice its weights in fp32) must not land on the GPU, or in memory at all."""
+    calls = []
+
+    def spy(path, map_location="cpu", mmap=False):
+        calls.append((map_location, mmap))
+        return load_checkpoint(path, map_location, mmap)
+    monkeypatch.setattr(sample, "load_checkpoint", spy)
+    sample.main([f"--out_dir={lm_run(tmp_path / 'lm')}", "--num_samples=1", "--max_new_tokens=2"])
+    assert calls == [("cpu", True)]
+
+
 def test_sample_and_train_lm_default_to_the_same_run_folder():
     assert sample.SampleConfig.out_dir == train_lm.TrainConfig.out_dir
 
