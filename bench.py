@@ -1686,10 +1686,9 @@ def _quiet_worker():  # Ctrl-C goes to the parent, which ends the pool
 
 def portability(args):
     """Compile every job in parallel worker processes; print the table and a summary; exit 1 if anything failed."""
-    import multiprocessing
-
     import triton
-    from tqdm import tqdm
+
+    from logs import progress
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("--portability compiles real kernels: run it without TRITON_INTERPRET=1")
@@ -1698,10 +1697,10 @@ def portability(args):
         sys.exit("--portability: nothing to compile for these --targets, --kernels, --dtypes and --head_dims")
     workers = args.workers or os.cpu_count()
     t0 = time.perf_counter()
+    print(f"compiling {len(jobs)} kernel variants in {workers} processes", file=sys.stderr, flush=True)
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_quiet_worker)
     try:
-        results = list(tqdm(pool.imap(compile_job, jobs, chunksize=4), total=len(jobs), desc="compiling",
-                            file=sys.stderr))
+        results = list(progress(pool.imap(compile_job, jobs, chunksize=4), total=len(jobs), desc="compiling"))
         pool.close()
     finally:  # on Ctrl-C too: no compile outlives the run
         pool.terminate()
