@@ -308,6 +308,12 @@ def parse_args(argv=None):
     args, args.trainer_args = p.parse_known_args(argv)
     if args.trainer_args and not (args.model or args.report):
         p.error(f"unrecognized arguments: {' '.join(args.trainer_args)} (trainer options go with --model or --report)")
+    if args.report is not None:  # a name that cannot be written: said now, not after minutes of GPU time
+        folder = os.path.dirname(os.path.abspath(args.report))
+        if not os.path.basename(args.report) or os.path.splitext(args.report)[1] in (".json", ".log"):
+            p.error(f"--report={args.report}: give the Markdown file to write, e.g. --report=report.md")
+        if not os.path.isdir(folder):
+            p.error(f"--report={args.report}: there is no folder {folder}")
     if args.report:  # each trainer gets the keys of its own config: refuse a key neither has, before the GPU time
         unknown = [a for a in args.trainer_args if not any(a[2:].partition("=")[0] in trainer_keys(model)
                                                            for model in ("lm", "diffusion"))]
@@ -941,8 +947,7 @@ def run_step(step, run, args, path, log, refresh):
 def report(args):
     """--report=FILE.md: REPORT_STEPS in order, each in a process of its own under its time limit; FILE.md and
     FILE.json rewritten after each; the steps' stderr, tracebacks among it, in FILE.log."""
-    base = os.path.splitext(args.report)[0]
-    paths = dict(md=args.report, json=base + ".json", log=base + ".log")
+    paths = report_paths(args.report)
     args = report_args(args, "cuda" if (cuda_in_a_child() if REPORT_GPU is None else REPORT_GPU) else "cpu")
     doc = dict(command=" ".join(["python bench.py", f"--report={args.report}", *args.trainer_args]),
                started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), dry_run=args.device != "cuda", seconds=0.0,
@@ -968,6 +973,17 @@ def report(args):
     finally:
         shutil.rmtree(progress, ignore_errors=True)
     print(f"report: {paths['md']}, the same figures in {paths['json']}, the steps' stderr in {paths['log']}")
+
+
+def report_paths(path):
+    """FILE.md, FILE.json and FILE.log for --report=FILE.md; where one of them is there already, those of FILE-2.md,
+    FILE-3.md, ...: a new report never replaces an earlier one."""
+    root, ext = os.path.splitext(path)
+    base, n = root, 1
+    while any(os.path.exists(base + e) for e in (ext, ".json", ".log")):
+        n += 1
+        base = f"{root}-{n}"
+    return dict(md=base + ext, json=base + ".json", log=base + ".log")
 
 
 def write_report(doc, paths, t0):

@@ -290,3 +290,20 @@ def test_report_plan_on_a_gpu():
     trainer = bench.parse_args(["--report=r.md", "--n_layer=6", "--depth=4"])
     assert bench.trainer_args(bench.model_args(bench.report_args(trainer, "cuda"), "lm")) == ["--n_layer=6"]
     assert bench.trainer_args(bench.model_args(bench.report_args(trainer, "cuda"), "diffusion")) == ["--depth=4"]
+
+
+def test_a_new_report_keeps_the_earlier_one(monkeypatch, tmp_path, capsys):
+    """--report=FILE.md where a report is already: the new one goes to FILE-2.md (.json, .log), the old stays whole;
+    a name that cannot be written is a one-line error before any step."""
+    (tmp_path / "r.md").write_text("earlier")
+    (tmp_path / "r.json").write_text("{}")
+    monkeypatch.setattr(bench, "REPORT_STEPS", [("one", "One", lambda args, results: None, lambda r: [], 30)])
+    bench.report(bench.parse_args([f"--report={tmp_path / 'r.md'}"]))
+    assert (tmp_path / "r.md").read_text() == "earlier" and (tmp_path / "r.json").read_text() == "{}"
+    assert json.loads((tmp_path / "r-2.json").read_text())["steps"][0]["status"] == "ok"
+    assert "| 1. One | ok |" in (tmp_path / "r-2.md").read_text() and (tmp_path / "r-2.log").exists()
+    for bad, says in [("", "give the Markdown file"), ("r.json", "give the Markdown file"),
+                      (str(tmp_path / "missing" / "r.md"), "there is no folder")]:
+        with pytest.raises(SystemExit):
+            bench.parse_args([f"--report={bad}"])
+        assert says in capsys.readouterr().err
