@@ -143,11 +143,13 @@ def runs(tmp_path_factory, data):
     one:       its checkpoint resumed on one process without torchrun (--fsdp, kept from the run, does nothing)
     two_nodes: a fresh FSDP run to the same end, as 2 "nodes" of one process (c10d rendezvous on loopback)
     kernel:    a fresh FSDP run of 2 iterations with activation checkpointing, Cog attention in the fused kernel
+    nan:       a fresh FSDP run whose loss blows up (a learning rate of 1e30) after the checkpoint at iteration 0
     single:    a fresh run to the same end on one process
     bench:     bench.py --model timing the demo's training steps with FSDP and activation checkpointing.
     Returns {name: out_dir}, stop, end, the outputs and the spy's records."""
     root = tmp_path_factory.mktemp("runs")
-    out = {name: str(root / name) for name in ("stopped", "fsdp", "ddp", "one", "two_nodes", "kernel", "single")}
+    out = {name: str(root / name) for name in ("stopped", "fsdp", "ddp", "one", "two_nodes", "kernel", "single",
+                                               "nan")}
     args = TINY + [f"--data_dir={data}"]
     proc = torchrun("train_lm.py", *args, "--fsdp", "--max_iters=100000", f"--out_dir={out['stopped']}")
     log, deadline = os.path.join(out["stopped"], "log.jsonl"), time.time() + 120
@@ -178,9 +180,12 @@ def runs(tmp_path_factory, data):
                          f"--out_dir={out['kernel']}", env={**ENV, "TRITON_INTERPRET": "1", "COG_BACKEND": "tuned"}),
                 torchrun("bench.py", "--model=lm", "--preset=demo", "--vocab_size=256", "--batch_size=2", "--steps=2",
                          "--warmup_steps=1", "--fsdp", "--activation_checkpointing")]
+    nan = torchrun("train_lm.py", *args, "--fsdp", "--max_iters=20", "--eval_interval=10", "--learning_rate=1e30",
+                   "--min_lr=1e30", "--grad_clip=0", f"--out_dir={out['nan']}")
     printed["one"] = quietly(train_lm.main, resume + [f"--out_dir={out['one']}"])
     printed["single"] = quietly(train_lm.main, args + [f"--max_iters={end}", f"--out_dir={out['single']}"])
     printed["fsdp"], printed["ddp"], *printed["two_nodes"], printed["kernel"], printed["bench"] = finish(*launches)
+    printed["nan"] = nan.communicate(timeout=300)[0] + f"\nexit status {nan.returncode}"
     spied = [json.loads((root / f"spy.{rank}").read_text()) for rank in (0, 1)]
     return {"out": out, "stop": stop, "end": end, "printed": printed, "spied": spied}
 
@@ -196,6 +201,16 @@ def test_a_sigterm_stops_every_fsdp_process_together_and_saves(runs):
     assert printed.count("SIGTERM received") == 2 and "stopped: saved" in printed, printed
     assert 2 <= stop < 100000
     assert [r["iter"] for r in logged(runs["out"]["stopped"]) if "loss" in r] == list(range(stop))
+
+
+def test_a_nan_loss_stops_every_fsdp_process_and_keeps_the_last_good_checkpoint(runs):
+    """The loss every process checks is the mean over all of them: both stop at the same iteration (none is left
+    waiting in a collective), with the error, and the checkpoint on disk is the last good one."""
+    printed = runs["printed"]["nan"]
+    assert printed.count("error: loss is") == 2 and "exit status 0" not in printed, printed
+    assert len(set(re.findall(r"error: loss is \S+ at iteration (\d+)", printed))) == 1, printed
+    saved = ckpt(runs["out"]["nan"])
+    assert saved["iter"] == 0 and all(torch.isfinite(v).all() for v in saved["model"].values())
 
 
 def test_fsdp_on_two_processes_gives_the_losses_and_weights_of_one(runs):
