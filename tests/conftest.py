@@ -63,3 +63,15 @@ def write_eval_task(folder, name, docs):
     (folder / "tasks").mkdir()
     (folder / "tasks" / f"{name}.yaml").write_text(json.dumps(task))  # JSON is YAML
     return folder / "tasks"
+
+
+def prepare_functions_corpus(folder, count, val_fraction):
+    """A byte-level LM dataset of count small Python functions, prepared by data/prepare_lm.py into folder/data;
+    returns that path."""
+    from data import prepare_lm
+    with open(folder / "docs.jsonl", "w") as f:
+        for i in range(count):
+            f.write(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n"}) + "\n")
+    prepare_lm.main([f"--files={folder}/docs.jsonl", f"--out_dir={folder / 'data'}", "--tokenizer=bytes",
+                     f"--val_fraction={val_fraction}", "--num_proc=1"])
+    return str(folder / "data")

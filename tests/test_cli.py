@@ -7,7 +7,6 @@ Tiny models, a few subprocesses; about half a minute on 2 CPU cores.
 """
 
 import dataclasses
-import json
 import os
 import re
 import signal
@@ -24,6 +23,7 @@ import sample
 import train_diffusion
 import train_lm
 from checkpoint import load_checkpoint
+from conftest import prepare_functions_corpus
 from cli import help_value, parse_config
 from data import prepare_lm
 from distributed import agree_on_step
@@ -44,12 +44,7 @@ torch.set_num_threads(1)
 @pytest.fixture
 def lm_data(tmp_path):
     """A small byte-level dataset in tmp_path/data."""
-    with open(tmp_path / "docs.jsonl", "w") as f:
-        for i in range(40):
-            f.write(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n"}) + "\n")
-    prepare_lm.main([f"--files={tmp_path}/docs.jsonl", f"--out_dir={tmp_path / 'data'}", "--tokenizer=bytes",
-                     "--val_fraction=0.25", "--num_proc=1"])
-    return str(tmp_path / "data")
+    return prepare_functions_corpus(tmp_path, 40, 0.25)
 
 
 def run_cli(*args, timeout=120):

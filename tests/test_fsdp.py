@@ -25,7 +25,7 @@ import torch
 import train_diffusion
 import train_lm
 from checkpoint import load_checkpoint
-from data import prepare_lm
+from conftest import prepare_functions_corpus
 from distributed import micro_steps_per_process, restore_generator_state
 from logs import read_log
 from memory import FIT, GiB, Plan, check_fits, estimate_memory, shard_numel
@@ -125,13 +125,7 @@ with open(os.environ["SPY_OUT"] + os.environ["RANK"], "w") as f:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    with open(folder / "docs.jsonl", "w") as f:
-        for i in range(200):
-            f.write(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n"}) + "\n")
-    prepare_lm.main([f"--files={folder}/docs.jsonl", f"--out_dir={folder / 'data'}", "--tokenizer=bytes",
-                     "--val_fraction=0.2", "--num_proc=1"])
-    return str(folder / "data")
+    return prepare_functions_corpus(tmp_path_factory.mktemp("data"), 200, 0.2)
 
 
 @pytest.fixture(scope="module")
