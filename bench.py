@@ -634,7 +634,7 @@ def training_step(args, attn, device):
         generator, schedule = torch.Generator(device).manual_seed(0), get_schedule(config.noise_schedule)
         work, flops = config.batch_size, None
     # as the trainers place it: under torchrun with --fsdp each block compiled and sharded, else compiled whole and DDP
-    estimate = estimate_memory(model, blocks_of(model), plan_of(model, config, world_size, fsdp)).total
+    estimate = estimate_memory(model, plan_of(model, config, world_size, fsdp)).total
     model.activation_checkpointing = config.activation_checkpointing
     if fsdp:
         for block in blocks_of(model) if args.compile else []:

@@ -84,10 +84,9 @@ def shard_numel(p, shards):
     return -(-rows // shards) * (p.numel() // rows) if rows else 0
 
 
-def estimate_memory(model, blocks, plan):
-    """The Estimate for model (its parameters' shapes and dtypes; the meta device will do) trained as plan says;
-    blocks: the model's FSDP units (its transformer blocks)."""
-    params = list(model.parameters())
+def estimate_memory(model, plan):
+    """The Estimate for model (its parameters' shapes and dtypes; the meta device will do) trained as plan says."""
+    params, blocks = list(model.parameters()), blocks_of(model)  # blocks: FSDP's units
     shards = plan.world_size if plan.fsdp else 1
     weights = sum(shard_numel(p, shards) * p.element_size() for p in params)
     optimizer = sum(2 * shard_numel(p, shards) * p.element_size() + 4 for p in params)  # exp_avg, exp_avg_sq, step
@@ -138,12 +137,12 @@ def device_memory(device):
     return torch.cuda.get_device_properties(torch.device(device)).total_memory
 
 
-def ways_to_fit(model, blocks, plan, budget, resuming):
+def ways_to_fit(model, plan, budget, resuming):
     """The flags with which the estimate would fit in budget bytes, each with its estimate: activation checkpointing,
     FSDP over the fewest GPUs that do it, a smaller micro-batch with more of them (not for a resumed run, which keeps
     its batch), and, when no single change does, them together."""
     def fits(**changes):
-        total = estimate_memory(model, blocks, dataclasses.replace(plan, **changes)).total
+        total = estimate_memory(model, dataclasses.replace(plan, **changes)).total
         return total if total <= budget else None
 
     def fsdp_over(**changes):  # FSDP over this run's processes, or the fewest GPUs (dividing grad_accum) that fit
@@ -174,14 +173,14 @@ def ways_to_fit(model, blocks, plan, budget, resuming):
     return [f"{flags} ({size(total)})" for flags, total in ways]
 
 
-def check_fits(model, blocks, plan, device, resuming=False):
+def check_fits(model, plan, device, resuming=False):
     """On a GPU: stop before anything is allocated when the estimate exceeds FIT of its memory, naming the ways to
     fit (ways_to_fit). Every rank makes the same estimate, so all stop together."""
     memory = device_memory(device)
-    estimate = estimate_memory(model, blocks, plan)
+    estimate = estimate_memory(model, plan)
     if memory is None or estimate.total <= FIT * memory:
         return
-    ways = ways_to_fit(model, blocks, plan, FIT * memory, resuming)
+    ways = ways_to_fit(model, plan, FIT * memory, resuming)
     fix = f"it would fit with {', or '.join(ways)}" if ways else "none of --fsdp, --activation_checkpointing or a " \
         "smaller --batch_size makes it fit: a smaller model, or GPUs with more memory"
     raise SystemExit(f"error: this run needs {estimate.describe()} per GPU by the estimate (docs/lm.md), more than "

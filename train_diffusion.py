@@ -321,9 +321,9 @@ def main(argv=None):
     if master:
         print_config(config, f"training a {model_config.model_name()} on {config.dataset}: {world_size} "
                              f"process(es), {grad_accum} micro-batches each, {images_per_iter} images per iteration")
-        print(f"memory per GPU, estimated (docs/lm.md): {estimate_memory(shapes, blocks_of(shapes), plan).describe()}")
+        print(f"memory per GPU, estimated (docs/lm.md): {estimate_memory(shapes, plan).describe()}")
     if config.memory_check:  # on a GPU, a run that would not fit stops here, every rank alike
-        check_fits(shapes, blocks_of(shapes), plan, device, resuming=checkpoint is not None)
+        check_fits(shapes, plan, device, resuming=checkpoint is not None)
     if master:
         make_out_dir(config.out_dir, move_aside=config.overwrite)
     set_up_torch(config.seed, config.deterministic)  # every rank alike: the same initial weights everywhere

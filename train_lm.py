@@ -224,9 +224,9 @@ def main(argv=None):
         print_config(config, f"training a {model_config.model_name()} on {config.data_dir} ({meta['tokenizer']} "
                              f"tokens): {world_size} process(es), {grad_accum} micro-batches each, "
                              f"{tokens_per_iter:,} tokens per iteration")
-        print(f"memory per GPU, estimated (docs/lm.md): {estimate_memory(shapes, shapes.blocks, plan).describe()}")
+        print(f"memory per GPU, estimated (docs/lm.md): {estimate_memory(shapes, plan).describe()}")
     if config.memory_check:  # on a GPU, a run that would not fit stops here, every rank alike
-        check_fits(shapes, shapes.blocks, plan, device, resuming=checkpoint is not None)
+        check_fits(shapes, plan, device, resuming=checkpoint is not None)
     if master:
         make_out_dir(config.out_dir, move_aside=config.overwrite)
     set_up_torch(config.seed, config.deterministic)  # every rank alike: the same initial weights everywhere

@@ -258,7 +258,7 @@ def test_the_estimate_s_sharded_figures_are_rank_0_s_real_shards(runs, data):
                                      "n_embd": 32, "ffn_hidden": 64, "vocab_size": 256})
     with torch.device("meta"):
         model = train_lm.Cogformer(pick_fields(config, train_lm.CogformerConfig))
-    estimate = estimate_memory(model, model.blocks, Plan(8, 32, 3, 32, 256, world_size=2, fsdp=True, grad_accum=4))
+    estimate = estimate_memory(model, Plan(8, 32, 3, 32, 256, world_size=2, fsdp=True, grad_accum=4))
     assert runs["spied"][0]["weights"] == estimate.weights
     assert runs["spied"][0]["optimizer"] == estimate.optimizer
 
@@ -433,7 +433,7 @@ def test_the_estimate_s_weights_gradients_and_adamw_state_are_the_parameters_own
     assert all(p.is_meta for p in params)
     whole = sum(p.numel() * p.element_size() for p in params)
     for world_size, fsdp in ((1, False), (8, False), (8, True), (3, True)):
-        e = estimate_memory(model, model.blocks, lm_plan(config, world_size=world_size, fsdp=fsdp))
+        e = estimate_memory(model, lm_plan(config, world_size=world_size, fsdp=fsdp))
         shards = world_size if fsdp else 1
         mine = sum(-(-p.shape[0] // shards) * p[0].numel() * p.element_size() for p in params)  # rank 0's
         assert e.weights == e.gradients == mine
@@ -454,7 +454,7 @@ def test_the_diffusion_estimate_counts_the_parameters_and_the_ema(preset):
     for world_size, fsdp in ((1, False), (4, True)):
         plan = Plan(config.batch_size, 65, config.depth, config.embed_dim, 0, "bfloat16", world_size, fsdp, 4,
                     ema=True)
-        e = estimate_memory(model, train_diffusion.blocks_of(model), plan)
+        e = estimate_memory(model, plan)
         shards = world_size if fsdp else 1
         mine = sum(-(-p.shape[0] // shards) * p[0].numel() * 4 for p in params)  # rank 0's
         assert e.weights == e.gradients == mine and e.optimizer == 2 * mine + 4 * len(params)
@@ -467,9 +467,9 @@ def test_the_1b_and_3b_presets_fit_8_gpus_of_80_gb():
     for preset in ("1b", "3b"):
         config, model = lm_shapes(preset)
         plan = lm_plan(config, world_size=8, fsdp=config.fsdp)
-        assert estimate_memory(model, model.blocks, plan).total <= budget, preset
+        assert estimate_memory(model, plan).total <= budget, preset
     config, model = lm_shapes("3b")
-    assert estimate_memory(model, model.blocks, lm_plan(config, world_size=8, fsdp=False)).total > budget
+    assert estimate_memory(model, lm_plan(config, world_size=8, fsdp=False)).total > budget
 
 
 def test_a_run_that_would_not_fit_stops_and_names_the_flags_that_fit(monkeypatch):
@@ -478,16 +478,16 @@ def test_a_run_that_would_not_fit_stops_and_names_the_flags_that_fit(monkeypatch
     config, model = lm_shapes("3b")
     plan = lm_plan(config, fsdp=False)
     with pytest.raises(SystemExit) as err:
-        check_fits(model, model.blocks, plan, "cuda")
+        check_fits(model, plan, "cuda")
     message = str(err.value)
     assert message.startswith("error: this run needs about 75.1 GiB (weights 11.1 GiB, ") and "\n" not in message
     assert "--activation_checkpointing (57.0 GiB)" in message and "--fsdp on 2 GPUs under torchrun (" in message
     assert "--batch_size=2 --grad_accum=256 (" in message
     assert "--memory_check=false" in message
     with pytest.raises(SystemExit) as err:  # a resumed run keeps its batch: no way that changes it
-        check_fits(model, model.blocks, plan, "cuda", resuming=True)
+        check_fits(model, plan, "cuda", resuming=True)
     assert "--batch_size" not in str(err.value)
     for fixed in (dict(activation_checkpointing=True), dict(fsdp=True, world_size=2),
                   dict(batch_size=2, grad_accum=256), dict(fsdp=True, world_size=8)):  # each way it names fits
-        check_fits(model, model.blocks, dataclasses.replace(plan, **fixed), "cuda")
-    check_fits(model, model.blocks, plan, "cpu")  # no GPU to compare with: nothing to stop
+        check_fits(model, dataclasses.replace(plan, **fixed), "cuda")
+    check_fits(model, plan, "cpu")  # no GPU to compare with: nothing to stop
